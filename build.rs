@@ -1,0 +1,78 @@
+//! Builds the small C++ shim (`csrc/conv_backward.cpp`) that exposes
+//! `at::convolution_backward`, which tch 0.24 does not bind, against the
+//! headers of the same libtorch that torch-sys links (the installed torch).
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+const PROBE: &str = r#"
+import torch
+from torch.utils import cpp_extension
+print('CXX11:', int(torch._C._GLIBCXX_USE_CXX11_ABI))
+for p in cpp_extension.include_paths():
+    print('INCLUDE:', p)
+"#;
+
+fn python() -> PathBuf {
+    if let Some(p) = env::var_os("PYO3_PYTHON") {
+        return PathBuf::from(p);
+    }
+    if env::var_os("VIRTUAL_ENV").is_some() {
+        PathBuf::from("python")
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc/conv_backward.cpp");
+    println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
+    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
+
+    let py = python();
+    let out = Command::new(&py)
+        .arg("-c")
+        .arg(PROBE)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {py:?} to locate torch: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{py:?} could not import torch (install torch 2.11 first): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut includes = Vec::new();
+    let mut cxx11 = "1".to_string();
+    for line in text.lines() {
+        if let Some(p) = line.strip_prefix("INCLUDE: ") {
+            includes.push(PathBuf::from(p));
+        } else if let Some(v) = line.strip_prefix("CXX11: ") {
+            cxx11 = v.trim().to_string();
+        }
+    }
+
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .includes(&includes)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .opt_level(2)
+        .file("csrc/conv_backward.cpp")
+        .compile("ovsw_shim");
+
+    let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
+    if os == "linux" {
+        // Find libtorch next to the installed package at run time (site-packages/ovsw/_core.so
+        // -> site-packages/torch/lib), and drop libraries we never call into (libtorch_cuda)
+        // so one wheel loads with CPU-only and CUDA builds of torch alike.
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-rpath,$ORIGIN/../torch/lib");
+        println!("cargo:rustc-cdylib-link-arg=-Wl,--as-needed");
+    } else if os == "macos" {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-rpath,@loader_path/../torch/lib");
+    }
+}

@@ -1,0 +1,20 @@
+"""ovsw: OvSW (ECCV 2024, "Overcoming Silent Weights for Accurate Binary Neural Networks")
+for PyTorch, with its compute core in Rust.
+
+>>> import ovsw
+>>> model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
+>>> opt = ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model,
+...                 enable_ags=True, delta=0.01, enable_dampen=True, dampen_weight=2e-5)
+"""
+
+import torch  # noqa: F401  (loads libtorch before the Rust extension links against it)
+
+from . import _core
+from .nn import OvSWConv2d, binary_convs
+from .optim import OvSW
+
+from . import models  # noqa: E402,I001  (models build on nn)
+
+__version__ = _core.__version__
+
+__all__ = ["OvSWConv2d", "OvSW", "binary_convs", "models", "__version__"]

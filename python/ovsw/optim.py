@@ -1,0 +1,183 @@
+"""OvSW: an optimizer wrapper that applies AGS and SAD before the wrapped update.
+
+SPEC sections 2 and 3. The math runs in ``ovsw._core.ags_sad_step``; this class holds
+the settings, finds the binary convs, and behaves as a ``torch.optim.Optimizer``
+(param_groups, state, zero_grad, state_dict, LR schedulers, ``torch.amp.GradScaler``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from . import _core
+from .nn import binary_convs
+
+__all__ = ["OvSW"]
+
+
+class OvSW(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that every ``step()`` first applies Adaptive Gradient Scaling
+    and Silence Awareness Decaying to the weight gradients of the model's
+    :class:`~ovsw.OvSWConv2d` layers, then steps ``optimizer``.
+
+    The transformed gradients stay in ``.grad`` (as upstream leaves them). SAD state
+    lives in each layer's ``tracker`` and ``weight_prev`` buffers, so
+    ``model.state_dict()`` carries it; with ``enable_dampen`` the buffers are created
+    here unless the layers already hold them (for instance from a loaded checkpoint).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        model: the network (a ``DistributedDataParallel`` wrapper works too).
+        enable_ags, delta: Adaptive Gradient Scaling and its lower bound.
+        enable_dampen, dampen_weight: Silence Awareness Decaying and its lambda.
+        track_momentum, track_threshold, track_ones: the flip tracker's momentum ``m``,
+            silence threshold ``tau``, and whether trackers start at ones.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        enable_ags: bool = False,
+        delta: float = 0.01,
+        enable_dampen: bool = False,
+        dampen_weight: float = 0.0,
+        track_momentum: float = 0.999,
+        track_threshold: float = 1e-4,
+        track_ones: bool = False,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"OvSW wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, OvSW):
+            raise TypeError("OvSW cannot wrap another OvSW")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.config = _core.OvSWConfig(
+            enable_ags=enable_ags,
+            delta=delta,
+            enable_dampen=enable_dampen,
+            dampen_weight=dampen_weight,
+            track_momentum=track_momentum,
+            track_threshold=track_threshold,
+            track_ones=track_ones,
+        )
+        self.layers = binary_convs(model)
+        if not self.layers:
+            raise ValueError(
+                f"the model ({type(model).__name__}) has no OvSWConv2d layer for OvSW to act on"
+            )
+        self.optimizer = optimizer
+        # The hook tables torch.optim.Optimizer.__init__ would create; parameters, groups
+        # and state stay the wrapped optimizer's (see the properties below).
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._stats: list[dict[str, Any]] = []
+        if enable_dampen:
+            for _, layer in self.layers:
+                layer.setup_sad(track_ones)
+
+    # -- the wrapped optimizer's state --------------------------------------------
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state_dict (SAD state is in the model's buffers)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"OvSW({self.config!r}, optimizer={self.optimizer!r})"
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    # -- the OvSW step --------------------------------------------------------------
+    @torch.no_grad()
+    def apply_ags_sad(self) -> list[dict[str, Any]]:
+        """Apply AGS then SAD to the binary convs' gradients in place (``step()`` does
+        this before the wrapped update) and return the per-layer figures."""
+        active = [(n, m) for n, m in self.layers if m.weight.grad is not None]
+        cfg = self.config
+        figures = _core.ags_sad_step(
+            cfg,
+            [m.weight.grad for _, m in active],
+            [m.weight for _, m in active],
+            [m.tracker if cfg.enable_dampen else None for _, m in active],
+            [m.weight_prev if cfg.enable_dampen else None for _, m in active],
+        )
+        by_name = {n: f for (n, _), f in zip(active, figures)}
+        self._stats = [
+            {
+                "name": n,
+                "ags_ratio": by_name.get(n, (None, None))[0],
+                "silent_ratio": by_name.get(n, (None, None))[1],
+            }
+            for n, _ in self.layers
+        ]
+        return self._stats
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):  # type: ignore[override]
+        """Evaluate ``closure`` (if given), apply AGS and SAD, then step the wrapped
+        optimizer. A step that ``GradScaler`` skips never reaches here, so it leaves the
+        SAD state untouched."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.apply_ags_sad()
+        self.optimizer.step()
+        return loss
+
+    def stats(self) -> list[dict[str, Any]]:
+        """One entry per binary conv, in model order, from the last step:
+        ``{"name", "ags_ratio", "silent_ratio"}`` (``None`` where disabled)."""
+        return [dict(s) for s in self._stats]
+
+    def mean_silent_ratio(self) -> Optional[float]:
+        """Mean silent fraction over the binary convs at the last step."""
+        vals = [s["silent_ratio"] for s in self._stats if s["silent_ratio"] is not None]
+        return sum(vals) / len(vals) if vals else None
