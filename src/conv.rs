@@ -37,7 +37,10 @@ impl ActW {
             "hardtanh" => Ok(ActW::Hardtanh),
             "ste_v2" => Ok(ActW::SteV2),
             "hardtanhv2" => Ok(ActW::HardtanhV2),
-            other => value_err!("unknown act_w {other:?}; expected one of {:?}", ActW::NAMES),
+            other => value_err!(
+                "unknown act_w '{other}'; expected one of {}",
+                ActW::NAMES.map(|n| format!("'{n}'")).join(", ")
+            ),
         }
     }
 
@@ -62,7 +65,7 @@ impl ActA {
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "binary" => Ok(ActA::Binary),
-            other => value_err!("unknown act_a {other:?}; expected \"binary\""),
+            other => value_err!("unknown act_a '{other}'; expected 'binary'"),
         }
     }
 }
@@ -72,7 +75,7 @@ pub fn check_forward_type(name: &str) -> Result<()> {
     if name == "xnor" {
         Ok(())
     } else {
-        value_err!("unknown forward_type {name:?}; expected \"xnor\"")
+        value_err!("unknown forward_type '{name}'; expected 'xnor'")
     }
 }
 

@@ -89,7 +89,7 @@ pub fn initial_state(weight: &Tensor, track_ones: bool) -> Result<(Tensor, Tenso
     } else {
         weight.f_zeros_like()?
     };
-    let prev = weight.f_detach()?.f_clone(weight)?;
+    let prev = weight.f_detach_copy()?;
     Ok((tracker, prev))
 }
 

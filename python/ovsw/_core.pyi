@@ -1,0 +1,98 @@
+"""Type stubs for ovsw._core, the Rust core (src/lib.rs)."""
+
+from typing import Optional
+
+from torch import Tensor
+
+__version__: str
+
+_Pair = tuple[int, int]
+
+class ConvSpec:
+    """Options of a binary convolution, validated once (unknown names raise ValueError)."""
+
+    def __init__(
+        self, act_a: str = "binary", act_w: str = "ste", forward_type: str = "xnor"
+    ) -> None: ...
+    @property
+    def act_a(self) -> str: ...
+    @property
+    def act_w(self) -> str: ...
+    @property
+    def forward_type(self) -> str: ...
+
+class OvSWConfig:
+    """AGS and SAD settings; negative delta/dampen_weight/track_threshold or a
+    track_momentum outside [0, 1) raise ValueError."""
+
+    def __init__(
+        self,
+        enable_ags: bool = False,
+        delta: float = 0.01,
+        enable_dampen: bool = False,
+        dampen_weight: float = 0.0,
+        track_momentum: float = 0.999,
+        track_threshold: float = 1e-4,
+        track_ones: bool = False,
+    ) -> None: ...
+    enable_ags: bool
+    delta: float
+    enable_dampen: bool
+    dampen_weight: float
+    track_momentum: float
+    track_threshold: float
+    track_ones: bool
+
+def binary_conv2d_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    spec: ConvSpec,
+    stride: _Pair,
+    padding: _Pair,
+    dilation: _Pair,
+    groups: int,
+    training: bool,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], int]:
+    """Returns (y, std, alpha, conv_out, conv_dtype) for the autograd glue to save."""
+
+def binary_conv2d_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    scale: Optional[Tensor],
+    std: Optional[Tensor],
+    alpha: Optional[Tensor],
+    conv_out: Optional[Tensor],
+    conv_dtype: int,
+    spec: ConvSpec,
+    stride: _Pair,
+    padding: _Pair,
+    dilation: _Pair,
+    groups: int,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of (x, weight, bias, scale); None where not needed."""
+
+def binarize_weight(weight: Tensor, spec: ConvSpec) -> Tensor:
+    """w_b, the binarized weight (SPEC 1.3)."""
+
+def channel_abs_mean(weight: Tensor) -> Tensor:
+    """mean_o |W| per output channel, shape [O]."""
+
+def channel_alpha(weight: Tensor) -> Tensor:
+    """The W-derived per-channel scale alpha of SPEC 1.4, shape [O]."""
+
+def sad_initial_state(weight: Tensor, track_ones: bool) -> tuple[Tensor, Tensor]:
+    """Fresh (tracker, weight_prev) for a weight."""
+
+def ags_sad_step(
+    config: OvSWConfig,
+    grads: list[Tensor],
+    weights: list[Tensor],
+    trackers: list[Optional[Tensor]],
+    weight_prevs: list[Optional[Tensor]],
+) -> list[tuple[Optional[float], Optional[float]]]:
+    """AGS then SAD in place; one (ags_ratio, silent_ratio) per layer."""

@@ -1,0 +1,206 @@
+"""OvSW behaves as a torch optimizer: groups, state, state_dict, schedulers, GradScaler."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_net
+
+import ovsw
+
+OVSW = dict(enable_ags=True, delta=0.5, enable_dampen=True, dampen_weight=1e-3)
+
+
+def batch(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def train_step(model, opt, seed=0):
+    x, y = batch(seed)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def test_wraps_groups_and_state(net):
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt = ovsw.OvSW(sgd, net, **OVSW)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is sgd.param_groups
+    train_step(net, opt)
+    assert opt.state is sgd.state and len(opt.state) == len(list(net.parameters()))
+    opt.param_groups[0]["lr"] = 0.01
+    assert sgd.param_groups[0]["lr"] == 0.01
+
+
+def test_step_transforms_grads_then_updates(net):
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt = ovsw.OvSW(sgd, net, **OVSW)
+    x, y = batch()
+    F.cross_entropy(net(x), y).backward()
+    convs = ovsw.binary_convs(net)
+    raw = [m.weight.grad.clone() for _, m in convs]
+    before = [m.weight.detach().clone() for _, m in convs]
+    opt.step()
+    for (_, m), g0, w0 in zip(convs, raw, before):
+        assert not torch.equal(m.weight.grad, g0), "AGS/SAD should change the binary grads"
+        # plain SGD: the update uses the transformed gradient left in .grad
+        torch.testing.assert_close(m.weight.detach(), w0 - 0.1 * m.weight.grad)
+        torch.testing.assert_close(m.weight_prev, w0)
+
+
+def test_stats_in_model_order(net):
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, **OVSW)
+    assert opt.stats() == []
+    train_step(net, opt)
+    stats = opt.stats()
+    assert [s["name"] for s in stats] == ["2", "5"]
+    for s in stats:
+        assert set(s) == {"name", "ags_ratio", "silent_ratio"}
+        assert s["ags_ratio"] > 0 and 0.0 <= s["silent_ratio"] <= 1.0
+    # first step after set-up: weight_prev == W, no flips, every tracker 0 < tau: all silent
+    assert all(s["silent_ratio"] == 1.0 for s in stats)
+
+
+def test_disabled_parts_report_none(net):
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, enable_ags=True)
+    train_step(net, opt)
+    assert all(s["silent_ratio"] is None and s["ags_ratio"] > 0 for s in opt.stats())
+    assert all(m.tracker is None for _, m in ovsw.binary_convs(net))
+
+
+def test_state_dict_round_trip(net):
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net, **OVSW)
+    train_step(net, opt)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    net2 = copy.deepcopy(net)
+    opt2 = ovsw.OvSW(torch.optim.SGD(net2.parameters(), lr=0.1, momentum=0.9), net2, **OVSW)
+    opt2.load_state_dict(copy.deepcopy(sd))  # torch hands out live state tensors
+    train_step(net, opt, seed=1)
+    train_step(net2, opt2, seed=1)
+    for (k, a), b in zip(net.state_dict().items(), net2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_lr_scheduler_accepts_it(net):
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, **OVSW)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train_step(net, opt)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_closure(net):
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, **OVSW)
+    x, y = batch()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.isfinite(loss) and len(opt.stats()) == 2
+
+
+@pytest.mark.parametrize("inner", ["adam", "adamw", "rmsprop"])
+def test_wraps_other_optimizers(inner):
+    torch.manual_seed(0)
+    net = tiny_net()
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
+    opt = ovsw.OvSW(cls[inner](net.parameters(), lr=1e-3), net, **OVSW)
+    w0 = net[2].weight.detach().clone()
+    train_step(net, opt)
+    assert not torch.equal(net[2].weight, w0)
+
+
+def test_grad_scaler_skipped_step_keeps_sad_state(net):
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt = ovsw.OvSW(sgd, net, **OVSW)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    train_step(net, opt)  # trackers now hold something
+    # BatchNorm running stats move in any train-mode forward; parameters and SAD must not.
+    watched = [k for k in net.state_dict() if "running" not in k and "num_batches" not in k]
+    state = {k: net.state_dict()[k].clone() for k in watched}
+    x, y = batch(1)
+    scaler.scale(F.cross_entropy(net(x), y)).backward()
+    net[2].weight.grad[0, 0, 0, 0] = float("inf")
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    now = net.state_dict()
+    assert any(k.endswith("tracker") for k in watched)
+    for k in watched:
+        assert torch.equal(now[k], state[k]), f"{k} changed on a skipped step"
+    assert scaler.get_scale() < 2.0**4
+
+
+def test_grad_scaler_step_sees_unscaled_grads(net):
+    # With AGS off and SAD on, the final grad is raw + lambda*M*W; after unscale_ the raw
+    # grad must be the unscaled one, so scaled and unscaled runs agree.
+    def run(scale):
+        torch.manual_seed(0)
+        m = tiny_net()
+        opt = ovsw.OvSW(torch.optim.SGD(m.parameters(), lr=0.1), m, **OVSW)
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        x, y = batch()
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(m(x), y)).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        return m.state_dict()
+
+    a, b = run(1.0), run(2.0**10)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_track_ones_and_reset(net):
+    ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, enable_dampen=True, track_ones=True)
+    layer = net[2]
+    assert torch.equal(layer.tracker, torch.ones_like(layer.weight))
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    layer.reset_sad()
+    assert torch.equal(layer.weight_prev, layer.weight.detach())
+
+
+def test_bfloat16_autocast_step_on_cpu(net):
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, **OVSW)
+    x, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net[:3](x)
+        loss = F.cross_entropy(net(x), y)
+    assert out.dtype == torch.float32  # conv ran in bf16, the fp32 scale promotes back
+    opt.zero_grad()
+    loss.backward()
+    for _, m in ovsw.binary_convs(net):
+        assert m.weight.grad.dtype == torch.float32 and torch.isfinite(m.weight.grad).all()
+    opt.step()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bfloat16_autocast_matches_fp32_on_representable_input(training):
+    # On a bf16-representable input the signs are the same in both precisions and the
+    # +-1 sums are exact in bf16, so the autocast forward equals the fp32 one; the
+    # backward differs only by bf16 rounding of the incoming gradient.
+    torch.manual_seed(0)
+    layer = ovsw.OvSWConv2d(8, 6, 3, padding=1).train(training)
+    x = torch.randn(2, 8, 7, 7).bfloat16().float().requires_grad_(True)
+    g = torch.randn(2, 6, 7, 7)
+    ref = layer(x)
+    (gx_ref, gw_ref) = torch.autograd.grad(ref, (x, layer.weight), g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    gx, gw = torch.autograd.grad(low, (x, layer.weight), g)
+    torch.testing.assert_close(low, ref, rtol=1e-6, atol=1e-6)
+    assert gx.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2 * gx_ref.abs().max().item())
+    torch.testing.assert_close(gw, gw_ref, rtol=2e-2, atol=2e-2 * gw_ref.abs().max().item())
