@@ -33,8 +33,7 @@ def main() -> None:
     model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
     sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     # CIFAR-10 ResNet-20 settings of the paper's scripts: delta 0.04, lambda 9e-4.
-    opt = ovsw.OvSW(sgd, model, enable_ags=True, delta=0.04, enable_dampen=True,
-                    dampen_weight=9e-4)
+    opt = ovsw.OvSW(sgd, model, enable_ags=True, delta=0.04, enable_dampen=True, dampen_weight=9e-4)
 
     start = time.time()
     for epoch in range(args.epochs):
@@ -48,9 +47,12 @@ def main() -> None:
             loss.backward()
             opt.step()
         top1 = evaluate(model, val)
-        print(f"epoch {epoch + 1:2d}/{args.epochs}  loss {loss.item():.3f}  "
-              f"val top-1 {top1:5.1f}%  silent {opt.mean_silent_ratio():.3f}  "
-              f"({time.time() - start:.0f}s)", flush=True)
+        print(
+            f"epoch {epoch + 1:2d}/{args.epochs}  loss {loss.item():.3f}  "
+            f"val top-1 {top1:5.1f}%  silent {opt.mean_silent_ratio():.3f}  "
+            f"({time.time() - start:.0f}s)",
+            flush=True,
+        )
     print(f"top-1 {top1:.2f}%  mean silent fraction {opt.mean_silent_ratio():.4f}")
 
 

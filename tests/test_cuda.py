@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_net
 
 import ovsw
+from conftest import tiny_net
 
 pytestmark = pytest.mark.cuda
 
@@ -20,7 +20,14 @@ OVSW = dict(enable_ags=True, delta=0.5, enable_dampen=True, dampen_weight=1e-3)
 def test_op_matches_cpu(act_w, scaling_factor):
     torch.manual_seed(0)
     cpu = ovsw.OvSWConv2d(
-        8, 12, 3, stride=2, padding=1, groups=2, bias=True, act_w=act_w,
+        8,
+        12,
+        3,
+        stride=2,
+        padding=1,
+        groups=2,
+        bias=True,
+        act_w=act_w,
         scaling_factor=scaling_factor,
     )
     gpu = copy.deepcopy(cpu).cuda()

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_net
 
 import ovsw
+from conftest import tiny_net
 
 OVSW = dict(enable_ags=True, delta=0.5, enable_dampen=True, dampen_weight=1e-3)
 

@@ -9,12 +9,10 @@ for PyTorch, with its compute core in Rust.
 
 import torch  # noqa: F401  (loads libtorch before the Rust extension links against it)
 
-from . import _core
+from . import _core, data, models
 from .nn import OvSWConv2d, binary_convs
 from .optim import OvSW
 
-from . import models  # noqa: E402,I001  (models build on nn)
-
 __version__ = _core.__version__
 
-__all__ = ["OvSWConv2d", "OvSW", "binary_convs", "models", "__version__"]
+__all__ = ["OvSWConv2d", "OvSW", "binary_convs", "data", "models", "__version__"]

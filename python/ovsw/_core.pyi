@@ -1,7 +1,5 @@
 """Type stubs for ovsw._core, the Rust core (src/lib.rs)."""
 
-from typing import Optional
-
 from torch import Tensor
 
 __version__: str
@@ -46,15 +44,15 @@ class OvSWConfig:
 def binary_conv2d_forward(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
-    scale: Optional[Tensor],
+    bias: Tensor | None,
+    scale: Tensor | None,
     spec: ConvSpec,
     stride: _Pair,
     padding: _Pair,
     dilation: _Pair,
     groups: int,
     training: bool,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], int]:
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
     """Returns (y, std, alpha, conv_out, conv_dtype) for the autograd glue to save."""
 
 def binary_conv2d_backward(
@@ -62,10 +60,10 @@ def binary_conv2d_backward(
     x: Tensor,
     weight: Tensor,
     has_bias: bool,
-    scale: Optional[Tensor],
-    std: Optional[Tensor],
-    alpha: Optional[Tensor],
-    conv_out: Optional[Tensor],
+    scale: Tensor | None,
+    std: Tensor | None,
+    alpha: Tensor | None,
+    conv_out: Tensor | None,
     conv_dtype: int,
     spec: ConvSpec,
     stride: _Pair,
@@ -73,7 +71,7 @@ def binary_conv2d_backward(
     dilation: _Pair,
     groups: int,
     needs: tuple[bool, bool, bool, bool],
-) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of (x, weight, bias, scale); None where not needed."""
 
 def binarize_weight(weight: Tensor, spec: ConvSpec) -> Tensor:
@@ -92,7 +90,7 @@ def ags_sad_step(
     config: OvSWConfig,
     grads: list[Tensor],
     weights: list[Tensor],
-    trackers: list[Optional[Tensor]],
-    weight_prevs: list[Optional[Tensor]],
-) -> list[tuple[Optional[float], Optional[float]]]:
+    trackers: list[Tensor | None],
+    weight_prevs: list[Tensor | None],
+) -> list[tuple[float | None, float | None]]:
     """AGS then SAD in place; one (ags_ratio, silent_ratio) per layer."""

@@ -8,7 +8,7 @@ the settings, finds the binary convs, and behaves as a ``torch.optim.Optimizer``
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -52,9 +52,7 @@ class OvSW(torch.optim.Optimizer):
         track_ones: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"OvSW wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+            raise TypeError(f"OvSW wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, OvSW):
             raise TypeError("OvSW cannot wrap another OvSW")
         if not isinstance(model, nn.Module):
@@ -160,7 +158,7 @@ class OvSW(torch.optim.Optimizer):
         ]
         return self._stats
 
-    def step(self, closure: Optional[Callable[[], Any]] = None):  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
         """Evaluate ``closure`` (if given), apply AGS and SAD, then step the wrapped
         optimizer. A step that ``GradScaler`` skips never reaches here, so it leaves the
         SAD state untouched."""
@@ -177,7 +175,7 @@ class OvSW(torch.optim.Optimizer):
         ``{"name", "ags_ratio", "silent_ratio"}`` (``None`` where disabled)."""
         return [dict(s) for s in self._stats]
 
-    def mean_silent_ratio(self) -> Optional[float]:
+    def mean_silent_ratio(self) -> float | None:
         """Mean silent fraction over the binary convs at the last step."""
         vals = [s["silent_ratio"] for s in self._stats if s["silent_ratio"] is not None]
         return sum(vals) / len(vals) if vals else None
