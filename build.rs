@@ -1,6 +1,6 @@
-//! Builds the small C++ shim (`csrc/conv_backward.cpp`) that exposes
-//! `at::convolution_backward`, which tch 0.24 does not bind, against the
-//! headers of the same libtorch that torch-sys links (the installed torch).
+//! Builds the small C++ shim (`csrc/`) that exposes `at::convolution_backward`, which
+//! tch 0.24 does not bind, and `at::parallel_for`, against the headers of the same
+//! libtorch that torch-sys links (the installed torch).
 
 use std::env;
 use std::path::PathBuf;
@@ -27,6 +27,7 @@ fn python() -> PathBuf {
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/conv_backward.cpp");
+    println!("cargo:rerun-if-changed=csrc/parallel.cpp");
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
 
@@ -63,6 +64,7 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .opt_level(2)
         .file("csrc/conv_backward.cpp")
+        .file("csrc/parallel.cpp")
         .compile("ovsw_shim");
 
     let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();

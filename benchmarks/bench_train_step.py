@@ -5,8 +5,9 @@
 For each case, both implementations get the same model (same weights, the oracle's
 binary convs swapped in by tests/oracle.py) and the same batch. A step is forward,
 backward, AGS+SAD, SGD. Steps of the two are interleaved so that machine noise hits both
-alike; the median over steps is reported. Peak memory of one step is measured in a fresh
-subprocess per implementation (peak RSS during the step minus RSS just before it).
+alike; the median over steps is reported. Peak memory of a step is measured in a fresh
+subprocess per implementation: peak RSS during its first step (activations, gradients,
+momentum and SAD buffers) minus RSS just before it.
 
 Targets (issue 2): step-time ratio ovsw/oracle <= 1.0, AGS+SAD-time ratio <= 0.3.
 The last line is one JSON object with every figure.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -80,19 +82,29 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> int:
+    """VmHWM: this process image's peak RSS (unlike ru_maxrss, it does not inherit the
+    forking parent's size across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _peak_memory_worker(args, queue):
     arch, num_classes, batch, res, impl, threads = args
     torch.set_num_threads(threads)
     model, opt, x, y = build(arch, num_classes, batch, res, impl)
-    timed_step(model, opt, x, y)  # first step allocates optimizer state, SAD buffers
-    opt.zero_grad(set_to_none=True)
     before = rss_bytes()
     timed_step(model, opt, x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put(max(peak - before, 0))
+    queue.put(max(peak_rss_bytes() - before, 0))
 
 
 def peak_step_memory(case, impl, threads) -> int:
+    # Every tensor-sized block through mmap, so a free returns memory at once and RSS
+    # tracks live tensors (glibc's default keeps freed heap memory mapped).
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     p = ctx.Process(target=_peak_memory_worker, args=((*case, impl, threads), queue))

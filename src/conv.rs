@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{value_err, Error, Result};
 use crate::ffi;
+use crate::kernels;
 
 /// Added to variances before the square root, as upstream does (SPEC 1.1 and 1.4).
 pub const EPS: f64 = 1e-5;
@@ -307,6 +308,46 @@ fn normalized(x: &Tensor, std: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
+/// `sign(x / std)`, or `sign(x)` without std.
+fn sign_of_normalized(x: &Tensor, std: Option<&Tensor>) -> Result<Tensor> {
+    if kernels::eligible(x) {
+        let values = std.map(kernels::to_vec).transpose()?;
+        return kernels::sign_normalized(x, values.as_deref());
+    }
+    Ok(normalized(x, std)?.f_sign()?)
+}
+
+/// `a = sign(x_hat)` and, in training, the per-sample std (SPEC 1.1 and 1.2).
+fn binarize_activation(x: &Tensor, training: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let std = match (training, kernels::eligible(x)) {
+        (false, _) => None,
+        (true, true) => Some(kernels::sample_std(x, EPS)?),
+        (true, false) => Some(sample_std(x)?),
+    };
+    Ok((sign_of_normalized(x, std.as_ref())?, std))
+}
+
+/// The gradient of `x` from the gradient of `a = sign(x_hat)`: Bi-Real,
+/// `d a / d x_hat = max(0, 2 - 2|x_hat|)`, through `x_hat = x / std` with std a constant.
+fn activation_grad(grad_a: Tensor, x: &Tensor, std: Option<&Tensor>) -> Result<Tensor> {
+    let grad_a = grad_a.f_to_kind(x.f_kind()?)?;
+    if kernels::eligible(x) && kernels::eligible(&grad_a) && grad_a.size() == x.size() {
+        let values = std.map(kernels::to_vec).transpose()?;
+        return kernels::bireal_backward(&grad_a, x, values.as_deref());
+    }
+    let x_hat = normalized(x, std)?;
+    let surrogate = x_hat
+        .f_abs()?
+        .f_mul_scalar(-2.0)?
+        .f_add_scalar(2.0)?
+        .f_clamp_min(0.0)?;
+    let g = grad_a.f_mul(&surrogate)?;
+    Ok(match std {
+        Some(s) => g.f_div(s)?,
+        None => g,
+    })
+}
+
 /// Forward of the binary convolution (SPEC 1.1 to 1.5).
 pub fn forward(
     x: &Tensor,
@@ -319,8 +360,7 @@ pub fn forward(
 ) -> Result<Forward> {
     validate(x, weight, bias, scale, geom)?;
     let _guard = tch::no_grad_guard();
-    let std = if training { Some(sample_std(x)?) } else { None };
-    let a = normalized(x, std.as_ref())?.f_sign()?;
+    let (a, std) = binarize_activation(x, training)?;
     let wb = binarize_weight(weight, act_w)?;
     let conv_out = a.f_conv2d(
         &wb,
@@ -431,8 +471,7 @@ pub fn backward(
     // Recompute the binarized operands (cheaper than keeping them) in the dtype the
     // forward convolution ran in.
     let k = saved.conv_kind;
-    let x_hat = normalized(x, saved.std)?;
-    let a = x_hat.f_sign()?.f_to_kind(k)?;
+    let a = sign_of_normalized(x, saved.std)?.f_to_kind(k)?;
     let wb = binarize_weight(weight, act_w)?.f_to_kind(k)?;
     let grad_conv = grad_conv.f_to_kind(k)?;
     let (ga, gwb, gb) = ffi::convolution_backward(
@@ -444,20 +483,7 @@ pub fn backward(
     )?;
 
     let input = match ga {
-        Some(ga) => {
-            // Bi-Real: d sign(x_hat)/d x_hat = max(0, 2 - 2|x_hat|); x_hat = x / std with
-            // std a constant.
-            let surrogate = x_hat
-                .f_abs()?
-                .f_mul_scalar(-2.0)?
-                .f_add_scalar(2.0)?
-                .f_clamp_min(0.0)?;
-            let g = ga.f_to_kind(x.f_kind()?)?.f_mul(&surrogate)?;
-            Some(match saved.std {
-                Some(s) => g.f_div(s)?,
-                None => g,
-            })
-        }
+        Some(ga) => Some(activation_grad(ga, x, saved.std)?),
         None => None,
     };
     let weight_g = match gwb {

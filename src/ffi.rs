@@ -1,6 +1,9 @@
-//! Safe wrapper over the C++ shim `csrc/conv_backward.cpp` (`at::convolution_backward`).
+//! Safe wrappers over the C++ shim in `csrc/`: `at::convolution_backward` and
+//! `at::parallel_for`.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -26,6 +29,64 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+
+    fn ovsw_parallel_for(
+        n: i64,
+        grain: i64,
+        f: extern "C" fn(*mut c_void, i64, i64),
+        ctx: *mut c_void,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+struct RangeTask<'a, F> {
+    f: &'a F,
+    panicked: AtomicBool,
+}
+
+extern "C" fn run_range<F: Fn(usize, usize) + Sync>(ctx: *mut c_void, begin: i64, end: i64) {
+    // SAFETY: ctx is the &RangeTask<F> that `parallel_for` passed, alive for the call.
+    let task = unsafe { &*(ctx as *const RangeTask<'_, F>) };
+    // A panic must not unwind into C++; record it instead.
+    if catch_unwind(AssertUnwindSafe(|| (task.f)(begin as usize, end as usize))).is_err() {
+        task.panicked.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f(begin, end)` over disjoint sub-ranges covering `0..n` on libtorch's intra-op
+/// thread pool (`at::parallel_for`; serial when `n <= grain`).
+pub fn parallel_for<F: Fn(usize, usize) + Sync>(n: usize, grain: usize, f: F) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let task = RangeTask {
+        f: &f,
+        panicked: AtomicBool::new(false),
+    };
+    let mut err = [0 as c_char; 512];
+    // SAFETY: `task` outlives the call; `run_range::<F>` matches its type.
+    let rc = unsafe {
+        ovsw_parallel_for(
+            n as i64,
+            grain.max(1) as i64,
+            run_range::<F>,
+            &task as *const RangeTask<'_, F> as *mut c_void,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the shim NUL-terminates `err`.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        return Err(Error::Torch(format!("parallel_for: {msg}")));
+    }
+    if task.panicked.load(Ordering::Relaxed) {
+        return Err(Error::Torch("internal error in a parallel kernel".into()));
+    }
+    Ok(())
 }
 
 /// Takes ownership of a tensor the shim allocated (null means "not computed").

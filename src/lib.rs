@@ -8,6 +8,7 @@
 pub mod conv;
 pub mod error;
 mod ffi;
+mod kernels;
 pub mod ovsw;
 
 use pyo3::prelude::*;
@@ -54,10 +55,7 @@ impl ConvSpec {
     /// Pickling (deepcopy, torch.save of whole modules) rebuilds from the names.
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
-    ) -> PyResult<(
-        Bound<'py, pyo3::types::PyType>,
-        (&'static str, &'static str, &'static str),
-    )> {
+    ) -> Reduced<'py, (&'static str, &'static str, &'static str)> {
         Ok((slf.get_type(), ("binary", slf.get().act_w.name(), "xnor")))
     }
 
@@ -94,6 +92,23 @@ fn kind_from_code(c: i32) -> PyResult<Kind> {
 }
 
 type Pair = (i64, i64);
+/// `__reduce__`'s answer: the class and its constructor arguments.
+type Reduced<'py, A> = PyResult<(Bound<'py, pyo3::types::PyType>, A)>;
+/// `(y, std, alpha, conv_out, conv_dtype)`.
+type ForwardOut = (
+    PyTensor,
+    Option<PyTensor>,
+    Option<PyTensor>,
+    Option<PyTensor>,
+    i32,
+);
+/// Gradients of `(x, weight, bias, scale)`.
+type BackwardOut = (
+    Option<PyTensor>,
+    Option<PyTensor>,
+    Option<PyTensor>,
+    Option<PyTensor>,
+);
 
 fn geometry(stride: Pair, padding: Pair, dilation: Pair, groups: i64) -> PyResult<Geometry> {
     Ok(Geometry::new(
@@ -125,13 +140,7 @@ fn binary_conv2d_forward(
     dilation: Pair,
     groups: i64,
     training: bool,
-) -> PyResult<(
-    PyTensor,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    i32,
-)> {
+) -> PyResult<ForwardOut> {
     let geom = geometry(stride, padding, dilation, groups)?;
     let act_w = spec.act_w;
     let f = py.allow_threads(move || {
@@ -176,12 +185,7 @@ fn binary_conv2d_backward(
     dilation: Pair,
     groups: i64,
     needs: (bool, bool, bool, bool),
-) -> PyResult<(
-    Option<PyTensor>,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    Option<PyTensor>,
-)> {
+) -> PyResult<BackwardOut> {
     let geom = geometry(stride, padding, dilation, groups)?;
     let conv_kind = kind_from_code(conv_dtype)?;
     let act_w = spec.act_w;
@@ -298,13 +302,9 @@ impl OvSWConfig {
         self.cfg.track_ones
     }
 
-    #[allow(clippy::type_complexity)]
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
-    ) -> PyResult<(
-        Bound<'py, pyo3::types::PyType>,
-        (bool, f64, bool, f64, f64, f64, bool),
-    )> {
+    ) -> Reduced<'py, (bool, f64, bool, f64, f64, f64, bool)> {
         let c = slf.get().cfg;
         Ok((
             slf.get_type(),

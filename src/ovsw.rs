@@ -2,14 +2,13 @@
 //!
 //! Both act on the weight gradient of every binary conv after backward and before the
 //! optimizer update. Two implementations of the same formulas:
-//! - a fused one for contiguous float32 CPU tensors: two passes over each layer
-//!   (per-channel norms, then scale + track + decay + copy in one sweep), run on the
-//!   rayon pool across layers and output channels, with no temporaries;
+//! - a fused one for contiguous float32 CPU tensors: two passes over each output
+//!   channel (norms, then scale + track + decay + copy in one sweep), all channels of all
+//!   layers split across libtorch's intra-op threads, with no temporaries;
 //! - a generic one through libtorch ops for everything else (CUDA, other dtypes).
 //!
 //! Tests hold both to a plain-PyTorch oracle written from SPEC.
 
-use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{value_err, Error, Result};
@@ -158,7 +157,7 @@ pub fn step(cfg: &Config, layers: &[Layer<'_>]) -> Result<Vec<LayerStats>> {
     }
     let _guard = tch::no_grad_guard();
     match fused::plan(cfg, layers) {
-        Some(raw) => Ok(raw.par_iter().map(|l| fused::run_layer(cfg, l)).collect()),
+        Some(raw) => fused::run(cfg, &raw),
         None => generic(cfg, layers),
     }
 }
@@ -234,6 +233,8 @@ mod fused {
     //! Raw loops over contiguous float32 CPU memory.
 
     use super::*;
+    use crate::ffi::parallel_for;
+    use crate::kernels::{SharedMut, GRAIN};
 
     /// One layer as raw pointers. Built only by [`plan`], which checks that every
     /// tensor is a contiguous float32 CPU tensor of `channels * per_channel` elements
@@ -323,11 +324,7 @@ mod fused {
         let mut factor = 1.0f32;
         let mut ratio = 0.0f64;
         if cfg.enable_ags {
-            let (mut gs, mut ws) = (0.0f64, 0.0f64);
-            for (&gi, &wi) in g.iter().zip(w) {
-                gs += f64::from(gi) * f64::from(gi);
-                ws += f64::from(wi) * f64::from(wi);
-            }
+            let (gs, ws) = sums_of_squares(g, w);
             let gn = (gs.sqrt() as f32).max(GRAD_NORM_FLOOR as f32);
             let wn = (ws.sqrt() as f32).max(WEIGHT_NORM_FLOOR as f32);
             let r = gn / wn;
@@ -349,41 +346,95 @@ mod fused {
         let one_minus_m = (1.0 - cfg.track_momentum) as f32;
         let tau = cfg.track_threshold as f32;
         let lambda = cfg.dampen_weight as f32;
-        let sign = |v: f32| -> i8 {
-            if v > 0.0 {
-                1
-            } else if v < 0.0 {
-                -1
-            } else {
-                0
-            }
-        };
-        let mut silent = 0usize;
-        for i in 0..k {
-            let wi = w[i];
-            let flipped = if sign(wi) != sign(p[i]) { 1.0f32 } else { 0.0 };
-            let ti = m * t[i] + one_minus_m * flipped;
-            t[i] = ti;
-            let mut gi = g[i] * factor;
-            if ti < tau {
-                silent += 1;
-                gi += wi * lambda;
-            }
-            g[i] = gi;
-            p[i] = wi;
+        // Branch-free so that the loop vectorizes: silent masks are data-dependent and
+        // would mispredict about half the time.
+        let mut silent = 0u32;
+        for (((gi, ti), pi), &wi) in g.iter_mut().zip(t.iter_mut()).zip(p.iter_mut()).zip(w) {
+            let flipped = (sign(wi) != sign(*pi)) as u32 as f32;
+            let tn = m * *ti + one_minus_m * flipped;
+            *ti = tn;
+            let is_silent = tn < tau;
+            silent += is_silent as u32;
+            let decay = if is_silent { wi * lambda } else { 0.0 };
+            *gi = *gi * factor + decay;
+            *pi = wi;
         }
-        (ratio, silent)
+        (ratio, silent as usize)
     }
 
-    pub fn run_layer(cfg: &Config, l: &RawLayer) -> LayerStats {
-        let (ratio_sum, silent) = (0..l.channels)
-            .into_par_iter()
-            .map(|c| run_channel(cfg, l, c))
-            .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-        let n = (l.channels * l.per_channel) as f64;
-        LayerStats {
-            ags_ratio: cfg.enable_ags.then(|| ratio_sum / l.channels as f64),
-            silent_ratio: cfg.enable_dampen.then(|| silent as f64 / n),
+    /// torch.sign as -1 / 0 / +1 without branches.
+    #[inline(always)]
+    fn sign(v: f32) -> i32 {
+        (v > 0.0) as i32 - (v < 0.0) as i32
+    }
+
+    /// `(sum g^2, sum w^2)` in f64, with eight independent partial sums so the loop
+    /// pipelines and vectorizes instead of waiting on one accumulator.
+    fn sums_of_squares(g: &[f32], w: &[f32]) -> (f64, f64) {
+        const LANES: usize = 8;
+        let mut ga = [0f64; LANES];
+        let mut wa = [0f64; LANES];
+        let (gc, wc) = (g.chunks_exact(LANES), w.chunks_exact(LANES));
+        let (gr, wr) = (gc.remainder(), wc.remainder());
+        for (gx, wx) in gc.zip(wc) {
+            for j in 0..LANES {
+                ga[j] += f64::from(gx[j]) * f64::from(gx[j]);
+                wa[j] += f64::from(wx[j]) * f64::from(wx[j]);
+            }
         }
+        let mut gs: f64 = ga.iter().sum();
+        let mut ws: f64 = wa.iter().sum();
+        for (&gi, &wi) in gr.iter().zip(wr) {
+            gs += f64::from(gi) * f64::from(gi);
+            ws += f64::from(wi) * f64::from(wi);
+        }
+        (gs, ws)
+    }
+
+    /// Runs every channel of every layer (in parallel) and gathers per-layer figures.
+    pub fn run(cfg: &Config, layers: &[RawLayer]) -> Result<Vec<LayerStats>> {
+        // Channel c of layer l has the global index starts[l] + c. Tasks are runs of
+        // channels within one layer holding about GRAIN elements each, so that an even
+        // split of tasks across threads is an even split of the work.
+        let mut starts = Vec::with_capacity(layers.len() + 1);
+        let mut tasks: Vec<(usize, usize, usize)> = Vec::new(); // (layer, first, last)
+        let mut total = 0usize;
+        for (i, l) in layers.iter().enumerate() {
+            starts.push(total);
+            let step = (GRAIN / l.per_channel.max(1)).max(1);
+            tasks.extend(
+                (0..l.channels)
+                    .step_by(step)
+                    .map(|c| (i, c, (c + step).min(l.channels))),
+            );
+            total += l.channels;
+        }
+        starts.push(total);
+        let mut results = vec![(0.0f64, 0usize); total];
+        let out = SharedMut(results.as_mut_ptr());
+        parallel_for(tasks.len(), 1, |begin, end| {
+            for &(layer, first, last) in &tasks[begin..end] {
+                for c in first..last {
+                    let r = run_channel(cfg, &layers[layer], c);
+                    // SAFETY: each channel belongs to exactly one task.
+                    unsafe { *out.at(starts[layer] + c) = r };
+                }
+            }
+        })?;
+        Ok(layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let part = &results[starts[i]..starts[i + 1]];
+                let ratio_sum: f64 = part.iter().map(|r| r.0).sum();
+                let silent: usize = part.iter().map(|r| r.1).sum();
+                LayerStats {
+                    ags_ratio: cfg.enable_ags.then(|| ratio_sum / l.channels as f64),
+                    silent_ratio: cfg
+                        .enable_dampen
+                        .then(|| silent as f64 / (l.channels * l.per_channel) as f64),
+                }
+            })
+            .collect())
     }
 }

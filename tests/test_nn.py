@@ -1,0 +1,72 @@
+"""OvSWConv2d as a module: options, padding forms, pickling, SAD buffers in state_dict."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import ovsw
+
+
+def test_is_a_conv2d_with_bias_off_by_default():
+    layer = ovsw.OvSWConv2d(3, 4, 3)
+    assert isinstance(layer, torch.nn.Conv2d) and layer.bias is None
+    assert (layer.act_a, layer.act_w, layer.forward_type) == ("binary", "ste", "xnor")
+    assert "act_w='ste'" in repr(layer)
+
+
+@pytest.mark.parametrize("padding, expected", [("same", (1, 1)), ("valid", (0, 0)), (2, (2, 2))])
+def test_padding_forms(padding, expected):
+    torch.manual_seed(0)
+    layer = ovsw.OvSWConv2d(3, 4, 3, padding=padding)
+    explicit = ovsw.OvSWConv2d(3, 4, 3, padding=expected)
+    explicit.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(layer(x), explicit(x), rtol=0, atol=0)
+
+
+def test_same_padding_with_an_even_window_is_refused():
+    with pytest.raises(ValueError, match="padding='same'"):
+        ovsw.OvSWConv2d(3, 4, 2, padding="same")
+
+
+def test_pickle_deepcopy_and_torch_save():
+    torch.manual_seed(0)
+    model = ovsw.models.create("cResNet20_1w1a", act_w="hardtanhv2")
+    ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, enable_dampen=True)
+    spec = model.layer1[0].conv1.spec
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    clone = copy.deepcopy(model).eval()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(clone(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+    assert loaded.layer1[0].conv1.act_w == "hardtanhv2"
+    assert torch.equal(loaded.layer1[0].conv1.tracker, model.layer1[0].conv1.tracker)
+
+
+def test_sad_buffers_are_optional_in_state_dict():
+    layer = ovsw.OvSWConv2d(3, 4, 3)
+    assert set(layer.state_dict()) == {"weight"}
+    layer.setup_sad()
+    assert list(layer.state_dict()) == ["weight", "weight_prev", "tracker"]
+    fresh = ovsw.OvSWConv2d(3, 4, 3)
+    fresh.load_state_dict(layer.state_dict(), strict=True)
+    assert torch.equal(fresh.weight_prev, layer.weight_prev)
+
+
+def test_scaling_factor_parameter():
+    torch.manual_seed(0)
+    layer = ovsw.OvSWConv2d(3, 4, 3, scaling_factor=True)
+    expected = layer.weight.detach().abs().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(layer.scaling_factor.detach(), expected)
+    layer(torch.randn(2, 3, 5, 5)).sum().backward()
+    assert layer.scaling_factor.grad is not None and layer.scaling_factor.grad.abs().sum() > 0
