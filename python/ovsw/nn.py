@@ -196,7 +196,11 @@ class OvSWConv2d(nn.Conv2d):
         for name in incoming:
             if getattr(self, name) is None:
                 value = state_dict[prefix + name]
-                setattr(self, name, torch.empty_like(value, device=self.weight.device))
+                setattr(
+                    self,
+                    name,
+                    torch.empty_like(value, device=self.weight.device, dtype=self.weight.dtype),
+                )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
