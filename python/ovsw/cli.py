@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import data as datasets
-from . import models
+from . import distributed, models
 from .optim import OvSW
 
 __all__ = [
@@ -64,6 +64,7 @@ CONV_TYPES = ("OvSWConv2d",)
 FORWARD_TYPES = ("xnor",)
 ACT_A = ("binary",)
 ACT_W = ("ste", "hardtanh", "ste_v2", "hardtanhv2")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 IN_MEMORY_SETS = ("Digits", "FashionMNIST")
 # Imported lazily; the "train" extra of the package installs them.
 TRAIN_EXTRAS = ("yaml", "tqdm", "tensorboard", "torchvision", "sklearn")
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-dir", default=None, help="base folder for runs (default: runs)")
     g.add_argument("--num-classes", default=None, type=_optional(_number(int, lo=1)))
     g.add_argument("--download", default=False, help="download CIFAR if missing", **B)
+    g.add_argument(
+        "--dali", default=False, help="NVIDIA DALI input pipelines (ImageNet; ovsw[dali])", **B
+    )
 
     g = p.add_argument_group("training")
     g.add_argument("-j", "--workers", default=20, type=_number(int, lo=0), metavar="N")
@@ -256,12 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--track_threshold", default=1e-4, type=_number(float, lo=0))
     g.add_argument("--track_ones", default=False, **B)
 
-    g = p.add_argument_group("distributed (single process only in this release)")
-    g.add_argument("--distributed", default=False, **B)
+    g = p.add_argument_group(
+        "distributed (launch with torchrun; its RANK/WORLD_SIZE/LOCAL_RANK win over "
+        "--rank/--world-size)"
+    )
+    g.add_argument(
+        "--distributed", default=False, help="DistributedDataParallel, one process a GPU", **B
+    )
     g.add_argument("--world-size", default=1, type=_number(int, lo=1))
     g.add_argument("--rank", default=0, type=_number(int, lo=0))
-    g.add_argument("--dist-url", default="tcp://127.0.0.1:23456")
-    g.add_argument("--dist-backend", default="nccl")
+    g.add_argument("--dist-url", default="tcp://127.0.0.1:23456", help="without torchrun")
+    g.add_argument(
+        "--dist-backend",
+        default=None,
+        type=_optional(_choice(DIST_BACKENDS)),
+        help="nccl, gloo or auto (default: nccl on CUDA, gloo on the CPU)",
+    )
+    g.add_argument("--sync-bn", default=False, help="SyncBatchNorm (CUDA, --distributed)", **B)
     return p
 
 
@@ -381,11 +396,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.forward_type is None:
         parser.error("argument --forward-type: required (the one type is xnor)")
+    if args.dali:
+        from . import dali
+
+        if args.set != "ImageNet":
+            parser.error("argument --dali: the DALI pipelines read ImageNet-style folders")
+        if not dali.available():
+            parser.error(f"argument --dali: {dali.INSTALL_HINT}")
     if args.distributed:
-        parser.error(
-            "argument --distributed: multi-process training is not supported by ovsw-train; "
-            "run one process (it uses --gpu, or the first GPU)"
-        )
+        world = distributed.env_world_size(args.world_size)
+        if args.batch_size % world:
+            parser.error(
+                f"argument --batch-size: {args.batch_size} does not split evenly over "
+                f"{world} processes (each takes batch_size / world size)"
+            )
     if args.gpu is not None:
         if not torch.cuda.is_available():
             parser.error(f"argument --gpu: {args.gpu} asked for, but CUDA is not available")
@@ -529,22 +553,54 @@ def _device(args: argparse.Namespace) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _loader(ds: Dataset, args, batch_size: int, *, shuffle: bool, epoch: int, device) -> DataLoader:
+def _loader(
+    ds: Dataset, args, batch_size: int, *, shuffle: bool, epoch: int, device, dist_info=None
+) -> DataLoader:
     in_memory = args.set in IN_MEMORY_SETS or isinstance(ds, TensorDataset)
     workers = 0 if in_memory else args.workers
-    gen = None
+    gen = sampler = None
     if shuffle:
         # The order (and the workers' seeds) depend only on seed and epoch, so a resumed
         # run sees exactly the batches an uninterrupted one does.
         gen = torch.Generator().manual_seed((args.seed or 0) + epoch)
+    if dist_info is not None:
+        # Each rank takes batch_size / world size samples of its share.
+        batch_size = max(1, batch_size // dist_info.world_size)
+        if shuffle:
+            sampler = distributed.train_sampler(ds, dist_info, seed=args.seed or 0, epoch=epoch)
+            gen.manual_seed((args.seed or 0) + epoch + 7919 * dist_info.rank)  # worker seeds
+        else:
+            sampler = distributed.ShardSampler(len(ds), dist_info.rank, dist_info.world_size)
+        shuffle = False
     return DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         generator=gen,
         drop_last=False,
+    )
+
+
+def _dali_loader(args, train: bool, batch_size: int, device, dist_info=None):
+    """A DALI loader over <data>/imagenet/{train,val} (this rank's shard)."""
+    from . import dali
+
+    folder = Path(args.data).expanduser() / "imagenet" / ("train" if train else "val")
+    if not folder.is_dir():
+        raise CLIError(f"ImageNet not found: looked for {folder} (--dali)")
+    world = dist_info.world_size if dist_info else 1
+    return dali.imagenet_loader(
+        folder,
+        train,
+        max(1, batch_size // world),
+        device=device,
+        shard_id=dist_info.rank if dist_info else 0,
+        num_shards=world,
+        num_threads=max(1, args.workers),
+        seed=args.seed or 0,
     )
 
 
@@ -586,6 +642,19 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[fl
     return [100.0 * correct[:, : min(k, maxk)].any(1).float().mean().item() for k in topk]
 
 
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _reduce_meters(*meters: _Meter) -> None:
+    """Under torch.distributed: every rank's meters become the sums over all ranks."""
+    if not torch.distributed.is_initialized():
+        return
+    sums = distributed.reduce_sums([x for m in meters for x in (m.sum, m.n)])
+    for k, m in enumerate(meters):
+        m.sum, m.n = sums[2 * k], int(sums[2 * k + 1])
+
+
 def _limit(loader: DataLoader, args) -> int:
     n = len(loader)
     return min(n, args.limit_batches) if args.limit_batches else n
@@ -599,7 +668,10 @@ def train_epoch(model, loader, opt, criterion, scaler, device, epoch, args, writ
     total = _limit(loader, args)
     amp = device.type == "cuda"
     bar = tqdm(
-        total=total, desc=f"epoch {epoch + 1}/{args.epochs} train", leave=False, disable=None
+        total=total,
+        desc=f"epoch {epoch + 1}/{args.epochs} train",
+        leave=False,
+        disable=None if _is_main() else True,
     )
     for i, (x, y) in enumerate(loader):
         if i >= total:
@@ -629,6 +701,7 @@ def train_epoch(model, loader, opt, criterion, scaler, device, epoch, args, writ
                 step = epoch * total + i
                 writer.add_scalar("train/loss_step", loss.item(), step)
     bar.close()
+    _reduce_meters(loss_m, top1, top5)
     return loss_m.avg, top1.avg, top5.avg
 
 
@@ -640,7 +713,7 @@ def validate(model, loader, criterion, device, args, desc="val"):
     loss_m, top1, top5 = _Meter(), _Meter(), _Meter()
     total = _limit(loader, args)
     amp = device.type == "cuda"
-    bar = tqdm(total=total, desc=desc, leave=False, disable=None)
+    bar = tqdm(total=total, desc=desc, leave=False, disable=None if _is_main() else True)
     for i, (x, y) in enumerate(loader):
         if i >= total:
             break
@@ -655,6 +728,7 @@ def validate(model, loader, criterion, device, args, desc="val"):
         top5.update(a5, len(y))
         bar.update(1)
     bar.close()
+    _reduce_meters(loss_m, top1, top5)
     return loss_m.avg, top1.avg, top5.avg
 
 
@@ -742,11 +816,44 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _distributed(fn, args, *rest):
+    """``fn(args, *rest, dist_info)``: inside a process group with ``--distributed``
+    (joined here, left at the end), else with ``dist_info=None``."""
+    if not args.distributed:
+        return fn(args, *rest, None)
+    use_cuda = args.gpu is not None or torch.cuda.is_available()
+    try:
+        info = distributed.init(
+            rank=args.rank,
+            world_size=args.world_size,
+            dist_url=args.dist_url,
+            backend=args.dist_backend,
+            use_cuda=use_cuda,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"--distributed: {e}") from None
+    ok = False
+    try:
+        with distributed.main_process_output(info):
+            result = fn(args, *rest, info)
+        ok = True
+        return result
+    finally:
+        if ok:
+            distributed.shutdown()  # waits for every rank
+        elif torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def evaluate(args) -> dict[str, float]:
     """``--evaluate``: top-1 / top-5 on the validation side (no run folder written)."""
-    device = _device(args)
+    return _distributed(_evaluate, args)
+
+
+def _evaluate(args, dist_info) -> dict[str, float]:
+    device = dist_info.device if dist_info else _device(args)
     _seed_everything(args.seed or 0)
-    _, val_set = _datasets(args, need_train=False)
+    val_set = None if args.dali else _datasets(args, need_train=False)[1]
     model = _model(args, device)
     if args.pretrained:
         load_weights(
@@ -755,7 +862,18 @@ def evaluate(args) -> dict[str, float]:
     else:
         print("warning: --evaluate without --pretrained evaluates a freshly initialised model")
     criterion = nn.CrossEntropyLoss()
-    loader = _loader(val_set, args, _val_batch(args), shuffle=False, epoch=0, device=device)
+    if args.dali:
+        loader = _dali_loader(args, False, _val_batch(args), device, dist_info)
+    else:
+        loader = _loader(
+            val_set,
+            args,
+            _val_batch(args),
+            shuffle=False,
+            epoch=0,
+            device=device,
+            dist_info=dist_info,
+        )
     loss, acc1, acc5 = validate(model, loader, criterion, device, args)
     print(f"top-1 {acc1:.2f}%  top-5 {acc5:.2f}%  loss {loss:.4f}")
     return {"acc1": acc1, "acc5": acc5, "loss": loss}
@@ -766,23 +884,35 @@ def _val_batch(args) -> int:
 
 
 def train(args, argv: Sequence[str] = ()) -> dict[str, Any]:
-    """Train as upstream's main.py does; returns the summary figures and the run folder."""
+    """Train as upstream's main.py does; returns the summary figures and the run folder
+    (``None`` on ranks other than 0 under ``--distributed``)."""
+    return _distributed(_train, args, argv)
+
+
+def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
     from torch.utils.tensorboard import SummaryWriter
 
-    device = _device(args)
+    main_rank = dist_info is None or dist_info.is_main
+    device = dist_info.device if dist_info else _device(args)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     _seed_everything(args.seed or 0)
-    train_set, val_set = _datasets(args, need_train=True)
+    train_set = val_set = None
+    if not args.dali:
+        train_set, val_set = _datasets(args, need_train=True)
     model = _model(args, device)
     if args.pretrained:
         load_weights(
             model, load_checkpoint(args.pretrained, device), f"pretrained {args.pretrained}"
         )
-    base_opt = build_optimizer(model, args)
+    # Under --distributed, net is the DDP wrapper (built before OvSW, see
+    # distributed.wrap); model stays the plain network for loading, validation and
+    # checkpoints, so checkpoints keep upstream's key names.
+    net = distributed.wrap(model, dist_info, sync_bn=args.sync_bn) if dist_info else model
+    base_opt = build_optimizer(net, args)
     opt = OvSW(
         base_opt,
-        model,
+        net,
         enable_ags=args.enable_ags,
         delta=args.delta,
         enable_dampen=args.enable_dampen,
@@ -813,13 +943,28 @@ def train(args, argv: Sequence[str] = ()) -> dict[str, Any]:
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
 
-    run_dir = make_run_dir(args)
-    _write_settings(run_dir, args, argv)
-    ckpt_dir = run_dir / "checkpoints"
-    writer = SummaryWriter(log_dir=str(run_dir / "logs"))
-    val_loader = _loader(val_set, args, _val_batch(args), shuffle=False, epoch=0, device=device)
+    run_dir = writer = None
+    if main_rank:
+        run_dir = make_run_dir(args)
+        _write_settings(run_dir, args, argv)
+        writer = SummaryWriter(log_dir=str(run_dir / "logs"))
+    ckpt_dir = run_dir / "checkpoints" if run_dir else None
+    if args.dali:  # DALI's reader reshuffles every epoch itself
+        dali_train = _dali_loader(args, True, args.batch_size, device, dist_info)
+        val_loader = _dali_loader(args, False, _val_batch(args), device, dist_info)
+    else:
+        val_loader = _loader(
+            val_set,
+            args,
+            _val_batch(args),
+            shuffle=False,
+            epoch=0,
+            device=device,
+            dist_info=dist_info,
+        )
+    where = f"{device}" if dist_info is None else f"{dist_info.world_size} x {device.type}"
     print(
-        f"{PROG}: {args.arch} on {args.set} ({device}), epochs {start_epoch}..{args.epochs}, "
+        f"{PROG}: {args.arch} on {args.set} ({where}), epochs {start_epoch}..{args.epochs}, "
         f"run folder {run_dir}"
     )
     start = time.time()
@@ -828,13 +973,27 @@ def train(args, argv: Sequence[str] = ()) -> dict[str, Any]:
             lr = lr_at(args, epoch)
             for group in opt.param_groups:
                 group["lr"] = lr
-            torch.manual_seed((args.seed or 0) + epoch)  # augmentation RNG, main process
-            loader = _loader(
-                train_set, args, args.batch_size, shuffle=True, epoch=epoch, device=device
+            rank = dist_info.rank if dist_info else 0
+            # augmentation RNG of the main process (of each rank)
+            torch.manual_seed((args.seed or 0) + epoch + 7919 * rank)
+            loader = (
+                dali_train
+                if args.dali
+                else _loader(
+                    train_set,
+                    args,
+                    args.batch_size,
+                    shuffle=True,
+                    epoch=epoch,
+                    device=device,
+                    dist_info=dist_info,
+                )
             )
             tr_loss, tr1, tr5 = train_epoch(
-                model, loader, opt, criterion, scaler, device, epoch, args, writer
+                net, loader, opt, criterion, scaler, device, epoch, args, writer
             )
+            if dist_info is not None:
+                distributed.broadcast_bn_stats(model)  # rank 0's, as its checkpoint keeps
             va_loss, curr_acc1, curr_acc5 = validate(model, val_loader, criterion, device, args)
             is_best = curr_acc1 > best["best_acc1"]
             best["best_acc1"] = max(best["best_acc1"], curr_acc1)
@@ -851,14 +1010,16 @@ def train(args, argv: Sequence[str] = ()) -> dict[str, Any]:
                 "curr_acc5": curr_acc5,
                 "scaler": scaler.state_dict() if scaler is not None else None,
             }
+            stats = opt.stats()
+            silent = opt.mean_silent_ratio()
+            if not main_rank:
+                continue
             save_checkpoint(state, ckpt_dir / "checkpoint.pth")
             if is_best:
                 save_checkpoint(state, ckpt_dir / "model_best.pth")
             if args.save_every > 0 and (epoch + 1) % args.save_every == 0:
                 save_checkpoint(state, ckpt_dir / f"epoch_{epoch + 1}.pth")
 
-            stats = opt.stats()
-            silent = opt.mean_silent_ratio()
             for tag, value in (
                 ("train/loss", tr_loss),
                 ("train/acc1", tr1),
@@ -873,9 +1034,13 @@ def train(args, argv: Sequence[str] = ()) -> dict[str, Any]:
                 writer.add_scalar("silent/mean", silent, epoch)
             for s in stats:
                 if s["silent_ratio"] is not None:
-                    writer.add_scalar(f"silent/{s['name']}", s["silent_ratio"], epoch)
+                    writer.add_scalar(
+                        f"silent/{s['name'].removeprefix('module.')}", s["silent_ratio"], epoch
+                    )
                 if s["ags_ratio"] is not None:
-                    writer.add_scalar(f"ags_ratio/{s['name']}", s["ags_ratio"], epoch)
+                    writer.add_scalar(
+                        f"ags_ratio/{s['name'].removeprefix('module.')}", s["ags_ratio"], epoch
+                    )
             writer.flush()
             print(
                 f"epoch {epoch + 1}/{args.epochs}  lr {lr:.5f}  train loss {tr_loss:.4f} "
@@ -884,7 +1049,8 @@ def train(args, argv: Sequence[str] = ()) -> dict[str, Any]:
                 flush=True,
             )
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
     silent = opt.mean_silent_ratio()
     row = {
@@ -900,7 +1066,8 @@ def train(args, argv: Sequence[str] = ()) -> dict[str, Any]:
         **{k: f"{v:.2f}" for k, v in best.items()},
         "mean_silent_fraction": _fmt(silent),
     }
-    _append_result(args, row)
+    if main_rank:
+        _append_result(args, row)
     print(
         f"top-1 {curr_acc1:.2f}% (best {best['best_acc1']:.2f}%)  "
         f"mean silent fraction {_fmt(silent)}  run folder {run_dir}"
