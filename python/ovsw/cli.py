@@ -604,6 +604,15 @@ def _dali_loader(args, train: bool, batch_size: int, device, dist_info=None):
     )
 
 
+def _val_loader(args, val_set, device, dist_info=None):
+    """The validation loader: DALI with ``--dali``, else this rank's share of ``val_set``."""
+    if args.dali:
+        return _dali_loader(args, False, _val_batch(args), device, dist_info)
+    return _loader(
+        val_set, args, _val_batch(args), shuffle=False, epoch=0, device=device, dist_info=dist_info
+    )
+
+
 def _datasets(args: argparse.Namespace, need_train: bool):
     try:
         train = (
@@ -862,18 +871,7 @@ def _evaluate(args, dist_info) -> dict[str, float]:
     else:
         print("warning: --evaluate without --pretrained evaluates a freshly initialised model")
     criterion = nn.CrossEntropyLoss()
-    if args.dali:
-        loader = _dali_loader(args, False, _val_batch(args), device, dist_info)
-    else:
-        loader = _loader(
-            val_set,
-            args,
-            _val_batch(args),
-            shuffle=False,
-            epoch=0,
-            device=device,
-            dist_info=dist_info,
-        )
+    loader = _val_loader(args, val_set, device, dist_info)
     loss, acc1, acc5 = validate(model, loader, criterion, device, args)
     print(f"top-1 {acc1:.2f}%  top-5 {acc5:.2f}%  loss {loss:.4f}")
     return {"acc1": acc1, "acc5": acc5, "loss": loss}
@@ -951,17 +949,7 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
     if args.dali:  # DALI's reader reshuffles every epoch itself
         dali_train = _dali_loader(args, True, args.batch_size, device, dist_info)
-        val_loader = _dali_loader(args, False, _val_batch(args), device, dist_info)
-    else:
-        val_loader = _loader(
-            val_set,
-            args,
-            _val_batch(args),
-            shuffle=False,
-            epoch=0,
-            device=device,
-            dist_info=dist_info,
-        )
+    val_loader = _val_loader(args, val_set, device, dist_info)
     where = f"{device}" if dist_info is None else f"{dist_info.world_size} x {device.type}"
     print(
         f"{PROG}: {args.arch} on {args.set} ({where}), epochs {start_epoch}..{args.epochs}, "
