@@ -140,7 +140,8 @@ pub struct Grads {
     pub scale: Option<Tensor>,
 }
 
-fn is_float(kind: Kind) -> bool {
+/// The floating dtypes the binary conv and AGS/SAD accept.
+pub(crate) fn is_float(kind: Kind) -> bool {
     matches!(
         kind,
         Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16

@@ -40,6 +40,17 @@ extern "C" {
     ) -> c_int;
 }
 
+/// The message the shim wrote into `err` (it always NUL-terminates within the buffer).
+fn shim_message(err: &[c_char]) -> String {
+    match err.iter().position(|&c| c == 0) {
+        // SAFETY: a NUL lies within the buffer, so the C string ends inside it.
+        Some(_) => unsafe { CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+        None => "unknown error".to_string(),
+    }
+}
+
 struct RangeTask<'a, F> {
     f: &'a F,
     panicked: AtomicBool,
@@ -77,10 +88,7 @@ pub fn parallel_for<F: Fn(usize, usize) + Sync>(n: usize, grain: usize, f: F) ->
         )
     };
     if rc != 0 {
-        // SAFETY: the shim NUL-terminates `err`.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
+        let msg = shim_message(&err);
         return Err(Error::Torch(format!("parallel_for: {msg}")));
     }
     if task.panicked.load(Ordering::Relaxed) {
@@ -137,10 +145,7 @@ pub fn convolution_backward(
     };
     let (gi, gw, gb) = (adopt(gi), adopt(gw), adopt(gb));
     if rc != 0 {
-        // SAFETY: the shim always NUL-terminates `err` within its length.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
+        let msg = shim_message(&err);
         return Err(Error::Torch(format!("convolution_backward: {msg}")));
     }
     Ok((gi, gw, gb))

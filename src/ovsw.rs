@@ -98,10 +98,7 @@ fn check_layer(i: usize, l: &Layer<'_>, cfg: &Config) -> Result<()> {
         return value_err!("layer {i}: the weight has no gradient; run backward first");
     }
     let kind = l.weight.f_kind()?;
-    if !matches!(
-        kind,
-        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-    ) {
+    if !crate::conv::is_float(kind) {
         return Err(Error::Type(format!(
             "layer {i}: weight dtype {kind:?} is not floating point"
         )));
