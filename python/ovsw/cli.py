@@ -189,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", default=None, type=_optional(_number(int, lo=1)))
     g.add_argument("--download", default=False, help="download CIFAR if missing", **B)
     g.add_argument(
-        "--dali", default=False, help="NVIDIA DALI input pipelines (ImageNet; ovsw[dali])", **B
+        "--dali",
+        default=False,
+        help="NVIDIA DALI input pipelines (ImageNet, CIFAR image folders; ovsw[dali])",
+        **B,
     )
 
     g = p.add_argument_group("training")
@@ -399,8 +402,11 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.dali:
         from . import dali
 
-        if args.set != "ImageNet":
-            parser.error("argument --dali: the DALI pipelines read ImageNet-style folders")
+        if args.set not in dali.FOLDERS:
+            parser.error(
+                "argument --dali: the DALI pipelines read ImageNet or CIFAR10/CIFAR100 image "
+                f"folders, not {args.set}"
+            )
         if not dali.available():
             parser.error(f"argument --dali: {dali.INSTALL_HINT}")
     if args.distributed:
@@ -585,23 +591,40 @@ def _loader(
 
 
 def _dali_loader(args, train: bool, batch_size: int, device, dist_info=None):
-    """A DALI loader over <data>/imagenet/{train,val} (this rank's shard)."""
+    """A DALI loader over <data>/<imagenet|cifar10|cifar100>/{train,val} (this rank's
+    shard); train loaders read epoch e after ``set_epoch(e)``."""
     from . import dali
 
-    folder = Path(args.data).expanduser() / "imagenet" / ("train" if train else "val")
+    folder = Path(args.data).expanduser() / dali.FOLDERS[args.set] / ("train" if train else "val")
     if not folder.is_dir():
-        raise CLIError(f"ImageNet not found: looked for {folder} (--dali)")
+        hint = "one sub-folder of images per class"
+        if args.set != "ImageNet":
+            hint = (
+                f"write them from torchvision's {args.set} with: python -m ovsw.dali "
+                f"export-cifar --data {args.data} --set {args.set} [--download]"
+            )
+        raise CLIError(f"{args.set} image folders not found: looked for {folder} (--dali); {hint}")
     world = dist_info.world_size if dist_info else 1
-    return dali.imagenet_loader(
-        folder,
-        train,
-        max(1, batch_size // world),
-        device=device,
-        shard_id=dist_info.rank if dist_info else 0,
-        num_shards=world,
-        num_threads=max(1, args.workers),
-        seed=args.seed or 0,
-    )
+    make = dali.imagenet_loader if args.set == "ImageNet" else dali.cifar_loader
+    try:
+        loader = make(
+            folder,
+            train,
+            max(1, batch_size // world),
+            device=device,
+            shard_id=dist_info.rank if dist_info else 0,
+            num_shards=world,
+            num_threads=max(1, args.workers),
+            seed=args.seed or 0,
+        )
+    except FileNotFoundError as e:
+        raise CLIError(f"{args.set} (--dali): {e}") from None
+    if loader.num_classes > _num_classes(args):
+        raise CLIError(
+            f"{folder} holds {loader.num_classes} class folders but the model has "
+            f"{_num_classes(args)} outputs (--num-classes)"
+        )
+    return loader
 
 
 def _val_loader(args, val_set, device, dist_info=None):
@@ -947,7 +970,7 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
         _write_settings(run_dir, args, argv)
         writer = SummaryWriter(log_dir=str(run_dir / "logs"))
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
-    if args.dali:  # DALI's reader reshuffles every epoch itself
+    if args.dali:
         dali_train = _dali_loader(args, True, args.batch_size, device, dist_info)
     val_loader = _val_loader(args, val_set, device, dist_info)
     where = f"{device}" if dist_info is None else f"{dist_info.world_size} x {device.type}"
@@ -964,6 +987,8 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
             rank = dist_info.rank if dist_info else 0
             # augmentation RNG of the main process (of each rank)
             torch.manual_seed((args.seed or 0) + epoch + 7919 * rank)
+            if args.dali:  # epoch e's pipeline: order and augmentation from (seed, e, rank)
+                dali_train.set_epoch(epoch)
             loader = (
                 dali_train
                 if args.dali
