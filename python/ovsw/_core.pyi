@@ -94,3 +94,38 @@ def ags_sad_step(
     weight_prevs: list[Tensor | None],
 ) -> list[tuple[float | None, float | None]]:
     """AGS then SAD in place; one (ags_ratio, silent_ratio) per layer."""
+
+# -- deploy engine (src/deploy/, wrapped by ovsw.deploy) ----------------------------------
+
+import numpy as np
+
+class DeployEngine:
+    """A network from an ovsw.deploy file; runs without PyTorch on its own thread pool.
+
+    Raises ValueError for a corrupt, truncated or unsupported file, an unknown kernel or
+    threads < 1.
+    """
+
+    def __init__(self, data: bytes, threads: int, kernel: str = "auto") -> None: ...
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 NCHW in; (N, K) out when the result is 1x1, else NCHW."""
+    def profile(
+        self, x: np.ndarray
+    ) -> tuple[np.ndarray, list[tuple[str, str, tuple[int, int, int, int], float]]]:
+        """Output and (name, op, output NCHW shape, seconds) per op."""
+    def run_op(
+        self, name: str, x: np.ndarray, residual: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The single op `name` on `x` (and `residual`)."""
+    threads: int
+    @property
+    def kernel(self) -> str: ...
+    @property
+    def input_channels(self) -> int: ...
+    @property
+    def ops(self) -> list[tuple[str, str]]: ...
+    @property
+    def header_json(self) -> str: ...
+
+def deploy_kernels() -> list[str]:
+    """Binary-conv kernels this CPU runs, best first ("portable" always)."""

@@ -1,0 +1,300 @@
+"""``python -m ovsw.deploy bench``: the deploy engine against PyTorch on this machine.
+
+Everything is measured side by side in one run, interleaved, with the same thread count
+on both sides (``torch.set_num_threads`` and the engine's pool):
+
+- every binary 3x3 conv of ResNet18_1w1a at 224x224, batch 1: the layer's time inside
+  the engine (``Engine.profile``: sign packing, XNOR-popcount, scale/BN/residual/
+  hardtanh epilogue) against ``torch.nn.functional.conv2d`` in float32 at the same
+  shape (the bare convolution, nothing else);
+- whole models (ResNet18_1w1a at 224, cResNet20_1w1a and VGGSmall_1w1a at 32, batch 1):
+  the engine against the float32 counterpart in PyTorch eval mode (the same
+  architecture with ``nn.Conv2d`` in place of every ``OvSWConv2d``), and against the
+  ovsw model itself in PyTorch eval mode (binary convs emulated in float);
+- file size against the float ``state_dict`` saved by ``torch.save``;
+- the largest relative difference between engine and PyTorch logits.
+
+Models are randomly initialised, with BatchNorm given trained-like statistics (weights
+U(0.5, 1.5), biases N(0, 0.1), running statistics from two batches of random images),
+so that every layer carries signal and the binary activations are not degenerate.
+The last line printed is one JSON object with the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import models
+from ..nn import OvSWConv2d
+from . import export, load
+
+MODELS = (("ResNet18_1w1a", 224), ("cResNet20_1w1a", 32), ("VGGSmall_1w1a", 32))
+
+
+def calibrated(arch: str, size: int, seed: int = 0) -> nn.Module:
+    """``arch`` at random init with trained-like BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = models.create(arch)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0.0, 0.1)
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(4, 3, size, size))
+    return model.eval()
+
+
+def float_counterpart(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every OvSWConv2d replaced by an nn.Conv2d of the same
+    shape and weights (the full-precision network the binary one stands in for)."""
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, OvSWConv2d):
+            conv = nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.groups,
+                bias=m.bias is not None,
+            )
+            conv.load_state_dict(
+                {k: v for k, v in m.state_dict().items() if k in ("weight", "bias")}
+            )
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], conv)
+    return model.eval()
+
+
+def _time(fn, *args, **kwargs) -> float:
+    t = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t
+
+
+def _median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def bench_layers(engine, threads: int, repeats: int, size: int) -> list[dict]:
+    """Binary 3x3 convs of the engine's network at batch 1 vs torch float conv2d."""
+    x = np.random.default_rng(1).standard_normal((1, 3, size, size), dtype=np.float32)
+    graph = engine.graph
+    shapes = {}
+    for op in graph:
+        if op["op"] == "bconv2d" and op["kernel"] == [3, 3]:
+            shapes[op["name"]] = op
+    _, profile = engine.profile(x)  # warm-up, and the input shape of each op
+    out_shapes = {t.name: t.shape for t in profile}
+    in_hw = {}
+    prev = {}
+    for op in graph:
+        prev[op["y"]] = op["name"]
+    for name, op in shapes.items():
+        src = prev.get(op["x"])
+        h = out_shapes[src][2] if src is not None else size
+        in_hw[name] = h
+    convs = {}
+    for name, op in shapes.items():
+        key = (op["in_channels"], op["out_channels"], in_hw[name], op["stride"][0])
+        convs.setdefault(key, []).append(name)
+    torch_inputs = {
+        key: (torch.randn(1, key[0], key[2], key[2]), torch.randn(key[1], key[0], 3, 3))
+        for key in convs
+    }
+    eng_t = {name: [] for name in shapes}
+    torch_t = {key: [] for key in convs}
+    with torch.no_grad():
+        for key, (xi, wi) in torch_inputs.items():
+            F.conv2d(xi, wi, stride=key[3], padding=1)
+        for _ in range(repeats):
+            _, profile = engine.profile(x)
+            for t in profile:
+                if t.name in eng_t:
+                    eng_t[t.name].append(t.seconds)
+            for key, (xi, wi) in torch_inputs.items():
+                torch_t[key].append(_time(F.conv2d, xi, wi, stride=key[3], padding=1))
+    rows = []
+    for key, names in convs.items():
+        e = _median([_median(eng_t[n]) for n in names])
+        t = _median(torch_t[key])
+        rows.append(
+            {
+                "threads": threads,
+                "shape": f"{key[0]}->{key[1]} {key[2]}x{key[2]} s{key[3]}",
+                "layers": len(names),
+                "torch_ms": t * 1e3,
+                "engine_ms": e * 1e3,
+                "speedup": t / e,
+            }
+        )
+    return rows
+
+
+def bench_models(threads: int, repeats: int, workdir: Path, archs=MODELS) -> list[dict]:
+    rows = []
+    for arch, size in archs:
+        model = calibrated(arch, size)
+        fp = float_counterpart(model)
+        path = export(model, workdir / f"{arch}.ovsw", input_size=size)
+        engine = load(path, threads=threads)
+        # Agreement over 16 images (one batch), then timing at batch 1.
+        check = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = model(check).numpy()
+        per_sample = np.abs(engine(check.numpy()) - ref).max(1) / np.abs(ref).max(1)
+        x = torch.randn(1, 3, size, size)
+        xn = x.numpy()
+        with torch.no_grad():
+            for f, a in ((fp, x), (model, x), (engine, xn)):
+                f(a)
+            t_fp, t_bin, t_eng = [], [], []
+            for _ in range(repeats):
+                t_fp.append(_time(fp, x))
+                t_bin.append(_time(model, x))
+                t_eng.append(_time(engine, xn))
+        sd = state_dict_bytes(model)
+        rows.append(
+            {
+                "threads": threads,
+                "arch": arch,
+                "input": size,
+                "torch_fp32_ms": _median(t_fp) * 1e3,
+                "torch_ovsw_ms": _median(t_bin) * 1e3,
+                "engine_ms": _median(t_eng) * 1e3,
+                "speedup": _median(t_fp) / _median(t_eng),
+                "speedup_vs_ovsw_eval": _median(t_bin) / _median(t_eng),
+                "max_rel_err": float(per_sample.max()),
+                "samples_over_1e-4": int((per_sample >= 1e-4).sum()),
+                "file_bytes": path.stat().st_size,
+                "state_dict_bytes": sd,
+                "size_ratio": path.stat().st_size / sd,
+                "engine": engine,
+            }
+        )
+    return rows
+
+
+def run(threads=(1, 2), repeats: int = 10, model_repeats: int = 5) -> dict:
+    """Runs the whole benchmark, prints the tables and returns the summary dict."""
+    torch_threads = torch.get_num_threads()
+    layer_rows, model_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        try:
+            for t in threads:
+                torch.set_num_threads(t)
+                mrows = bench_models(t, model_repeats, tmp)
+                resnet = next(r for r in mrows if r["arch"] == "ResNet18_1w1a")
+                layer_rows += bench_layers(resnet["engine"], t, repeats, 224)
+                for r in mrows:
+                    r.pop("engine")
+                model_rows += mrows
+        finally:
+            torch.set_num_threads(torch_threads)
+    kernel = load_kernel_name()
+    print(
+        f"ovsw deploy benchmark: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, engine kernel {kernel}, torch {torch.__version__}"
+    )
+    print(
+        "\nBinary 3x3 convs of ResNet18_1w1a at 224x224, batch 1 "
+        "(torch: float32 F.conv2d of the same shape)"
+    )
+    print(
+        f"{'threads':>7}  {'shape':<22} {'layers':>6} {'torch ms':>9} {'engine ms':>10} "
+        f"{'speedup':>8}"
+    )
+    for r in layer_rows:
+        print(
+            f"{r['threads']:>7}  {r['shape']:<22} {r['layers']:>6} {r['torch_ms']:>9.3f} "
+            f"{r['engine_ms']:>10.3f} {r['speedup']:>7.1f}x"
+        )
+    print(
+        "\nWhole models, batch 1 (torch fp32: the same network with nn.Conv2d; "
+        "torch ovsw: the binary model in eval mode)"
+    )
+    print(
+        f"{'threads':>7}  {'model':<16} {'torch fp32 ms':>13} {'torch ovsw ms':>13} "
+        f"{'engine ms':>10} {'speedup':>8} {'rel err':>9} {'file':>9} {'state_dict':>10} "
+        f"{'size':>6}"
+    )
+    for r in model_rows:
+        print(
+            f"{r['threads']:>7}  {r['arch']:<16} {r['torch_fp32_ms']:>13.2f} "
+            f"{r['torch_ovsw_ms']:>13.2f} {r['engine_ms']:>10.2f} {r['speedup']:>7.1f}x "
+            f"{r['max_rel_err']:>9.1e} {r['file_bytes'] / 2**20:>7.2f}MB "
+            f"{r['state_dict_bytes'] / 2**20:>8.2f}MB {r['size_ratio']:>6.3f}"
+        )
+    speedups = [r["speedup"] for r in layer_rows]
+    r18 = [r for r in model_rows if r["arch"] == "ResNet18_1w1a"]
+    r18_1 = next((r for r in r18 if r["threads"] == 1), r18[0])
+    summary = {
+        "binary3x3_speedup_min": round(min(speedups), 2),
+        "binary3x3_speedup_median": round(_median(speedups), 2),
+        "model_speedup": round(r18_1["speedup"], 2),
+        "model_speedup_vs_ovsw_eval": round(r18_1["speedup_vs_ovsw_eval"], 2),
+        "max_rel_err": float(f"{max(r['max_rel_err'] for r in model_rows):.3g}"),
+        "size_ratio": round(r18_1["size_ratio"], 4),
+        "threads": list(threads),
+        "kernel": kernel,
+    }
+    return summary
+
+
+def load_kernel_name() -> str:
+    from . import kernels
+
+    return kernels()[0]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ovsw.deploy bench",
+        description="Measure the deploy engine against PyTorch on this machine.",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="thread counts to measure (default: 1 2)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed runs per binary conv layer (default 10)"
+    )
+    parser.add_argument(
+        "--model-repeats", type=int, default=5, help="timed runs per whole model (default 5)"
+    )
+    args = parser.parse_args(argv)
+    if any(t < 1 for t in args.threads) or args.repeats < 1 or args.model_repeats < 1:
+        parser.error("--threads, --repeats and --model-repeats must be positive")
+    summary = run(tuple(args.threads), args.repeats, args.model_repeats)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,509 @@
+"""The deploy engine (issue 4): bit packing, exactness against model.eval() for all five
+architectures, kernels, threads, bad files and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ovsw
+import ovsw.deploy as deploy
+from ovsw import models
+from ovsw.deploy._bench import calibrated
+
+ARCHS = [
+    ("cResNet20_1w1a", 32),
+    ("cResNet18_1w1a", 32),
+    ("VGGSmall_1w1a", 32),
+    ("ResNet18_1w1a", 64),
+    ("ResNet34_1w1a", 64),
+]
+REL = 1e-4
+
+
+def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
+    """Largest per-sample |y - ref| over the largest |ref| of that sample."""
+    return float((np.abs(y - ref).max(1) / np.abs(ref).max(1)).max())
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model.eval()(x).numpy()
+
+
+def binarization_margins(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Per sample, the smallest |value| any binary conv binarizes in model.eval()."""
+    margins = torch.full((x.shape[0],), float("inf"))
+
+    def record(mod, inp):
+        margins.copy_(torch.minimum(margins, inp[0].detach().abs().flatten(1).min(1).values))
+
+    hooks = [m.register_forward_pre_hook(record) for _, m in ovsw.binary_convs(model)]
+    logits(model, x)
+    for h in hooks:
+        h.remove()
+    return margins.numpy()
+
+
+def check_logits(engine, model: nn.Module, x: torch.Tensor) -> None:
+    """Engine logits equal model.eval()'s within relative 1e-4, sample by sample.
+
+    A deep binary network amplifies a sign flip: a value that float rounding leaves
+    within ~1e-7 of zero may binarize to +1 on one side and -1 on the other, and the
+    logits then differ for real. Such a sample must show a binarized value within 1e-5
+    of zero; anything else is a failure, and most samples must match outright.
+    """
+    ref = logits(model, x)
+    y = engine(x.numpy())
+    assert y.shape == ref.shape and y.dtype == np.float32
+    per_sample = np.abs(y - ref).max(1) / np.abs(ref).max(1)
+    bad = np.flatnonzero(per_sample >= REL)
+    if bad.size:
+        margins = binarization_margins(model, x)
+        for i in bad:
+            assert margins[i] < 1e-5, (
+                f"sample {i}: relative error {per_sample[i]:.2e} with every binarized "
+                f"value at least {margins[i]:.2e} from zero"
+            )
+    assert len(bad) <= len(x) // 4, f"{len(bad)} of {len(x)} samples differ: {per_sample}"
+
+
+def roundtrip(model, tmp_path, size, **load_kw):
+    path = deploy.export(model.eval(), tmp_path / "m.ovsw", input_size=size)
+    return deploy.load(path, threads=2, **load_kw)
+
+
+# -- packing --------------------------------------------------------------------------
+
+
+def test_pack_signs_matches_a_bit_by_bit_reference():
+    torch.manual_seed(0)
+    w = torch.randn(5, 70, 3, 2)  # 70 channels: one full word and one partial
+    w[1, 3, 0, 0] = 0.0
+    w[2, 64, 2, 1] = -0.0
+    bits, mask = deploy.pack_signs(w)
+    assert bits.dtype == np.uint64 and bits.shape == (5, 3, 2, 2)
+    for o in range(5):
+        for ky in range(3):
+            for kx in range(2):
+                for j in range(2):
+                    want = sum(
+                        1 << (c - 64 * j)
+                        for c in range(64 * j, min(70, 64 * j + 64))
+                        if float(w[o, c, ky, kx]) < 0
+                    )
+                    nonzero = sum(
+                        1 << (c - 64 * j)
+                        for c in range(64 * j, min(70, 64 * j + 64))
+                        if float(w[o, c, ky, kx]) != 0
+                    )
+                    assert int(bits[o, ky, kx, j]) == want
+                    assert int(mask[o, ky, kx, j]) == nonzero
+    assert deploy.pack_signs(torch.randn(2, 8, 1, 1))[1] is None
+
+
+def test_binary_weights_take_one_bit_each(tmp_path):
+    model = models.create("ResNet18_1w1a").eval()
+    path = deploy.export(model, tmp_path / "r18.ovsw")
+    raw = path.read_bytes()
+    header = json.loads(raw[32 : 32 + struct.unpack("<Q", raw[16:24])[0]])
+    convs = dict(ovsw.binary_convs(model))
+    bconvs = [op for op in header["ops"] if op["op"] == "bconv2d"]
+    assert len(bconvs) == len(convs) == 16
+    for op in bconvs:
+        conv = convs[op["name"]]
+        words = -(-conv.in_channels // 64)
+        o, kh, kw = conv.out_channels, *conv.kernel_size
+        assert header["tensors"][op["weight"]]["nbytes"] == o * kh * kw * words * 8
+        assert op["weight_mask"] is None
+
+
+# -- exactness ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch,size", ARCHS)
+def test_random_init_matches_eval(arch, size, tmp_path):
+    torch.manual_seed(0)
+    model = models.create(arch).eval()
+    engine = roundtrip(model, tmp_path, size)
+    check_logits(engine, model, torch.randn(8, 3, size, size))
+
+
+@pytest.mark.parametrize("arch,size", ARCHS)
+def test_trained_like_batchnorm_matches_eval(arch, size, tmp_path):
+    # Random init leaves ResNet BatchNorm weights at 1e-8, which hides the binary
+    # layers; trained-like statistics make every layer count.
+    model = calibrated(arch, size)
+    engine = roundtrip(model, tmp_path, size)
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+    check_logits(engine, model, x)
+
+
+TRAIN_VARIANTS = [
+    ("cResNet20_1w1a", 32, {}),
+    ("cResNet18_1w1a", 32, {"scaling_factor": True}),
+    ("VGGSmall_1w1a", 32, {"act_w": "ste_v2"}),
+    ("ResNet18_1w1a", 64, {"scaling_factor": True, "act_w": "hardtanh"}),
+    ("ResNet34_1w1a", 64, {"act_w": "hardtanhv2"}),
+]
+
+
+@pytest.mark.parametrize("arch,size,options", TRAIN_VARIANTS)
+def test_after_training_steps_matches_eval(arch, size, options, tmp_path):
+    torch.manual_seed(0)
+    model = models.create(arch, **options)
+    for m in model.modules():  # move BatchNorm away from its init so it matters
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    opt = ovsw.OvSW(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        model,
+        enable_ags=True,
+        delta=0.04,
+        enable_dampen=True,
+        dampen_weight=1e-3,
+    )
+    model.train()
+    for _ in range(3):
+        x = torch.randn(4, 3, size, size)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    engine = roundtrip(model, tmp_path, size)
+    check_logits(engine, model, torch.randn(8, 3, size, size))
+
+
+def test_all_kernels_give_identical_logits(tmp_path):
+    model = calibrated("ResNet18_1w1a", 64)
+    path = deploy.export(model, tmp_path / "m.ovsw", input_size=64)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    kernels = deploy.kernels()
+    assert kernels[-1] == "portable"
+    outs = {k: deploy.load(path, kernel=k)(x) for k in kernels}
+    for k, y in outs.items():
+        np.testing.assert_array_equal(y, outs["portable"], err_msg=k)
+    assert deploy.load(path).kernel == kernels[0]
+
+
+def test_zero_activations_and_zero_weights_count_as_zero(tmp_path):
+    # sign(0) == 0: zero activations (here whole stem channels) and zero weights must
+    # contribute nothing, which the engine handles with its masked kernel.
+    model = calibrated("cResNet20_1w1a", 32)
+    with torch.no_grad():
+        model.bn1.weight[:5] = 0.0
+        model.bn1.bias[:5] = 0.0
+        w = model.layer1[0].conv1.weight
+        w[:, :3] = 0.0
+        model.layer2[0].conv2.weight[0, :, 1, 1] = 0.0
+    engine = roundtrip(model, tmp_path, 32)
+    x = torch.randn(4, 3, 32, 32)
+    check_logits(engine, model, x)
+    # the same network with those zeros treated as +1 would differ clearly
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[:, :3] = 1e-3
+    assert rel_err(engine(x.numpy()), logits(model, x)) > 1e-3
+
+
+def test_threads_do_not_change_results(tmp_path):
+    model = calibrated("VGGSmall_1w1a", 32)
+    path = deploy.export(model, tmp_path / "v.ovsw")
+    x = np.random.default_rng(2).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    one = deploy.load(path, threads=1)
+    y1 = one(x)
+    one.threads = 2
+    assert one.threads == 2
+    np.testing.assert_array_equal(one(x), y1)
+    with pytest.raises(ValueError, match="threads"):
+        one.threads = 0
+    with pytest.raises(ValueError, match="threads"):
+        deploy.load(path, threads=-1)
+
+
+def test_profile_names_every_op(tmp_path):
+    model = calibrated("cResNet20_1w1a", 32)
+    engine = roundtrip(model, tmp_path, 32)
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    y, times = engine.profile(x)
+    np.testing.assert_array_equal(y, engine(x))
+    assert [(t.name, t.op) for t in times] == engine.ops
+    assert all(t.seconds >= 0 for t in times)
+    first = times[0]
+    assert first.op == "conv2d" and first.shape == (1, 16, 32, 32)
+    assert sum(t.op == "bconv2d" for t in times) == 18
+    assert "cResNet20" not in engine.summary() or "CifarResNetA" in engine.summary()
+    assert engine.metadata["arch"] == "CifarResNetA"
+
+
+def test_non_contiguous_input(tmp_path):
+    model = calibrated("cResNet20_1w1a", 32)
+    engine = roundtrip(model, tmp_path, 32)
+    x = np.random.default_rng(4).standard_normal((3, 32, 32, 2), dtype=np.float32)
+    x = x.transpose(3, 0, 1, 2)  # (2, 3, 32, 32), not C-contiguous
+    assert not x.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(engine(x), engine(np.ascontiguousarray(x)))
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+def test_export_metadata_and_atomic_write(tmp_path):
+    model = models.create("cResNet18_1w1a", num_classes=7).eval()
+    target = tmp_path / "m.ovsw"
+    target.write_bytes(b"old contents")
+    deploy.export(model, target, metadata={"run": "abc"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ovsw"]
+    engine = deploy.load(target)
+    meta = engine.metadata
+    assert meta["format"] == "ovsw-deploy" and meta["version"] == deploy.FORMAT_VERSION
+    assert meta["arch"] == "CifarResNetB" and meta["num_classes"] == 7
+    assert meta["input"] == {"channels": 3, "height": 32, "width": 32}
+    assert meta["user"] == {"run": "abc"}
+
+
+def test_export_refuses_training_mode_and_unknown_models(tmp_path):
+    with pytest.raises(ValueError, match="eval"):
+        deploy.export(models.create("cResNet20_1w1a"), tmp_path / "a.ovsw")
+    with pytest.raises(TypeError, match="no deploy lowering for Sequential"):
+        deploy.export(nn.Sequential(nn.Linear(2, 2)).eval(), tmp_path / "b.ovsw")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_unwraps_module_wrappers(tmp_path):
+    class Wrapper(nn.Module):  # what DistributedDataParallel looks like to export
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = calibrated("cResNet20_1w1a", 32)
+    engine = roundtrip(Wrapper(model), tmp_path, 32)
+    check_logits(engine, model, torch.randn(4, 3, 32, 32))
+
+
+# -- bad files and bad inputs -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("deploy") / "c20.ovsw"
+    deploy.export(models.create("cResNet20_1w1a").eval(), path)
+    return path
+
+
+def rewrite(raw: bytes, tmp_path, mutate) -> str:
+    buf = bytearray(raw)
+    mutate(buf)
+    path = tmp_path / "bad.ovsw"
+    path.write_bytes(bytes(buf))
+    return path
+
+
+def with_crc(buf: bytearray) -> None:
+    buf[-4:] = struct.pack("<I", zlib.crc32(bytes(buf[:-4])) & 0xFFFFFFFF)
+
+
+def test_corrupt_byte_is_a_checksum_error(good_file, tmp_path):
+    raw = good_file.read_bytes()
+
+    def flip(buf):
+        buf[len(buf) // 2] ^= 0x40
+
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        deploy.load(rewrite(raw, tmp_path, flip))
+
+
+@pytest.mark.parametrize("keep", [0, 10, 40, 1000, -1])
+def test_truncated_file(good_file, tmp_path, keep):
+    raw = good_file.read_bytes()
+    path = tmp_path / "short.ovsw"
+    path.write_bytes(raw[:keep] if keep >= 0 else raw[:-1])
+    with pytest.raises(ValueError, match="truncated|shorter|magic") as err:
+        deploy.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_bad_magic_and_future_version(good_file, tmp_path):
+    raw = good_file.read_bytes()
+
+    def magic(buf):
+        buf[:8] = b"PK\x03\x04xxxx"
+
+    with pytest.raises(ValueError, match="not an ovsw deploy file"):
+        deploy.load(rewrite(raw, tmp_path, magic))
+
+    def future(buf):
+        buf[8:12] = struct.pack("<I", 99)
+        with_crc(buf)
+
+    with pytest.raises(ValueError, match="version 99 is not supported"):
+        deploy.load(rewrite(raw, tmp_path, future))
+
+
+def test_inconsistent_header_is_refused(good_file, tmp_path):
+    raw = good_file.read_bytes()
+    hlen = struct.unpack("<Q", raw[16:24])[0]
+    header = json.loads(raw[32 : 32 + hlen])
+    header["ops"][3]["in_channels"] = 999  # no longer fits its weight tensor
+    head = json.dumps(header).encode()
+    data_start = -(-(32 + hlen) // 64) * 64
+    data = raw[data_start:-4]
+    buf = bytearray(raw[:8]) + struct.pack("<IIQQ", 1, 0, len(head), len(data)) + head
+    buf += b"\0" * (-len(buf) % 64) + data + b"\0\0\0\0"
+    with_crc(buf)
+    path = tmp_path / "inconsistent.ovsw"
+    path.write_bytes(bytes(buf))
+    with pytest.raises(
+        ValueError,
+        match=r"corrupt deploy file: op 'layer1.1.conv1': tensor 'weight' must be u64 "
+        r"of shape \[16, 3, 3, 16\]",
+    ):
+        deploy.load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        deploy.load(tmp_path / "nope.ovsw")
+
+
+def test_bad_inputs(good_file):
+    engine = deploy.load(good_file)
+    with pytest.raises(TypeError, match="float32"):
+        engine(np.zeros((1, 3, 32, 32), dtype=np.float64))
+    with pytest.raises(TypeError, match="numpy array"):
+        engine([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        engine(np.zeros((3, 32, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="expects 3 input channels"):
+        engine(np.zeros((1, 4, 32, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="empty input"):
+        engine(np.zeros((0, 3, 32, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="kernel"):
+        deploy.load(good_file, kernel="avx9000")
+
+
+def test_wrong_input_size_for_a_fixed_size_head(tmp_path):
+    engine = roundtrip(models.create("VGGSmall_1w1a"), tmp_path, 32)
+    with pytest.raises(ValueError, match="'fc' expects 8192 features, got 2048"):
+        engine(np.zeros((1, 3, 16, 16), dtype=np.float32))
+    with pytest.raises(ValueError, match="too small"):
+        engine(np.zeros((1, 3, 1, 1), dtype=np.float32))
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def test_module_without_command_prints_usage():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ovsw.deploy"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_bench_command_prints_its_json_summary():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ovsw.deploy",
+            "bench",
+            "--threads",
+            "1",
+            "--repeats",
+            "1",
+            "--model-repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    for key in (
+        "binary3x3_speedup_min",
+        "binary3x3_speedup_median",
+        "model_speedup",
+        "max_rel_err",
+        "size_ratio",
+    ):
+        assert isinstance(summary[key], float), key
+    assert 0 < summary["size_ratio"] < 0.2
+    assert any("64->64 56x56 s1" in line for line in lines)
+
+
+# -- every op against the layers it came from, on the same input --------------------------
+
+
+def anchor(arch: str, name: str) -> tuple[str, str, int]:
+    """(module, "input" | "output", call index) whose tensor equals op ``name``'s
+    output, from the architecture files' structure (independently of the exporter)."""
+    vgg = arch.startswith("VGG")
+    if name == "avg_pool2d":  # functional global pool of cResNet20: bn2's input
+        return ("bn2", "input", 0)
+    if name == "flatten":
+        return ("fc", "input", 0)
+    block = re.fullmatch(r"(layer\d\.\d+)\.conv([12])", name)
+    if block:
+        return (f"{block[1]}.act{block[2]}", "output", 0)
+    if name.endswith((".shortcut.0", ".downsample.0")):
+        return (name[:-2], "output", 0)
+    if vgg and name.startswith("pooling"):
+        return ("pooling", "output", {"1": 0, "3": 1, "5": 2}[name[-1]])
+    if vgg and name.startswith("conv") and name != "conv0":
+        return (f"nonlinear{name[-1]}" if name[-1] in "24" else name, "output", 0)
+    if vgg and name.startswith("bn") and name != "bn2":
+        return (f"nonlinear{name[-1]}", "output", 0)
+    if name in ("conv0", "conv1"):
+        stem = {"cResNet20": "act", "cResNet18": "bn1", "VGGSmall": "nonlinear0"}
+        return (stem.get(arch.split("_")[0], "act"), "output", 0)
+    return (name, "output", 0)
+
+
+@pytest.mark.parametrize("arch,size", ARCHS)
+def test_every_op_matches_its_layers_on_the_same_input(arch, size, tmp_path):
+    # Fed the very tensors PyTorch computed, each op must reproduce the next one: the
+    # binary ops binarize identical floats, so only float rounding may differ.
+    model = calibrated(arch, size)
+    engine = roundtrip(model, tmp_path, size)
+    seen: dict[str, list] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out, name=name: seen.setdefault(name, []).append((inp[0], out))
+        )
+        for name, m in model.named_modules()
+        if name
+    ]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
+    logits(model, x)
+    for h in hooks:
+        h.remove()
+
+    def tensor_of(module, which, index):
+        inp, out = seen[module][index]
+        t = (inp if which == "input" else out).detach()
+        return t.reshape(t.shape[0], -1, 1, 1) if t.dim() == 2 else t
+
+    produced = {0: x}
+    checked = 0
+    for op in engine.graph:
+        src = produced[op["x"]]
+        res = produced[op["residual"]] if op.get("residual") is not None else None
+        want = tensor_of(*anchor(arch, op["name"]))
+        got = engine.run_op(op["name"], src.numpy(), None if res is None else res.numpy())
+        want_np = want.numpy().reshape(got.shape)
+        err = np.abs(got - want_np).max() / max(np.abs(want_np).max(), 1e-12)
+        assert err < REL, f"{op['name']} ({op['op']}): relative error {err:.2e}"
+        produced[op["y"]] = want
+        checked += 1
+    assert checked == len(engine.ops)
