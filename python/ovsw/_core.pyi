@@ -1,5 +1,6 @@
 """Type stubs for ovsw._core, the Rust core (src/lib.rs)."""
 
+import numpy as np
 from torch import Tensor
 
 __version__: str
@@ -97,8 +98,6 @@ def ags_sad_step(
 
 # -- deploy engine (src/deploy/, wrapped by ovsw.deploy) ----------------------------------
 
-import numpy as np
-
 class DeployEngine:
     """A network from an ovsw.deploy file; runs without PyTorch on its own thread pool.
 
@@ -113,9 +112,7 @@ class DeployEngine:
         self, x: np.ndarray
     ) -> tuple[np.ndarray, list[tuple[str, str, tuple[int, int, int, int], float]]]:
         """Output and (name, op, output NCHW shape, seconds) per op."""
-    def run_op(
-        self, name: str, x: np.ndarray, residual: np.ndarray | None = None
-    ) -> np.ndarray:
+    def run_op(self, name: str, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """The single op `name` on `x` (and `residual`)."""
     threads: int
     @property
