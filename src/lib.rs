@@ -443,12 +443,13 @@ fn input_tensor(x: &Bound<'_, PyAny>) -> PyResult<deploy::tensor::Tensor4> {
 fn output_array(py: Python<'_>, y: deploy::tensor::Tensor4) -> PyResult<Bound<'_, PyAny>> {
     use numpy::{PyArray1, PyArrayMethods};
     let flat = y.h == 1 && y.w == 1;
-    let data = if flat { y.data } else { y.to_nchw() };
+    let (n, c, h, w) = (y.n, y.c, y.h, y.w);
+    let data = if flat { y.into_data() } else { y.to_nchw() };
     let array = PyArray1::from_vec(py, data);
     let reshaped = if flat {
-        array.reshape([y.n, y.c])?.into_any()
+        array.reshape([n, c])?.into_any()
     } else {
-        array.reshape([y.n, y.c, y.h, y.w])?.into_any()
+        array.reshape([n, c, h, w])?.into_any()
     };
     Ok(reshaped)
 }

@@ -287,7 +287,7 @@ impl BinaryConv {
         }
         let (packed, mask) = self.pack(x, kernel);
         let masked = mask.is_some() || self.weight_mask.is_some();
-        let mut out = Tensor4::zeros(x.n, oh, ow, g.cout);
+        let mut out = Tensor4::scratch(x.n, oh, ow, g.cout);
         let row_len = ow * g.cout;
         out.data
             .par_chunks_mut(row_len)
@@ -366,12 +366,49 @@ impl BinaryConv {
         }
     }
 
-    /// One output row by the fast kernels, epilogue fused. For each pixel the words of
-    /// all taps are gathered into one contiguous list (a zero word for a tap in the
-    /// padding, whose weight popcount is then taken back out), so the kernel runs one
-    /// flat loop per 8 output channels.
+    /// One output row by the fast kernels (see [`Self::row_fast_impl`]); with AVX2 the
+    /// whole row loop, epilogue included, is compiled for AVX2.
     #[allow(clippy::too_many_arguments)]
     fn row_fast(
+        &self,
+        packed: &[u64],
+        x: &Tensor4,
+        n: usize,
+        oy: usize,
+        dst: &mut [f32],
+        residual: Option<&[f32]>,
+        kernel: Kernel,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Avx2 {
+            // SAFETY: the AVX2 kernel is chosen only when the CPU reports AVX2.
+            return unsafe { self.row_fast_avx2(packed, x, n, oy, dst, residual) };
+        }
+        self.row_fast_impl(packed, x, n, oy, dst, residual, kernel)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_fast_avx2(
+        &self,
+        packed: &[u64],
+        x: &Tensor4,
+        n: usize,
+        oy: usize,
+        dst: &mut [f32],
+        residual: Option<&[f32]>,
+    ) {
+        self.row_fast_impl(packed, x, n, oy, dst, residual, Kernel::Avx2)
+    }
+
+    /// One output row by the fast kernels, epilogue fused. Interior pixels of a dense
+    /// conv read each kernel row as one run of packed words; other pixels gather their
+    /// taps (a zero word for a tap in the padding, whose weight popcount is then taken
+    /// back out), so the kernel runs flat loops per 8 output channels.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn row_fast_impl(
         &self,
         packed: &[u64],
         x: &Tensor4,
@@ -514,7 +551,7 @@ impl BinaryConv {
 }
 
 /// `out = act(scale * (n_valid - 2 * acc) + shift (+ residual))`, in one pass.
-#[inline]
+#[inline(always)]
 fn epilogue(
     out: &mut [f32],
     acc: &[u32],
@@ -524,16 +561,18 @@ fn epilogue(
     residual: Option<&[f32]>,
     act: &Act,
 ) {
-    let dot = |a: u32| (n_valid - 2 * a as i32) as f32;
+    let n = out.len();
+    let (acc, scale, shift) = (&acc[..n], &scale[..n], &shift[..n]);
     match residual {
         Some(r) => {
-            for ((((v, &a), &s), &t), &r) in out.iter_mut().zip(acc).zip(scale).zip(shift).zip(r) {
-                *v = s * dot(a) + t + r;
+            let r = &r[..n];
+            for i in 0..n {
+                out[i] = scale[i] * (n_valid - 2 * acc[i] as i32) as f32 + shift[i] + r[i];
             }
         }
         None => {
-            for (((v, &a), &s), &t) in out.iter_mut().zip(acc).zip(scale).zip(shift) {
-                *v = s * dot(a) + t;
+            for i in 0..n {
+                out[i] = scale[i] * (n_valid - 2 * acc[i] as i32) as f32 + shift[i];
             }
         }
     }

@@ -90,7 +90,8 @@ impl FloatConv {
         let cg = g.cin / g.groups;
         let og = g.cout / g.groups;
         let k = g.kh * g.kw * cg;
-        let mut out = Tensor4::zeros(x.n, oh, ow, g.cout);
+        // Every element is written by the GEMM (beta = 0 never reads C).
+        let mut out = Tensor4::scratch(x.n, oh, ow, g.cout);
         let pixels = x.n * oh * ow;
         let direct =
             g.kh == 1 && g.kw == 1 && g.stride == (1, 1) && g.padding == (0, 0) && g.groups == 1;

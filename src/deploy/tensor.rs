@@ -1,4 +1,60 @@
 //! The engine's activation tensor (float32, NHWC) and fused activations.
+//!
+//! Activation buffers are recycled through a small process-wide pool: a network runs
+//! the same sequence of shapes every call, so after the first call no op touches
+//! freshly mapped memory (whose page faults cost as much as a small layer).
+
+use std::sync::Mutex;
+
+/// Recycled buffers (largest kept first to go when the pool is full).
+static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+/// Buffers kept for reuse, and the smallest worth keeping (in elements).
+const POOL_KEEP: usize = 32;
+const POOL_MIN: usize = 16 * 1024;
+
+/// A buffer of `n` elements, reusing a pooled one when one is large enough; zeroed
+/// when `zero`, otherwise holding stale values for the caller to overwrite.
+fn buffer(n: usize, zero: bool) -> Vec<f32> {
+    if n >= POOL_MIN {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let best = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= n)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            let mut v = pool.swap_remove(i);
+            drop(pool);
+            if zero {
+                v.clear();
+            }
+            v.resize(n, 0.0);
+            v.truncate(n);
+            return v;
+        }
+    }
+    vec![0.0; n]
+}
+
+fn recycle(v: Vec<f32>) {
+    if v.capacity() < POOL_MIN {
+        return;
+    }
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    pool.push(v);
+    if pool.len() > POOL_KEEP {
+        // Drop the smallest: large buffers are the expensive ones to map again.
+        if let Some(i) = pool
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i)
+        {
+            pool.swap_remove(i);
+        }
+    }
+}
 
 /// A float32 tensor in NHWC layout (batch, height, width, channels).
 #[derive(Clone, Debug)]
@@ -17,7 +73,19 @@ impl Tensor4 {
             h,
             w,
             c,
-            data: vec![0.0; n * h * w * c],
+            data: buffer(n * h * w * c, true),
+        }
+    }
+
+    /// Like [`Tensor4::zeros`], but the values are unspecified: for ops that write
+    /// every element.
+    pub fn scratch(n: usize, h: usize, w: usize, c: usize) -> Self {
+        Tensor4 {
+            n,
+            h,
+            w,
+            c,
+            data: buffer(n * h * w * c, false),
         }
     }
 
@@ -54,6 +122,17 @@ impl Tensor4 {
     pub fn nchw(&self) -> [usize; 4] {
         [self.n, self.c, self.h, self.w]
     }
+
+    /// Moves the data out (the tensor is left empty).
+    pub fn into_data(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.data)
+    }
+}
+
+impl Drop for Tensor4 {
+    fn drop(&mut self) {
+        recycle(std::mem::take(&mut self.data));
+    }
 }
 
 /// An elementwise activation applied per pixel (channels last).
@@ -68,7 +147,7 @@ pub enum Act {
 
 impl Act {
     /// Applies the activation to one pixel's channels.
-    #[inline]
+    #[inline(always)]
     pub fn apply(&self, px: &mut [f32]) {
         match self {
             Act::None => {}

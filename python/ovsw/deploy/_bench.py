@@ -1,6 +1,7 @@
 """``python -m ovsw.deploy bench``: the deploy engine against PyTorch on this machine.
 
-Everything is measured side by side in one run, interleaved, with the same thread count
+Everything is measured side by side in one run, alternating blocks of three calls per
+side (medians reported), with the same thread count
 on both sides (``torch.set_num_threads`` and the engine's pool):
 
 - every binary 3x3 conv of ResNet18_1w1a at 224x224, batch 1: the layer's time inside
@@ -42,6 +43,8 @@ from .. import models
 from ..nn import OvSWConv2d
 from . import export, load
 
+#: Consecutive timed calls per side before switching to the other.
+BLOCK = 3
 MODELS = (("ResNet18_1w1a", 224), ("cResNet20_1w1a", 32), ("VGGSmall_1w1a", 32))
 
 
@@ -134,12 +137,14 @@ def bench_layers(engine, threads: int, repeats: int, size: int) -> list[dict]:
         for key, (xi, wi) in torch_inputs.items():
             F.conv2d(xi, wi, stride=key[3], padding=1)
         for _ in range(repeats):
-            _, profile = engine.profile(x)
-            for t in profile:
-                if t.name in eng_t:
-                    eng_t[t.name].append(t.seconds)
+            for _ in range(BLOCK):
+                _, profile = engine.profile(x)
+                for t in profile:
+                    if t.name in eng_t:
+                        eng_t[t.name].append(t.seconds)
             for key, (xi, wi) in torch_inputs.items():
-                torch_t[key].append(_time(F.conv2d, xi, wi, stride=key[3], padding=1))
+                for _ in range(BLOCK):
+                    torch_t[key].append(_time(F.conv2d, xi, wi, stride=key[3], padding=1))
     rows = []
     for key, names in convs.items():
         e = _median([_median(eng_t[n]) for n in names])
@@ -175,10 +180,12 @@ def bench_models(threads: int, repeats: int, workdir: Path, archs=MODELS) -> lis
             for f, a in ((fp, x), (model, x), (engine, xn)):
                 f(a)
             t_fp, t_bin, t_eng = [], [], []
+            # Blocks of BLOCK calls per side, alternating: the drift of a shared machine
+            # hits both sides alike, and neither pays for the other's idle spinning
+            # worker threads (only a block's first call could).
             for _ in range(repeats):
-                t_fp.append(_time(fp, x))
-                t_bin.append(_time(model, x))
-                t_eng.append(_time(engine, xn))
+                for f, a, out in ((fp, x, t_fp), (model, x, t_bin), (engine, xn, t_eng)):
+                    out.extend(_time(f, a) for _ in range(BLOCK))
         sd = state_dict_bytes(model)
         rows.append(
             {
