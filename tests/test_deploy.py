@@ -507,3 +507,38 @@ def test_every_op_matches_its_layers_on_the_same_input(arch, size, tmp_path):
         produced[op["y"]] = want
         checked += 1
     assert checked == len(engine.ops)
+
+
+def test_export_a_training_run_and_score_it(tmp_path, capsys):
+    from ovsw import cli
+    from ovsw.deploy._run import export_run
+
+    logs = tmp_path / "runs"
+    config = "configs/smallscale/w1a1-ovsw-resnet20-digits.yaml"
+    assert cli.main(["--config", config, "--epochs", "1", "--log-dir", str(logs),
+                     "--batch-size", "16", "--limit-batches", "4", "-p", "1",
+                     "--scaling_factor", "True"]) == 0  # fmt: skip
+    run_dir = logs / "w1a1-ovsw-resnet20-digits" / "default"
+    result = export_run(run_dir, threads=2)
+    out = capsys.readouterr().out
+    assert (run_dir / "model_best.ovsw").is_file()
+    assert result["samples"] == 359  # the digits validation split
+    assert abs(result["top1_engine"] - result["top1_torch"]) <= 100.0 / 359
+    assert result["agreement"] >= 99.0
+    assert "validation (Digits, 359 images)" in out
+    meta = deploy.load(run_dir / "model_best.ovsw").metadata
+    assert meta["arch"] == "CifarResNetA" and meta["user"]["set"] == "Digits"
+    assert meta["user"]["epoch"] == 1
+    # the command-line form, and its error for a folder that is not a run
+    proc = subprocess.run(
+        [sys.executable, "-m", "ovsw.deploy", "export", str(run_dir), "-o",
+         str(tmp_path / "m.ovsw"), "--no-check"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.ovsw").is_file()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ovsw.deploy", "export", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "not an ovsw-train run folder" in proc.stderr
