@@ -9,8 +9,12 @@ use super::bitconv::ConvGeom;
 use super::tensor::{Act, Tensor4};
 use crate::error::{value_err, Result};
 
-/// Output pixels per parallel task of the float convolution.
-const CONV_TILE: usize = 128;
+/// Output pixels per parallel task of the float convolution: large enough that the
+/// GEMM's packing is amortised, small enough for four tasks per thread.
+fn conv_tile(pixels: usize) -> usize {
+    let per_task = pixels / (4 * rayon::current_num_threads()).max(1);
+    per_task.clamp(64, 1024).next_multiple_of(8)
+}
 
 /// `C = A B` for row-major `A` [m, k] and `C` [m, n] (leading dimension `ldc`), with
 /// `B` given by its strides.
@@ -95,11 +99,12 @@ impl FloatConv {
         let pixels = x.n * oh * ow;
         let direct =
             g.kh == 1 && g.kw == 1 && g.stride == (1, 1) && g.padding == (0, 0) && g.groups == 1;
+        let tile_pixels = conv_tile(pixels);
         out.data
-            .par_chunks_mut(CONV_TILE * g.cout)
+            .par_chunks_mut(tile_pixels * g.cout)
             .enumerate()
             .for_each(|(tile, dst)| {
-                let p0 = tile * CONV_TILE;
+                let p0 = tile * tile_pixels;
                 let m = dst.len() / g.cout;
                 let mut cols = Vec::new();
                 for gi in 0..g.groups {

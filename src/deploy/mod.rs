@@ -226,8 +226,8 @@ impl Fields<'_> {
                     _ => (None, None),
                 };
                 match (lo, hi) {
-                    (Some(lo), Some(hi)) => Ok(Act::Hardtanh(lo as f32, hi as f32)),
-                    _ => self.err("field 'act_range' is not a pair of numbers".into()),
+                    (Some(lo), Some(hi)) if lo <= hi => Ok(Act::Hardtanh(lo as f32, hi as f32)),
+                    _ => self.err("field 'act_range' is not a pair of numbers [min, max]".into()),
                 }
             }
             "prelu" => {
