@@ -131,6 +131,22 @@ impl FloatConv {
     }
 }
 
+/// `dst.copy_from_slice(src)` for short runs, inlined in blocks of 8 (a `memcpy` call
+/// per kernel row would cost more than the copy).
+#[inline(always)]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    let mut d8 = dst.chunks_exact_mut(8);
+    let mut s8 = src.chunks_exact(8);
+    for (d, s) in (&mut d8).zip(&mut s8) {
+        let s: &[f32; 8] = s.try_into().expect("chunks of 8");
+        let d: &mut [f32; 8] = d.try_into().expect("chunks of 8");
+        *d = *s;
+    }
+    for (d, s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
+        *d = *s;
+    }
+}
+
 /// Rows `p0..p0 + m` of the im2col matrix of group `gi`: one row per output pixel,
 /// `(ky, kx, c)` along it, zeros for padded taps.
 fn im2col(
@@ -161,7 +177,10 @@ fn im2col(
                 // The whole kernel row is one contiguous run of pixels.
                 let src = (row + x0 as usize) * x.c;
                 let d = ky * g.kw * cg;
-                row_out[d..d + g.kw * cg].copy_from_slice(&x.data[src..src + g.kw * cg]);
+                copy_short(
+                    &mut row_out[d..d + g.kw * cg],
+                    &x.data[src..src + g.kw * cg],
+                );
                 continue;
             }
             for kx in 0..g.kw {
