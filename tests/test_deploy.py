@@ -40,40 +40,77 @@ def logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         return model.eval()(x).numpy()
 
 
-def binarization_margins(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    """Per sample, the smallest |value| any binary conv binarizes in model.eval()."""
-    margins = torch.full((x.shape[0],), float("inf"))
-
-    def record(mod, inp):
-        margins.copy_(torch.minimum(margins, inp[0].detach().abs().flatten(1).min(1).values))
-
-    hooks = [m.register_forward_pre_hook(record) for _, m in ovsw.binary_convs(model)]
+def torch_tensors(model: nn.Module, x: torch.Tensor) -> dict[str, list]:
+    """(input, output) of every module call of model.eval() on ``x``, by module name."""
+    seen: dict[str, list] = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out, name=name: seen.setdefault(name, []).append((inp[0], out))
+        )
+        for name, m in model.named_modules()
+        if name
+    ]
     logits(model, x)
     for h in hooks:
         h.remove()
-    return margins.numpy()
+    return seen
 
 
-def check_logits(engine, model: nn.Module, x: torch.Tensor) -> None:
+def anchor_tensor(seen: dict, arch: str, op_name: str) -> torch.Tensor:
+    """PyTorch's tensor for the output of engine op ``op_name`` (NCHW)."""
+    module, which, index = anchor(arch, op_name)
+    inp, out = seen[module][index]
+    t = (inp if which == "input" else out).detach()
+    return t.reshape(t.shape[0], -1, 1, 1) if t.dim() == 2 else t
+
+
+def as_nchw(y: np.ndarray) -> np.ndarray:
+    return y.reshape(*y.shape, 1, 1) if y.ndim == 2 else y
+
+
+def explain_difference(engine, model: nn.Module, x: torch.Tensor, i: int, arch: str) -> str:
+    """Runs the engine op by op on sample ``i`` of ``x`` next to PyTorch on the whole
+    batch (whose rounding depends on the batch) and asserts that the first op whose
+    output departs from PyTorch's is a binary conv whose input agrees with PyTorch's to
+    float rounding but holds a value within 1e-5 of zero that the two binarize to
+    opposite signs. Returns that op's name."""
+    seen = torch_tensors(model, x)
+    x1 = x[i : i + 1].numpy()
+    ours = {0: x1}
+    theirs = {0: x1}
+    for op in engine.graph:
+        res = ours[op["residual"]] if op.get("residual") is not None else None
+        got = as_nchw(engine.run_op(op["name"], ours[op["x"]], res))
+        want = anchor_tensor(seen, arch, op["name"])[i : i + 1].numpy()
+        if np.abs(got - want).max() > REL * np.abs(want).max():
+            assert op["op"] == "bconv2d", f"first difference at {op['name']} ({op['op']})"
+            a, b = ours[op["x"]], theirs[op["x"]]
+            assert np.abs(a - b).max() < 1e-5, f"{op['name']}: inputs differ beyond rounding"
+            flipped = np.sign(a) != np.sign(b)
+            assert flipped.any(), f"{op['name']}: outputs differ with identical input signs"
+            assert np.abs(b[flipped]).max() < 1e-5
+            return op["name"]
+        ours[op["y"]] = got
+        theirs[op["y"]] = want
+    raise AssertionError("no op differs, yet the logits do")
+
+
+def check_logits(engine, model: nn.Module, x: torch.Tensor, arch: str) -> None:
     """Engine logits equal model.eval()'s within relative 1e-4, sample by sample.
 
     A deep binary network amplifies a sign flip: a value that float rounding leaves
     within ~1e-7 of zero may binarize to +1 on one side and -1 on the other, and the
-    logits then differ for real. Such a sample must show a binarized value within 1e-5
-    of zero; anything else is a failure, and most samples must match outright.
+    logits then differ for real (about 1 image in 100 to 500, see the README). A sample
+    may differ only if :func:`explain_difference` traces it to such a flip; most
+    samples must match outright.
     """
     ref = logits(model, x)
     y = engine(x.numpy())
     assert y.shape == ref.shape and y.dtype == np.float32
     per_sample = np.abs(y - ref).max(1) / np.abs(ref).max(1)
     bad = np.flatnonzero(per_sample >= REL)
-    if bad.size:
-        margins = binarization_margins(model, x)
-        for i in bad:
-            assert margins[i] < 1e-5, (
-                f"sample {i}: relative error {per_sample[i]:.2e} with every binarized "
-                f"value at least {margins[i]:.2e} from zero"
-            )
+    for i in bad:
+        explain_difference(engine, model, x, int(i), arch)
     assert len(bad) <= len(x) // 4, f"{len(bad)} of {len(x)} samples differ: {per_sample}"
 
 
@@ -135,7 +172,7 @@ def test_random_init_matches_eval(arch, size, tmp_path):
     torch.manual_seed(0)
     model = models.create(arch).eval()
     engine = roundtrip(model, tmp_path, size)
-    check_logits(engine, model, torch.randn(8, 3, size, size))
+    check_logits(engine, model, torch.randn(8, 3, size, size), arch)
 
 
 @pytest.mark.parametrize("arch,size", ARCHS)
@@ -145,7 +182,7 @@ def test_trained_like_batchnorm_matches_eval(arch, size, tmp_path):
     model = calibrated(arch, size)
     engine = roundtrip(model, tmp_path, size)
     x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
-    check_logits(engine, model, x)
+    check_logits(engine, model, x, arch)
 
 
 TRAIN_VARIANTS = [
@@ -180,7 +217,7 @@ def test_after_training_steps_matches_eval(arch, size, options, tmp_path):
         loss.backward()
         opt.step()
     engine = roundtrip(model, tmp_path, size)
-    check_logits(engine, model, torch.randn(8, 3, size, size))
+    check_logits(engine, model, torch.randn(8, 3, size, size), arch)
 
 
 def test_all_kernels_give_identical_logits(tmp_path):
@@ -207,7 +244,7 @@ def test_zero_activations_and_zero_weights_count_as_zero(tmp_path):
         model.layer2[0].conv2.weight[0, :, 1, 1] = 0.0
     engine = roundtrip(model, tmp_path, 32)
     x = torch.randn(4, 3, 32, 32)
-    check_logits(engine, model, x)
+    check_logits(engine, model, x, "cResNet20_1w1a")
     # the same network with those zeros treated as +1 would differ clearly
     with torch.no_grad():
         model.layer1[0].conv1.weight[:, :3] = 1e-3
@@ -286,7 +323,7 @@ def test_export_unwraps_module_wrappers(tmp_path):
 
     model = calibrated("cResNet20_1w1a", 32)
     engine = roundtrip(Wrapper(model), tmp_path, 32)
-    check_logits(engine, model, torch.randn(4, 3, 32, 32))
+    check_logits(engine, model, torch.randn(4, 3, 32, 32), "cResNet20_1w1a")
 
 
 # -- bad files and bad inputs -----------------------------------------------------------
@@ -476,30 +513,14 @@ def test_every_op_matches_its_layers_on_the_same_input(arch, size, tmp_path):
     # binary ops binarize identical floats, so only float rounding may differ.
     model = calibrated(arch, size)
     engine = roundtrip(model, tmp_path, size)
-    seen: dict[str, list] = {}
-    hooks = [
-        m.register_forward_hook(
-            lambda mod, inp, out, name=name: seen.setdefault(name, []).append((inp[0], out))
-        )
-        for name, m in model.named_modules()
-        if name
-    ]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
-    logits(model, x)
-    for h in hooks:
-        h.remove()
-
-    def tensor_of(module, which, index):
-        inp, out = seen[module][index]
-        t = (inp if which == "input" else out).detach()
-        return t.reshape(t.shape[0], -1, 1, 1) if t.dim() == 2 else t
-
+    seen = torch_tensors(model, x)
     produced = {0: x}
     checked = 0
     for op in engine.graph:
         src = produced[op["x"]]
         res = produced[op["residual"]] if op.get("residual") is not None else None
-        want = tensor_of(*anchor(arch, op["name"]))
+        want = anchor_tensor(seen, arch, op["name"])
         got = engine.run_op(op["name"], src.numpy(), None if res is None else res.numpy())
         want_np = want.numpy().reshape(got.shape)
         err = np.abs(got - want_np).max() / max(np.abs(want_np).max(), 1e-12)
@@ -542,3 +563,20 @@ def test_export_a_training_run_and_score_it(tmp_path, capsys):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1 and "not an ovsw-train run folder" in proc.stderr
+
+
+def test_a_differing_sample_is_traced_to_a_rounding_level_sign_flip(tmp_path):
+    # Search random images until one differs (about 1 in 100 for cResNet18 at 32x32),
+    # and check that the tracer pins it on a near-zero value binarized both ways.
+    model = calibrated("cResNet18_1w1a", 32)
+    engine = roundtrip(model, tmp_path, 32)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(40):
+        x = torch.randn(16, 3, 32, 32, generator=gen)
+        per_sample = np.abs(engine(x.numpy()) - logits(model, x)).max(1)
+        bad = np.flatnonzero(per_sample / np.abs(logits(model, x)).max(1) >= REL)
+        if bad.size:
+            name = explain_difference(engine, model, x, int(bad[0]), "cResNet18_1w1a")
+            assert name.startswith("layer")
+            return
+    pytest.fail("no differing image among 640; the flip rate is lower than measured")
