@@ -100,7 +100,7 @@ def check_logits(engine, model: nn.Module, x: torch.Tensor, arch: str) -> None:
 
     A deep binary network amplifies a sign flip: a value that float rounding leaves
     within ~1e-7 of zero may binarize to +1 on one side and -1 on the other, and the
-    logits then differ for real (about 1 image in 100 to 500, see the README). A sample
+    logits then differ for real (1 image in 25 to 500 by network, see the README). A sample
     may differ only if :func:`explain_difference` traces it to such a flip; most
     samples must match outright.
     """
