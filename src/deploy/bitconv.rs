@@ -910,6 +910,139 @@ mod tests {
         }
     }
 
+    /// sign() with sign(0) = 0, as torch.sign.
+    fn sign(v: f32) -> f32 {
+        if v > 0.0 {
+            1.0
+        } else if v < 0.0 {
+            -1.0
+        } else {
+            0.0
+        }
+    }
+
+    /// Packs a float weight `[O][C/g][kh][kw]` as the exporter does.
+    fn pack_weight(w: &[f32], o: usize, cg: usize, kh: usize, kw: usize) -> (Vec<u64>, Vec<u64>) {
+        let wpg = words_for(cg);
+        let mut bits = vec![0u64; o * kh * kw * wpg];
+        let mut nonzero = vec![0u64; o * kh * kw * wpg];
+        for oi in 0..o {
+            for c in 0..cg {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let v = w[((oi * cg + c) * kh + ky) * kw + kx];
+                        let i = ((oi * kh + ky) * kw + kx) * wpg + c / 64;
+                        bits[i] |= u64::from(v < 0.0) << (c % 64);
+                        nonzero[i] |= u64::from(v != 0.0) << (c % 64);
+                    }
+                }
+            }
+        }
+        (bits, nonzero)
+    }
+
+    #[test]
+    fn binary_conv_matches_a_direct_sum_over_geometries() {
+        // (cin, cout, k, stride, padding, dilation, groups, h, w)
+        let cases = [
+            (70, 16, 3, 1, 1, 1, 1, 9, 7),
+            (128, 24, 3, 2, 1, 1, 2, 8, 8),
+            (12, 9, 3, 1, 2, 2, 3, 7, 6),
+            (64, 8, 1, 2, 0, 1, 1, 5, 5),
+            (16, 16, 5, 1, 2, 1, 4, 6, 6),
+        ];
+        for (case, &(cin, cout, k, s, p, d, groups, h, w)) in cases.iter().enumerate() {
+            let cg = cin / groups;
+            let og = cout / groups;
+            let to_f = |x: u64| ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+            let mut wf: Vec<f32> = words(cout * cg * k * k, 10 + case as u64)
+                .into_iter()
+                .map(to_f)
+                .collect();
+            let mut xf: Vec<f32> = words(2 * h * w * cin, 20 + case as u64)
+                .into_iter()
+                .map(to_f)
+                .collect();
+            for zeroed in [false, true] {
+                if zeroed {
+                    // exact zeros in both operands: the masked kernel
+                    wf[3] = 0.0;
+                    xf[5] = 0.0;
+                    xf[17] = -0.0;
+                }
+                let geom = ConvGeom {
+                    cin,
+                    cout,
+                    kh: k,
+                    kw: k,
+                    stride: (s, s),
+                    padding: (p, p),
+                    dilation: (d, d),
+                    groups,
+                };
+                let (bits, mask) = pack_weight(&wf, cout, cg, k, k);
+                let scale: Vec<f32> = (0..cout).map(|o| 0.5 + o as f32 * 0.25).collect();
+                let shift: Vec<f32> = (0..cout).map(|o| o as f32 - 3.0).collect();
+                let conv = BinaryConv::new(
+                    geom.clone(),
+                    bits,
+                    Some(mask),
+                    scale.clone(),
+                    shift.clone(),
+                    Act::None,
+                );
+                let x = Tensor4 {
+                    n: 2,
+                    h,
+                    w,
+                    c: cin,
+                    data: xf.clone(),
+                };
+                let (oh, ow) = geom.out_hw(h, w, "t").expect("fits");
+                for name in Kernel::NAMES {
+                    let Ok(kernel) = Kernel::parse(name) else {
+                        continue;
+                    };
+                    let y = conv.forward(&x, None, kernel, "t").expect("runs");
+                    for n in 0..2 {
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                for o in 0..cout {
+                                    let gi = o / og;
+                                    let mut dot = 0.0f32;
+                                    for c in 0..cg {
+                                        for ky in 0..k {
+                                            for kx in 0..k {
+                                                let iy = (oy * s + ky * d) as isize - p as isize;
+                                                let ix = (ox * s + kx * d) as isize - p as isize;
+                                                if iy < 0
+                                                    || ix < 0
+                                                    || iy >= h as isize
+                                                    || ix >= w as isize
+                                                {
+                                                    continue;
+                                                }
+                                                let xi = ((n * h + iy as usize) * w + ix as usize)
+                                                    * cin
+                                                    + gi * cg
+                                                    + c;
+                                                let wi = ((o * cg + c) * k + ky) * k + kx;
+                                                dot += sign(xf[xi]) * sign(wf[wi]);
+                                            }
+                                        }
+                                    }
+                                    let want = scale[o] * dot + shift[o];
+                                    let got = y.data[((n * oh + oy) * ow + ox) * cout + o];
+                                    assert_eq!(got, want, "case {case} zeros {zeroed} kernel {name} at {n},{oy},{ox},{o}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Throughput of the kernels on a ResNet-18 layer1-sized problem (run by hand:
     /// `cargo test --release kernel_throughput -- --ignored --nocapture`).
     #[test]
