@@ -130,6 +130,19 @@ impl ConvGeom {
         Ok(())
     }
 
+    /// Output height and width for input `x`, or an error naming the layer when its
+    /// channels or size do not fit.
+    pub fn output_hw(&self, x: &Tensor4, name: &str) -> Result<(usize, usize)> {
+        if x.c != self.cin {
+            return value_err!(
+                "layer '{name}' expects {} input channels, got {}",
+                self.cin,
+                x.c
+            );
+        }
+        self.out_hw(x.h, x.w, name)
+    }
+
     /// Output height and width for an input of `h` x `w`, or an error naming the layer.
     pub fn out_hw(&self, h: usize, w: usize, name: &str) -> Result<(usize, usize)> {
         let one = |size: usize, k: usize, s: usize, p: usize, d: usize| {
@@ -268,14 +281,7 @@ impl BinaryConv {
         name: &str,
     ) -> Result<Tensor4> {
         let g = &self.geom;
-        if x.c != g.cin {
-            return value_err!(
-                "layer '{name}' expects {} input channels, got {}",
-                g.cin,
-                x.c
-            );
-        }
-        let (oh, ow) = g.out_hw(x.h, x.w, name)?;
+        let (oh, ow) = g.output_hw(x, name)?;
         if let Some(r) = residual {
             if (r.n, r.h, r.w, r.c) != (x.n, oh, ow, g.cout) {
                 return value_err!(

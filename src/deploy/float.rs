@@ -83,14 +83,7 @@ pub struct FloatConv {
 impl FloatConv {
     pub fn forward(&self, x: &Tensor4, name: &str) -> Result<Tensor4> {
         let g = &self.geom;
-        if x.c != g.cin {
-            return value_err!(
-                "layer '{name}' expects {} input channels, got {}",
-                g.cin,
-                x.c
-            );
-        }
-        let (oh, ow) = g.out_hw(x.h, x.w, name)?;
+        let (oh, ow) = g.output_hw(x, name)?;
         let cg = g.cin / g.groups;
         let og = g.cout / g.groups;
         let k = g.kh * g.kw * cg;
