@@ -430,13 +430,14 @@ fn input_tensor(x: &Bound<'_, PyAny>) -> PyResult<deploy::tensor::Tensor4> {
     let array = x.downcast::<PyArrayDyn<f32>>()?.readonly();
     let view = array.as_array();
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-    Ok(match view.as_slice() {
+    let tensor = match view.as_slice() {
         Some(s) => deploy::tensor::Tensor4::from_nchw(s, n, c, h, w),
         None => {
             let owned: Vec<f32> = view.iter().copied().collect();
             deploy::tensor::Tensor4::from_nchw(&owned, n, c, h, w)
         }
-    })
+    };
+    Ok(tensor?)
 }
 
 /// The engine's output as numpy: `(N, K)` when it is one pixel, else `(N, C, H, W)`.

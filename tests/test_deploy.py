@@ -580,3 +580,59 @@ def test_a_differing_sample_is_traced_to_a_rounding_level_sign_flip(tmp_path):
             assert name.startswith("layer")
             return
     pytest.fail("no differing image among 640; the flip rate is lower than measured")
+
+
+FUZZ = r"""
+import json, struct, sys, zlib
+import numpy as np
+import ovsw.deploy as deploy
+
+raw = open(sys.argv[1], "rb").read()
+hlen = struct.unpack("<Q", raw[16:24])[0]
+header = json.loads(raw[32 : 32 + hlen])
+data = raw[-(-(32 + hlen) // 64) * 64 : -4]
+
+def build(h):
+    head = json.dumps(h).encode()
+    buf = bytearray(raw[:8]) + struct.pack("<IIQQ", 1, 0, len(head), len(data)) + head
+    buf += b"\0" * (-len(buf) % 64) + data
+    return bytes(buf + struct.pack("<I", zlib.crc32(buf) & 0xFFFFFFFF))
+
+x = np.zeros((1, 3, 32, 32), np.float32)
+loaded = refused = ran = 0
+values = [0, 1, 7, 1 << 30, -1, 2.5, "a", None, [1, 2], [0, 0], [1 << 40, 1], [1 << 24, 1 << 24]]
+for i, op in enumerate(header["ops"]):
+    for key in list(op):
+        if key in ("name", "op"):
+            continue
+        for v in values:
+            h = json.loads(json.dumps(header))
+            h["ops"][i][key] = v
+            try:
+                engine = deploy.Engine(build(h), threads=1)
+            except ValueError:
+                refused += 1
+                continue
+            loaded += 1
+            try:
+                engine(x)
+                ran += 1
+            except ValueError:
+                pass
+print(loaded, refused, ran)
+"""
+
+
+def test_mutated_headers_raise_value_errors_never_crash(tmp_path):
+    # Every integer-ish field of every op set to odd values, checksum fixed: loading or
+    # running must end in a result or a ValueError, in a process that survives.
+    torch.manual_seed(0)
+    path = deploy.export(models.create("cResNet20_1w1a").eval(), tmp_path / "c.ovsw")
+    script = tmp_path / "fuzz.py"
+    script.write_text(FUZZ)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded, refused, ran = map(int, proc.stdout.split())
+    assert refused > 1000 and loaded > 0

@@ -293,7 +293,7 @@ impl BinaryConv {
         }
         let (packed, mask) = self.pack(x, kernel);
         let masked = mask.is_some() || self.weight_mask.is_some();
-        let mut out = Tensor4::scratch(x.n, oh, ow, g.cout);
+        let mut out = Tensor4::scratch(x.n, oh, ow, g.cout)?;
         let row_len = ow * g.cout;
         out.data
             .par_chunks_mut(row_len)

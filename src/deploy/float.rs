@@ -88,7 +88,7 @@ impl FloatConv {
         let og = g.cout / g.groups;
         let k = g.kh * g.kw * cg;
         // Every element is written by the GEMM (beta = 0 never reads C).
-        let mut out = Tensor4::scratch(x.n, oh, ow, g.cout);
+        let mut out = Tensor4::scratch(x.n, oh, ow, g.cout)?;
         let pixels = x.n * oh * ow;
         let direct =
             g.kh == 1 && g.kw == 1 && g.stride == (1, 1) && g.padding == (0, 0) && g.groups == 1;
@@ -211,7 +211,7 @@ impl Linear {
                 x.w
             );
         }
-        let mut out = Tensor4::zeros(x.n, 1, 1, self.outputs);
+        let mut out = Tensor4::zeros(x.n, 1, 1, self.outputs)?;
         // Few rows: one dot product per output (GEMM packing would cost more).
         for (xs, ys) in x
             .data
@@ -298,7 +298,7 @@ impl Pool {
             }
         };
         let c = x.c;
-        let mut out = Tensor4::zeros(x.n, oh, ow, c);
+        let mut out = Tensor4::zeros(x.n, oh, ow, c)?;
         out.data
             .par_chunks_mut(ow * c)
             .enumerate()
@@ -355,8 +355,8 @@ impl Pool {
 }
 
 /// Mean over height and width: `[N, H, W, C] -> [N, 1, 1, C]`.
-pub fn global_avgpool(x: &Tensor4) -> Tensor4 {
-    let mut out = Tensor4::zeros(x.n, 1, 1, x.c);
+pub fn global_avgpool(x: &Tensor4) -> Result<Tensor4> {
+    let mut out = Tensor4::zeros(x.n, 1, 1, x.c)?;
     let plane = x.h * x.w;
     for (n, dst) in out.data.chunks_exact_mut(x.c).enumerate() {
         for px in x.data[n * plane * x.c..(n + 1) * plane * x.c].chunks_exact(x.c) {
@@ -368,17 +368,17 @@ pub fn global_avgpool(x: &Tensor4) -> Tensor4 {
             *v /= plane as f32;
         }
     }
-    out
+    Ok(out)
 }
 
 /// Zero channels added before and after: `C -> before + C + after`.
-pub fn pad_channels(x: &Tensor4, before: usize, after: usize) -> Tensor4 {
+pub fn pad_channels(x: &Tensor4, before: usize, after: usize) -> Result<Tensor4> {
     let c = before + x.c + after;
-    let mut out = Tensor4::zeros(x.n, x.h, x.w, c);
+    let mut out = Tensor4::zeros(x.n, x.h, x.w, c)?;
     for (dst, src) in out.data.chunks_exact_mut(c).zip(x.data.chunks_exact(x.c)) {
         dst[before..before + x.c].copy_from_slice(src);
     }
-    out
+    Ok(out)
 }
 
 /// `torch.flatten(x, 1)` of an NCHW tensor: `[N, 1, 1, C*H*W]` in (c, h, w) order.

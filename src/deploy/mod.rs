@@ -91,6 +91,10 @@ fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
         .map_err(|e| Error::Value(format!("cannot start {threads} engine threads: {e}")))
 }
 
+/// The largest size, stride, padding or channel count a file may state (keeps every
+/// shape computation far from overflow).
+const MAX_SIZE: usize = 1 << 24;
+
 /// Field access on one op object, with errors naming the op.
 struct Fields<'a> {
     op: &'a Value,
@@ -116,7 +120,8 @@ impl Fields<'_> {
             .as_u64()
             .and_then(|v| usize::try_from(v).ok())
         {
-            Some(v) => Ok(v),
+            Some(v) if v <= MAX_SIZE => Ok(v),
+            Some(v) => self.err(format!("field '{key}' = {v} exceeds {MAX_SIZE}")),
             None => self.err(format!("field '{key}' is not a non-negative integer")),
         }
     }
@@ -129,7 +134,8 @@ impl Fields<'_> {
             Some((x, y))
         });
         match parsed {
-            Some(p) => Ok(p),
+            Some((x, y)) if x <= MAX_SIZE && y <= MAX_SIZE => Ok((x, y)),
+            Some(_) => self.err(format!("field '{key}' exceeds {MAX_SIZE}")),
             None => self.err(format!("field '{key}' is not a pair of integers")),
         }
     }
@@ -465,8 +471,8 @@ impl Engine {
                         }
                         OpKind::Affine(a) => a.forward(x.clone(), name)?,
                         OpKind::Pool(p) => p.forward(x, name)?,
-                        OpKind::GlobalAvgPool => float::global_avgpool(x),
-                        OpKind::PadChannels(b, a) => float::pad_channels(x, *b, *a),
+                        OpKind::GlobalAvgPool => float::global_avgpool(x)?,
+                        OpKind::PadChannels(b, a) => float::pad_channels(x, *b, *a)?,
                         OpKind::Flatten => float::flatten(x),
                         OpKind::Linear(l) => l.forward(x, name)?,
                     }
@@ -509,8 +515,8 @@ impl Engine {
                 OpKind::BConv(c) => c.forward(&x, residual.as_ref(), self.kernel, name)?,
                 OpKind::Affine(a) => a.forward(x, name)?,
                 OpKind::Pool(p) => p.forward(&x, name)?,
-                OpKind::GlobalAvgPool => float::global_avgpool(&x),
-                OpKind::PadChannels(b, a) => float::pad_channels(&x, *b, *a),
+                OpKind::GlobalAvgPool => float::global_avgpool(&x)?,
+                OpKind::PadChannels(b, a) => float::pad_channels(&x, *b, *a)?,
                 OpKind::Flatten => float::flatten(&x),
                 OpKind::Linear(l) => l.forward(&x, name)?,
             })

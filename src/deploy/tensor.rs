@@ -6,6 +6,8 @@
 
 use std::sync::Mutex;
 
+use crate::error::{value_err, Result};
+
 /// Recycled buffers (largest kept first to go when the pool is full).
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 /// Buffers kept for reuse, and the smallest worth keeping (in elements).
@@ -14,7 +16,7 @@ const POOL_MIN: usize = 16 * 1024;
 
 /// A buffer of `n` elements, reusing a pooled one when one is large enough; zeroed
 /// when `zero`, otherwise holding stale values for the caller to overwrite.
-fn buffer(n: usize, zero: bool) -> Vec<f32> {
+fn buffer(n: usize, zero: bool) -> Result<Vec<f32>> {
     if n >= POOL_MIN {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         let best = pool
@@ -31,10 +33,30 @@ fn buffer(n: usize, zero: bool) -> Vec<f32> {
             }
             v.resize(n, 0.0);
             v.truncate(n);
-            return v;
+            return Ok(v);
         }
     }
-    vec![0.0; n]
+    let mut v = Vec::new();
+    if v.try_reserve_exact(n).is_err() {
+        return value_err!(
+            "not enough memory for a tensor of {n} floats ({} MiB)",
+            n / (1 << 18)
+        );
+    }
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
+/// `n * h * w * c`, or an error when it overflows.
+fn elements(n: usize, h: usize, w: usize, c: usize) -> Result<usize> {
+    match n
+        .checked_mul(h)
+        .and_then(|v| v.checked_mul(w))
+        .and_then(|v| v.checked_mul(c))
+    {
+        Some(v) => Ok(v),
+        None => value_err!("tensor shape {n}x{h}x{w}x{c} is too large"),
+    }
 }
 
 fn recycle(v: Vec<f32>) {
@@ -67,31 +89,31 @@ pub struct Tensor4 {
 }
 
 impl Tensor4 {
-    pub fn zeros(n: usize, h: usize, w: usize, c: usize) -> Self {
-        Tensor4 {
+    pub fn zeros(n: usize, h: usize, w: usize, c: usize) -> Result<Self> {
+        Ok(Tensor4 {
             n,
             h,
             w,
             c,
-            data: buffer(n * h * w * c, true),
-        }
+            data: buffer(elements(n, h, w, c)?, true)?,
+        })
     }
 
     /// Like [`Tensor4::zeros`], but the values are unspecified: for ops that write
     /// every element.
-    pub fn scratch(n: usize, h: usize, w: usize, c: usize) -> Self {
-        Tensor4 {
+    pub fn scratch(n: usize, h: usize, w: usize, c: usize) -> Result<Self> {
+        Ok(Tensor4 {
             n,
             h,
             w,
             c,
-            data: buffer(n * h * w * c, false),
-        }
+            data: buffer(elements(n, h, w, c)?, false)?,
+        })
     }
 
     /// From an NCHW buffer (the layout PyTorch and the Python API use).
-    pub fn from_nchw(src: &[f32], n: usize, c: usize, h: usize, w: usize) -> Self {
-        let mut t = Tensor4::zeros(n, h, w, c);
+    pub fn from_nchw(src: &[f32], n: usize, c: usize, h: usize, w: usize) -> Result<Self> {
+        let mut t = Tensor4::scratch(n, h, w, c)?;
         let plane = h * w;
         for b in 0..n {
             for ch in 0..c {
@@ -101,7 +123,7 @@ impl Tensor4 {
                 }
             }
         }
-        t
+        Ok(t)
     }
 
     /// The data in NCHW order.
