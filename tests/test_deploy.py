@@ -636,3 +636,44 @@ def test_mutated_headers_raise_value_errors_never_crash(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded, refused, ran = map(int, proc.stdout.split())
     assert refused > 1000 and loaded > 0
+
+
+def test_calls_release_the_gil_and_run_concurrently(tmp_path):
+    import threading
+
+    model = calibrated("VGGSmall_1w1a", 32)
+    engine = roundtrip(model, tmp_path, 32)
+    engine.threads = 1
+    x = np.random.default_rng(6).standard_normal((64, 3, 32, 32), dtype=np.float32)
+    want = engine(x)
+    # Another Python thread keeps running while the engine computes.
+    stop = threading.Event()
+    ticks = [0]
+
+    def count():
+        while not stop.is_set():
+            ticks[0] += 1
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        before = ticks[0]
+        got = engine(x)
+        during = ticks[0] - before
+    finally:
+        stop.set()
+        counter.join()
+    np.testing.assert_array_equal(got, want)
+    assert during > 1000, f"the counter thread advanced only {during} times"
+    # Two threads sharing one engine get the sequential results.
+    results = [None, None]
+
+    def run(i):
+        results[i] = engine(x[i * 32 : (i + 1) * 32])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    np.testing.assert_array_equal(np.concatenate(results), want)
