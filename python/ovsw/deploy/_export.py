@@ -260,33 +260,21 @@ def _pair(v) -> list[int]:
 def _pool(g, x, name, pool: nn.Module) -> int:
     if isinstance(pool, nn.Identity):
         return x
+    if not isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
+        raise TypeError(f"{name}: no deploy lowering for {type(pool).__name__}")
+    window = {
+        "kernel": _pair(pool.kernel_size),
+        "stride": _pair(pool.stride if pool.stride is not None else pool.kernel_size),
+        "padding": _pair(pool.padding),
+        "ceil_mode": bool(pool.ceil_mode),
+    }
     if isinstance(pool, nn.MaxPool2d):
         if pool.return_indices:
             raise ValueError(f"{name}: MaxPool2d(return_indices=True) cannot be deployed")
-        return g.op(
-            "maxpool",
-            name,
-            x,
-            kernel=_pair(pool.kernel_size),
-            stride=_pair(pool.stride if pool.stride is not None else pool.kernel_size),
-            padding=_pair(pool.padding),
-            dilation=_pair(pool.dilation),
-            ceil_mode=bool(pool.ceil_mode),
-        )
-    if isinstance(pool, nn.AvgPool2d):
-        if pool.divisor_override is not None:
-            raise ValueError(f"{name}: AvgPool2d(divisor_override=...) cannot be deployed")
-        return g.op(
-            "avgpool",
-            name,
-            x,
-            kernel=_pair(pool.kernel_size),
-            stride=_pair(pool.stride if pool.stride is not None else pool.kernel_size),
-            padding=_pair(pool.padding),
-            ceil_mode=bool(pool.ceil_mode),
-            count_include_pad=bool(pool.count_include_pad),
-        )
-    raise TypeError(f"{name}: no deploy lowering for {type(pool).__name__}")
+        return g.op("maxpool", name, x, dilation=_pair(pool.dilation), **window)
+    if pool.divisor_override is not None:
+        raise ValueError(f"{name}: AvgPool2d(divisor_override=...) cannot be deployed")
+    return g.op("avgpool", name, x, count_include_pad=bool(pool.count_include_pad), **window)
 
 
 def _global_pool(g, x, name, pool: nn.Module | None = None) -> int:
