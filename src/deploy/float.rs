@@ -131,9 +131,7 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
     let mut d8 = dst.chunks_exact_mut(8);
     let mut s8 = src.chunks_exact(8);
     for (d, s) in (&mut d8).zip(&mut s8) {
-        let s: &[f32; 8] = s.try_into().expect("chunks of 8");
-        let d: &mut [f32; 8] = d.try_into().expect("chunks of 8");
-        *d = *s;
+        d.copy_from_slice(s);
     }
     for (d, s) in d8.into_remainder().iter_mut().zip(s8.remainder()) {
         *d = *s;

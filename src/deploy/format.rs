@@ -20,6 +20,7 @@
 //! documents every op; [`super::graph`] checks the ops.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use serde_json::Value;
 
@@ -44,25 +45,42 @@ impl DType {
             DType::U64 => 8,
         }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::U64 => "u64",
+        }
+    }
 }
 
-/// One tensor of the data section, decoded.
-#[derive(Clone, Debug)]
-pub enum Data {
-    F32(Vec<f32>),
-    U64(Vec<u64>),
-}
-
+/// One entry of the tensor table: its type, shape and bytes in the data section
+/// (checked to lie inside it and to match the shape).
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
+    pub dtype: DType,
     pub shape: Vec<usize>,
-    pub data: Data,
+    pub bytes: Range<usize>,
 }
 
-/// A parsed file: its JSON header and its tensors.
-pub struct File {
+/// A parsed file: its JSON header, its tensor table and the data section the table
+/// points into (decoded only when an op takes a tensor).
+pub struct File<'a> {
     pub header: Value,
     pub tensors: HashMap<String, TensorEntry>,
+    pub data: &'a [u8],
+}
+
+/// Little-endian f32 values.
+pub fn f32s(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Little-endian u64 values.
+pub fn u64s(raw: &[u8]) -> Vec<u64> {
+    raw.chunks_exact(8).map(le_u64).collect()
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -82,7 +100,7 @@ fn round_up(n: usize, to: usize) -> Option<usize> {
 }
 
 /// Parses and checks a whole file held in memory.
-pub fn parse(bytes: &[u8]) -> Result<File> {
+pub fn parse(bytes: &[u8]) -> Result<File<'_>> {
     if bytes.len() < PREAMBLE + 4 {
         return value_err!(
             "not an ovsw deploy file: {} bytes is shorter than the {}-byte preamble",
@@ -140,11 +158,15 @@ pub fn parse(bytes: &[u8]) -> Result<File> {
         Err(e) => return value_err!("corrupt deploy file: header is not valid JSON ({e})"),
     };
     let data = &bytes[data_start..data_start + data_len];
-    let tensors = read_tensors(&header, data)?;
-    Ok(File { header, tensors })
+    let tensors = read_tensors(&header, data.len())?;
+    Ok(File {
+        header,
+        tensors,
+        data,
+    })
 }
 
-fn read_tensors(header: &Value, data: &[u8]) -> Result<HashMap<String, TensorEntry>> {
+fn read_tensors(header: &Value, data_len: usize) -> Result<HashMap<String, TensorEntry>> {
     let table = match header.get("tensors").and_then(Value::as_object) {
         Some(t) => t,
         None => return value_err!("corrupt deploy file: header has no 'tensors' table"),
@@ -183,21 +205,19 @@ fn read_tensors(header: &Value, data: &[u8]) -> Result<HashMap<String, TensorEnt
             );
         }
         let end = offset.checked_add(nbytes);
-        if offset % ALIGN != 0 || end.is_none_or(|e| e > data.len()) {
+        if offset % ALIGN != 0 || end.is_none_or(|e| e > data_len) {
             return value_err!(
                 "corrupt deploy file: tensor '{name}' ({nbytes} bytes at {offset}) lies outside the data section"
             );
         }
-        let raw = &data[offset..offset + nbytes];
-        let data = match dtype {
-            DType::F32 => Data::F32(
-                raw.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            DType::U64 => Data::U64(raw.chunks_exact(8).map(le_u64).collect()),
-        };
-        out.insert(name.clone(), TensorEntry { shape, data });
+        out.insert(
+            name.clone(),
+            TensorEntry {
+                dtype,
+                shape,
+                bytes: offset..offset + nbytes,
+            },
+        );
     }
     Ok(out)
 }

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use self::bitconv::{words_for, BinaryConv, ConvGeom, Kernel};
 use self::float::{Affine, FloatConv, Linear, Pool};
-use self::format::{Data, TensorEntry};
+use self::format::{DType, TensorEntry};
 use self::tensor::{Act, Tensor4};
 use crate::error::{value_err, Error, Result};
 
@@ -100,6 +100,7 @@ struct Fields<'a> {
     op: &'a Value,
     name: String,
     tensors: &'a HashMap<String, TensorEntry>,
+    data: &'a [u8],
 }
 
 impl Fields<'_> {
@@ -167,23 +168,25 @@ impl Fields<'_> {
         }
     }
 
-    fn opt_f32(&self, key: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+    /// The bytes of tensor `key`, checked to be `dtype` of `shape`; `None` when the
+    /// field is absent or null.
+    fn opt_tensor(&self, key: &str, dtype: DType, shape: &[usize]) -> Result<Option<&[u8]>> {
         match self.entry(key)? {
             None => Ok(None),
-            Some(TensorEntry {
-                shape: s,
-                data: Data::F32(v),
-            }) if s.as_slice() == shape => Ok(Some(v.clone())),
+            Some(e) if e.dtype == dtype && e.shape == shape => {
+                Ok(Some(&self.data[e.bytes.clone()]))
+            }
             Some(e) => self.err(format!(
-                "tensor '{key}' must be f32 of shape {shape:?}, found {:?} {}",
-                e.shape,
-                if matches!(e.data, Data::F32(_)) {
-                    "f32"
-                } else {
-                    "u64"
-                }
+                "tensor '{key}' must be {} of shape {shape:?}, found {} of shape {:?}",
+                dtype.name(),
+                e.dtype.name(),
+                e.shape
             )),
         }
+    }
+
+    fn opt_f32(&self, key: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        Ok(self.opt_tensor(key, DType::F32, shape)?.map(format::f32s))
     }
 
     fn f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
@@ -194,17 +197,7 @@ impl Fields<'_> {
     }
 
     fn opt_u64(&self, key: &str, shape: &[usize]) -> Result<Option<Vec<u64>>> {
-        match self.entry(key)? {
-            None => Ok(None),
-            Some(TensorEntry {
-                shape: s,
-                data: Data::U64(v),
-            }) if s.as_slice() == shape => Ok(Some(v.clone())),
-            Some(e) => self.err(format!(
-                "tensor '{key}' must be u64 of shape {shape:?}, found {:?}",
-                e.shape
-            )),
-        }
+        Ok(self.opt_tensor(key, DType::U64, shape)?.map(format::u64s))
     }
 
     fn geom(&self) -> Result<ConvGeom> {
@@ -277,6 +270,7 @@ impl Engine {
                 op,
                 name: name.clone(),
                 tensors: &file.tensors,
+                data: file.data,
             };
             let kind = match op.get("op").and_then(Value::as_str) {
                 Some("conv2d") => {
