@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
-use crate::conv::Geometry;
 use crate::error::{Error, Result};
+use crate::geometry::Geometry;
 
 extern "C" {
     fn ovsw_convolution_backward(

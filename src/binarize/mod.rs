@@ -1,0 +1,186 @@
+//! The elementwise math of a 1-bit layer (SPEC 1.1 to 1.4): the per-sample standard
+//! deviation, the activation binarizer `sign(x / std)` and its Bi-Real backward, the
+//! weight binarizers and the per-output-channel scale.
+//!
+//! Shared by every binary layer (today [`crate::conv`]). An op picks its [`Kernels`]
+//! once, with [`kernels_for`], from its activation tensors:
+//! - [`cpu`]: fused loops over contiguous float32 CPU memory;
+//! - [`generic`]: libtorch ops, any device and floating dtype.
+//!
+//! A further route (fused CUDA kernels) is one more `Kernels` implementation and one
+//! more arm in [`kernels_for`].
+
+pub mod cpu;
+pub mod generic;
+
+use tch::Tensor;
+
+use crate::error::{value_err, Result};
+use crate::tensor::Route;
+
+/// Added to variances before the square root, as upstream does (SPEC 1.1 and 1.4).
+pub const EPS: f64 = 1e-5;
+
+/// Weight binarizer (`act_w`, SPEC 1.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActW {
+    /// `sign(W)`, identity backward.
+    Ste,
+    /// `sign(W)`, backward masked by `|W| < 1`.
+    Hardtanh,
+    /// `sign(W) * mean_o|W|`, identity backward.
+    SteV2,
+    /// `sign(W)`, backward masked by `|W| < mean_o|W|`.
+    HardtanhV2,
+}
+
+impl ActW {
+    /// Every binarizer, in the order the names are listed to users.
+    pub const ALL: [ActW; 4] = [ActW::Ste, ActW::Hardtanh, ActW::SteV2, ActW::HardtanhV2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ActW::Ste => "ste",
+            ActW::Hardtanh => "hardtanh",
+            ActW::SteV2 => "ste_v2",
+            ActW::HardtanhV2 => "hardtanhv2",
+        }
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|a| a.name()).collect()
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match Self::ALL.iter().find(|a| a.name() == name) {
+            Some(&a) => Ok(a),
+            None => value_err!(
+                "unknown act_w '{name}'; expected one of {}",
+                quoted(&Self::names())
+            ),
+        }
+    }
+}
+
+/// Activation binarizer (`act_a`, SPEC 1.2). Upstream offers one choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActA {
+    /// `sign(x)`, backward `max(0, 2 - 2|x|)` (Bi-Real).
+    Binary,
+}
+
+impl ActA {
+    pub const ALL: [ActA; 1] = [ActA::Binary];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ActA::Binary => "binary",
+        }
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|a| a.name()).collect()
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match Self::ALL.iter().find(|a| a.name() == name) {
+            Some(&a) => Ok(a),
+            None => value_err!(
+                "unknown act_a '{name}'; expected one of {}",
+                quoted(&Self::names())
+            ),
+        }
+    }
+}
+
+/// How the binarized operands are combined. Upstream's binary layers have one type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardType {
+    /// `sign(x) (*) sign(W)`, what XNOR and popcount compute.
+    Xnor,
+}
+
+impl ForwardType {
+    pub const ALL: [ForwardType; 1] = [ForwardType::Xnor];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardType::Xnor => "xnor",
+        }
+    }
+
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|a| a.name()).collect()
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        match Self::ALL.iter().find(|a| a.name() == name) {
+            Some(&a) => Ok(a),
+            None => value_err!(
+                "unknown forward_type '{name}'; expected one of {}",
+                quoted(&Self::names())
+            ),
+        }
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The elementwise parts of a binary layer, one implementation per route.
+///
+/// Activation tensors are `[N, ...]` with the sample in dim 0; `std` is the per-sample
+/// standard deviation as [`Kernels::sample_std`] returns it, `[N, 1, ..., 1]`. The
+/// weight-side parts act on small tensors and default to libtorch ops on every route.
+pub trait Kernels: Sync {
+    /// Per-sample `sqrt(Var(x_n) + eps)` (unbiased, over all dims but 0), shaped
+    /// `[N, 1, ..., 1]` with `x.dim()` dims, in `x`'s dtype (SPEC 1.1).
+    fn sample_std(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// `a = sign(x / std)`, or `sign(x)` without `std` (eval mode), in `x`'s dtype and
+    /// shape (SPEC 1.2).
+    fn sign(&self, x: &Tensor, std: Option<&Tensor>) -> Result<Tensor>;
+
+    /// The gradient of `x` from the gradient of `a = sign(x_hat)`: Bi-Real,
+    /// `grad_a * max(0, 2 - 2|x_hat|) / std` with `x_hat = x / std` and std a
+    /// constant (no `/ std` without it). `grad_a` has `x`'s shape, any dtype; the
+    /// result has `x`'s dtype.
+    fn bireal_backward(&self, grad_a: &Tensor, x: &Tensor, std: Option<&Tensor>) -> Result<Tensor>;
+
+    /// The binarized weight `w_b` of SPEC 1.3.
+    fn binarize_weight(&self, weight: &Tensor, act_w: ActW) -> Result<Tensor> {
+        generic::binarize_weight(weight, act_w)
+    }
+
+    /// The weight binarizer's backward: the gradient of `W` from that of `w_b`.
+    fn weight_grad(&self, grad_wb: &Tensor, weight: &Tensor, act_w: ActW) -> Result<Tensor> {
+        generic::weight_grad(grad_wb, weight, act_w)
+    }
+
+    /// The per-output-channel scale computed from W (SPEC 1.4), shape `[O]`.
+    fn channel_alpha(&self, weight: &Tensor) -> Result<Tensor> {
+        generic::channel_alpha(weight)
+    }
+}
+
+/// The kernels for an op whose activation-side tensors are `activations`, chosen once
+/// per op (see [`Route`]).
+pub fn kernels_for(activations: &[&Tensor]) -> Result<&'static dyn Kernels> {
+    Ok(match Route::of(activations)? {
+        Route::HostF32 => &cpu::Fused,
+        Route::Generic => &generic::Ops,
+    })
+}
+
+/// The binarized weight of SPEC 1.3 (libtorch ops).
+pub use generic::binarize_weight;
+/// `mean_o |W|`: the mean absolute weight of each output channel, shape `[O]`. It
+/// initialises a learnable `scaling_factor` and scales `ste_v2` weights.
+pub use generic::channel_abs_mean;
+/// The W-derived per-channel scale alpha of SPEC 1.4 (libtorch ops).
+pub use generic::channel_alpha;

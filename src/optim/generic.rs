@@ -1,0 +1,76 @@
+//! AGS and SAD through libtorch ops: any device, any floating dtype, any layout.
+
+use tch::{Device, Kind, Tensor};
+
+use super::{Config, Layer, LayerStats, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
+use crate::error::{value_err, Result};
+use crate::tensor;
+
+/// Applies AGS then SAD to every layer, in place.
+pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Vec<LayerStats>> {
+    let mut figures: Vec<Tensor> = Vec::with_capacity(2 * layers.len());
+    for l in layers {
+        let wf = tensor::facts(l.weight)?;
+        let o = wf.sizes.first().copied().unwrap_or(1);
+        // A second handle to the gradient's storage for tch's in-place calls.
+        let mut grad = l.grad.f_alias()?;
+        if cfg.enable_ags {
+            let g2 = grad.f_reshape([o, -1])?;
+            let w2 = l.weight.f_reshape([o, -1])?;
+            let gn = g2
+                .f_square()?
+                .f_sum_dim_intlist(1i64, false, None::<Kind>)?
+                .f_sqrt()?;
+            let wn = w2
+                .f_square()?
+                .f_sum_dim_intlist(1i64, false, None::<Kind>)?
+                .f_sqrt()?;
+            let gn = gn.f_clamp_min(GRAD_NORM_FLOOR)?;
+            let wn = wn.f_clamp_min(WEIGHT_NORM_FLOOR)?;
+            let r = gn.f_div(&wn)?;
+            let boost = wn.f_mul_scalar(cfg.delta)?.f_div(&gn)?;
+            let factor = boost.f_where_scalarother(&r.f_lt(cfg.delta)?, 1.0)?;
+            let mut shape = vec![o];
+            shape.resize(wf.dim(), 1);
+            let _ = grad.f_mul_(&factor.f_reshape(shape.as_slice())?)?;
+            figures.push(r.f_mean(Kind::Double)?);
+        }
+        if cfg.enable_dampen {
+            // check_layer guarantees both buffers exist when SAD is enabled.
+            let Some((t, p)) = l.sad_buffers() else {
+                return value_err!("SAD buffers missing");
+            };
+            let mut tracker = t.f_alias()?;
+            let mut prev = p.f_alias()?;
+            let flipped = l
+                .weight
+                .f_sign()?
+                .f_ne_tensor(&prev.f_sign()?)?
+                .f_to_kind(tracker.f_kind()?)?;
+            let _ = tracker.f_mul_scalar_(cfg.track_momentum)?;
+            let _ = tracker.f_add_(&flipped.f_mul_scalar(1.0 - cfg.track_momentum)?)?;
+            let silent = tracker.f_lt(cfg.track_threshold)?;
+            let decay = l.weight.f_mul(&silent)?.f_mul_scalar(cfg.dampen_weight)?;
+            let _ = grad.f_add_(&decay)?;
+            prev.f_copy_(l.weight)?;
+            figures.push(silent.f_mean(Kind::Double)?);
+        }
+    }
+    let values: Vec<f64> = if figures.is_empty() {
+        Vec::new()
+    } else {
+        let all = Tensor::f_stack(&figures, 0)?.f_to_device(Device::Cpu)?;
+        let n = all.numel();
+        let mut out = vec![0f64; n];
+        all.f_copy_data(&mut out, n)?;
+        out
+    };
+    let mut it = values.into_iter();
+    Ok(layers
+        .iter()
+        .map(|_| LayerStats {
+            ags_ratio: if cfg.enable_ags { it.next() } else { None },
+            silent_ratio: if cfg.enable_dampen { it.next() } else { None },
+        })
+        .collect())
+}
