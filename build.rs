@@ -1,6 +1,6 @@
 //! Builds the small C++ shim (`csrc/`) that exposes `at::convolution_backward`, which
-//! tch 0.24 does not bind, and `at::parallel_for`, against the headers of the same
-//! libtorch that torch-sys links (the installed torch).
+//! tch 0.24 does not bind, `at::parallel_for`, and fallible tensor accessors, against
+//! the headers of the same libtorch that torch-sys links (the installed torch).
 
 use std::env;
 use std::path::PathBuf;
@@ -28,6 +28,7 @@ fn python() -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=csrc/conv_backward.cpp");
     println!("cargo:rerun-if-changed=csrc/parallel.cpp");
+    println!("cargo:rerun-if-changed=csrc/tensor_facts.cpp");
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
     println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
 
@@ -65,6 +66,7 @@ fn main() {
         .opt_level(2)
         .file("csrc/conv_backward.cpp")
         .file("csrc/parallel.cpp")
+        .file("csrc/tensor_facts.cpp")
         .compile("ovsw_shim");
 
     let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();

@@ -1,5 +1,7 @@
-//! Safe wrappers over the C++ shim in `csrc/`: `at::convolution_backward` and
-//! `at::parallel_for`.
+//! Safe wrappers over the C++ shim in `csrc/`: `at::convolution_backward`,
+//! `at::parallel_for`, the fallible tensor accessor behind [`crate::tensor::facts`] and
+//! autograd's grad mode. Every call returns an error instead of letting a C++
+//! exception or a Rust panic cross the boundary.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -30,6 +32,17 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
 
+    fn ovsw_tensor_facts(
+        t: *const C_tensor,
+        out: *mut RawFacts,
+        sizes: *mut i64,
+        cap: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+
+    fn ovsw_set_grad_enabled(enabled: c_int) -> c_int;
+
     fn ovsw_parallel_for(
         n: i64,
         grain: i64,
@@ -48,6 +61,95 @@ fn shim_message(err: &[c_char]) -> String {
             .to_string_lossy()
             .into_owned(),
         None => "unknown error".to_string(),
+    }
+}
+
+/// What `ovsw_tensor_facts` reports (`OvswTensorFacts` in csrc/tensor_facts.cpp).
+#[repr(C)]
+pub struct RawFacts {
+    pub dim: i64,
+    pub defined: i32,
+    pub scalar_type: i32,
+    pub place: i32,
+    pub device_index: i32,
+    pub strided: i32,
+    pub contiguous: i32,
+    pub python: i32,
+    pub storage: i32,
+    pub data: *mut c_void,
+    pub device_name: [c_char; 32],
+}
+
+/// The shim's `OVSW_STORAGE_NONE`: the tensor has no readable storage; its sizes were
+/// not read.
+pub const STORAGE_NONE: i32 = 2;
+
+/// The facts of `t` and its sizes (empty when `t` is undefined or has no storage).
+pub fn tensor_facts(t: &Tensor) -> Result<(RawFacts, Vec<i64>)> {
+    let mut sizes = vec![0i64; 8];
+    loop {
+        let mut raw = RawFacts {
+            dim: 0,
+            defined: 0,
+            scalar_type: -1,
+            place: 0,
+            device_index: -1,
+            strided: 0,
+            contiguous: 0,
+            python: 0,
+            storage: 0,
+            data: std::ptr::null_mut(),
+            device_name: [0; 32],
+        };
+        let mut err = [0 as c_char; 512];
+        // SAFETY: `t` is a live tensor borrowed for the call; `raw` and `sizes` are
+        // writable for the lengths passed; the shim catches every C++ exception.
+        let rc = unsafe {
+            ovsw_tensor_facts(
+                t.as_ptr(),
+                &mut raw,
+                sizes.as_mut_ptr(),
+                sizes.len() as i64,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Torch(shim_message(&err)));
+        }
+        let dim = usize::try_from(raw.dim).unwrap_or(0);
+        if raw.defined == 0 || raw.storage == STORAGE_NONE {
+            return Ok((raw, Vec::new()));
+        }
+        if dim <= sizes.len() {
+            sizes.truncate(dim);
+            return Ok((raw, sizes));
+        }
+        sizes = vec![0i64; dim];
+    }
+}
+
+/// The device name the shim wrote (`"cpu"`, `"cuda:0"`, `"meta"`, ...).
+pub fn device_name(raw: &RawFacts) -> String {
+    shim_message(&raw.device_name)
+}
+
+/// Turns autograd off on this thread until dropped (`torch.no_grad()`), restoring the
+/// previous mode. `c10::GradMode` is a thread-local flag: setting it cannot fail.
+pub struct NoGrad {
+    previous: c_int,
+}
+
+pub fn no_grad() -> NoGrad {
+    // SAFETY: flips a thread-local flag; no pointers cross.
+    let previous = unsafe { ovsw_set_grad_enabled(0) };
+    NoGrad { previous }
+}
+
+impl Drop for NoGrad {
+    fn drop(&mut self) {
+        // SAFETY: as in `no_grad`.
+        unsafe { ovsw_set_grad_enabled(self.previous) };
     }
 }
 
@@ -92,7 +194,7 @@ pub fn parallel_for<F: Fn(usize, usize) + Sync>(n: usize, grain: usize, f: F) ->
         return Err(Error::Torch(format!("parallel_for: {msg}")));
     }
     if task.panicked.load(Ordering::Relaxed) {
-        return Err(Error::Torch("internal error in a parallel kernel".into()));
+        return Err(Error::Internal("a panic in a parallel kernel".into()));
     }
     Ok(())
 }

@@ -6,6 +6,13 @@
 //! PyTorch. Each family's Python bindings sit beside it (`conv/py.rs`, `optim/py.rs`);
 //! this file declares the modules and registers the bindings.
 
+// No panic outside tests: errors are values (crate::error), and the bindings catch
+// anything else at the boundary (error::boundary).
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod binarize;
 pub mod conv;
 pub mod deploy;

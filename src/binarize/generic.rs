@@ -27,7 +27,7 @@ impl Kernels for Ops {
     }
 
     fn bireal_backward(&self, grad_a: &Tensor, x: &Tensor, std: Option<&Tensor>) -> Result<Tensor> {
-        let grad_a = grad_a.f_to_kind(x.f_kind()?)?;
+        let grad_a = grad_a.f_to_kind(tensor::kind(x)?)?;
         let scaled;
         let x_hat = match std {
             Some(s) => {
@@ -49,17 +49,26 @@ impl Kernels for Ops {
     }
 }
 
+/// `(O, dims)` of a floating weight `[O, ...]` with at least two dims, or the error
+/// naming what is wrong.
+fn weight_shape(weight: &Tensor) -> Result<(i64, usize)> {
+    let facts = tensor::facts(weight)?;
+    match facts.dim0() {
+        Some(o) if facts.dim() >= 2 => {
+            tensor::check_float(&facts, "weight")?;
+            Ok((o, facts.dim()))
+        }
+        _ => value_err!(
+            "weight must have an output-channel dimension and at least one more, got shape {:?}",
+            facts.sizes
+        ),
+    }
+}
+
 /// `mean_o |W|`: the mean absolute weight of each output channel, shape `[O]`.
 /// It initialises a learnable `scaling_factor` and scales `ste_v2` weights.
 pub fn channel_abs_mean(weight: &Tensor) -> Result<Tensor> {
-    let facts = tensor::facts(weight)?;
-    let Some(&o) = facts.sizes.first().filter(|_| facts.sizes.len() >= 2) else {
-        return value_err!(
-            "weight must have an output-channel dimension, got shape {:?}",
-            facts.sizes
-        );
-    };
-    tensor::check_float(&facts, "weight")?;
+    let (o, _) = weight_shape(weight)?;
     Ok(weight
         .f_reshape([o, -1])?
         .f_abs()?
@@ -69,14 +78,7 @@ pub fn channel_abs_mean(weight: &Tensor) -> Result<Tensor> {
 /// The per-channel scale computed from W when the layer has no learnable one (SPEC 1.4):
 /// `alpha_o = mean(|(W_o - mean W_o) / sqrt(Var W_o + eps)|)`.
 pub fn channel_alpha(weight: &Tensor) -> Result<Tensor> {
-    let facts = tensor::facts(weight)?;
-    let Some(&o) = facts.sizes.first().filter(|_| facts.sizes.len() >= 2) else {
-        return value_err!(
-            "weight must have an output-channel dimension, got shape {:?}",
-            facts.sizes
-        );
-    };
-    tensor::check_float(&facts, "weight")?;
+    let (o, _) = weight_shape(weight)?;
     let w = weight.f_reshape([o, -1])?;
     let mu = w.f_mean_dim(1i64, true, None::<Kind>)?;
     let sd = w.f_var_dim(1i64, true, true)?.f_add_scalar(EPS)?.f_sqrt()?;
@@ -96,10 +98,11 @@ fn over_weight(v: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// The binarized weight `w_b` of SPEC 1.3.
 pub fn binarize_weight(weight: &Tensor, act_w: ActW) -> Result<Tensor> {
+    let (_, dim) = weight_shape(weight)?;
     let sign = weight.f_sign()?;
     Ok(match act_w {
         ActW::SteV2 => {
-            let scale = over_weight(&channel_abs_mean(weight)?, tensor::dim(weight)?)?;
+            let scale = over_weight(&channel_abs_mean(weight)?, dim)?;
             sign.f_mul(&scale)?
         }
         ActW::Ste | ActW::Hardtanh | ActW::HardtanhV2 => sign,
@@ -109,7 +112,8 @@ pub fn binarize_weight(weight: &Tensor, act_w: ActW) -> Result<Tensor> {
 /// The weight binarizer's backward: the gradient of `W` from the gradient of `w_b`,
 /// in `W`'s dtype.
 pub fn weight_grad(grad_wb: &Tensor, weight: &Tensor, act_w: ActW) -> Result<Tensor> {
-    let grad_wb = grad_wb.f_to_kind(weight.f_kind()?)?;
+    let (_, dim) = weight_shape(weight)?;
+    let grad_wb = grad_wb.f_to_kind(tensor::kind(weight)?)?;
     Ok(match act_w {
         ActW::Ste | ActW::SteV2 => grad_wb,
         ActW::Hardtanh => {
@@ -117,7 +121,7 @@ pub fn weight_grad(grad_wb: &Tensor, weight: &Tensor, act_w: ActW) -> Result<Ten
             grad_wb.f_mul(&inside)?
         }
         ActW::HardtanhV2 => {
-            let bound = over_weight(&channel_abs_mean(weight)?, tensor::dim(weight)?)?;
+            let bound = over_weight(&channel_abs_mean(weight)?, dim)?;
             let inside = weight.f_abs()?.f_lt_tensor(&bound)?;
             grad_wb.f_mul(&inside)?
         }

@@ -66,11 +66,11 @@ pub struct Saved<'a> {
 }
 
 fn check_same_device(t: &Facts, reference: &Facts, what: &str) -> Result<()> {
-    if t.device != reference.device {
+    if t.place != reference.place {
         return value_err!(
-            "{what} is on {:?} but the input is on {:?}; move them to one device",
-            t.device,
-            reference.device
+            "{what} is on {} but the input is on {}; move them to one device",
+            t.place,
+            reference.place
         );
     }
     Ok(())
@@ -153,7 +153,7 @@ pub fn forward(
     training: bool,
 ) -> Result<Forward> {
     validate(x, weight, bias, scale, geom)?;
-    let _guard = tch::no_grad_guard();
+    let _guard = ffi::no_grad();
     let k = binarize::kernels_for(&[x])?;
     let std = if training {
         Some(k.sample_std(x)?)
@@ -170,7 +170,7 @@ pub fn forward(
         geom.dilation,
         geom.groups,
     )?;
-    let conv_kind = conv_out.f_kind()?;
+    let conv_kind = tensor::kind(&conv_out)?;
     let (y, alpha, conv_out) = match scale {
         Some(s) => (conv_out.f_mul(&over_channels(s)?)?, None, Some(conv_out)),
         None => {
@@ -203,7 +203,7 @@ fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<Kind> {
             wf.sizes
         );
     }
-    check_float(&wf, "weight")?;
+    let weight_kind = check_float(&wf, "weight")?;
     let (n, o) = (xf.sizes[0], wf.sizes[0]);
     let gf = tensor::facts(grad_y)?;
     check_float(&gf, "grad_output")?;
@@ -235,7 +235,7 @@ fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<Kind> {
             );
         }
     }
-    Ok(wf.kind)
+    Ok(weight_kind)
 }
 
 /// Backward of the binary convolution, given the gradient of its output.
@@ -247,7 +247,7 @@ pub fn backward(
     needs: Needs,
 ) -> Result<Grads> {
     let weight_kind = validate_saved(grad_y, saved)?;
-    let _guard = tch::no_grad_guard();
+    let _guard = ffi::no_grad();
     let (x, weight) = (saved.x, saved.weight);
 
     // y = conv_out * s: d/d conv_out = grad_y * s, d/d s = sum(grad_y * conv_out).
@@ -261,7 +261,7 @@ pub fn backward(
                     grad_y
                         .f_mul(conv_out)?
                         .f_sum_dim_intlist([0i64, 2, 3].as_slice(), false, None::<Kind>)?
-                        .f_to_kind(s.f_kind()?)?,
+                        .f_to_kind(tensor::kind(s)?)?,
                 )
             } else {
                 None

@@ -8,7 +8,8 @@ use tch::{Kind, Tensor};
 
 use crate::binarize::{self, ActA, ActW, ForwardType};
 use crate::conv;
-use crate::error::Error;
+use crate::error::{boundary, Error};
+use crate::ffi;
 use crate::geometry::Geometry;
 
 /// Options of a binary convolution (`act_a`, `act_w`, `forward_type`), validated once.
@@ -28,10 +29,12 @@ impl ConvSpec {
     #[new]
     #[pyo3(signature = (act_a = "binary", act_w = "ste", forward_type = "xnor"))]
     fn new(act_a: &str, act_w: &str, forward_type: &str) -> PyResult<Self> {
-        Ok(ConvSpec {
-            act_a: ActA::parse(act_a)?,
-            act_w: ActW::parse(act_w)?,
-            forward_type: ForwardType::parse(forward_type)?,
+        boundary(|| {
+            Ok(ConvSpec {
+                act_a: ActA::parse(act_a)?,
+                act_w: ActW::parse(act_w)?,
+                forward_type: ForwardType::parse(forward_type)?,
+            })
         })
     }
 
@@ -54,11 +57,13 @@ impl ConvSpec {
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
     ) -> Reduced<'py, (&'static str, &'static str, &'static str)> {
-        let s = slf.get();
-        Ok((
-            slf.get_type(),
-            (s.act_a.name(), s.act_w.name(), s.forward_type.name()),
-        ))
+        boundary(|| {
+            let s = slf.get();
+            Ok((
+                slf.get_type(),
+                (s.act_a.name(), s.act_w.name(), s.forward_type.name()),
+            ))
+        })
     }
 
     fn __eq__(&self, other: &Self) -> bool {
@@ -145,26 +150,28 @@ fn binary_conv2d_forward(
     groups: i64,
     training: bool,
 ) -> PyResult<ForwardOut> {
-    let geom = geometry(stride, padding, dilation, groups)?;
-    let act_w = spec.act_w;
-    let f = py.allow_threads(move || {
-        conv::forward(
-            &x,
-            &weight,
-            bias.as_deref(),
-            scale.as_deref(),
-            act_w,
-            &geom,
-            training,
-        )
-    })?;
-    Ok((
-        PyTensor(f.y),
-        opt(f.std),
-        opt(f.alpha),
-        opt(f.conv_out),
-        kind_code(f.conv_kind),
-    ))
+    boundary(|| {
+        let geom = geometry(stride, padding, dilation, groups)?;
+        let act_w = spec.act_w;
+        let f = py.allow_threads(move || {
+            conv::forward(
+                &x,
+                &weight,
+                bias.as_deref(),
+                scale.as_deref(),
+                act_w,
+                &geom,
+                training,
+            )
+        })?;
+        Ok((
+            PyTensor(f.y),
+            opt(f.std),
+            opt(f.alpha),
+            opt(f.conv_out),
+            kind_code(f.conv_kind),
+        ))
+    })
 }
 
 /// Backward of the binary convolution. Returns the gradients of
@@ -190,54 +197,62 @@ fn binary_conv2d_backward(
     groups: i64,
     needs: (bool, bool, bool, bool),
 ) -> PyResult<BackwardOut> {
-    let geom = geometry(stride, padding, dilation, groups)?;
-    let conv_kind = kind_from_code(conv_dtype)?;
-    let act_w = spec.act_w;
-    let needs = conv::Needs {
-        input: needs.0,
-        weight: needs.1,
-        bias: needs.2,
-        scale: needs.3,
-    };
-    let g = py.allow_threads(move || {
-        let saved = conv::Saved {
-            x: &x,
-            weight: &weight,
-            has_bias,
-            scale: scale.as_deref(),
-            std: std.as_deref(),
-            alpha: alpha.as_deref(),
-            conv_out: conv_out.as_deref(),
-            conv_kind,
+    boundary(|| {
+        let geom = geometry(stride, padding, dilation, groups)?;
+        let conv_kind = kind_from_code(conv_dtype)?;
+        let act_w = spec.act_w;
+        let needs = conv::Needs {
+            input: needs.0,
+            weight: needs.1,
+            bias: needs.2,
+            scale: needs.3,
         };
-        conv::backward(&grad_y, &saved, act_w, &geom, needs)
-    })?;
-    Ok((opt(g.input), opt(g.weight), opt(g.bias), opt(g.scale)))
+        let g = py.allow_threads(move || {
+            let saved = conv::Saved {
+                x: &x,
+                weight: &weight,
+                has_bias,
+                scale: scale.as_deref(),
+                std: std.as_deref(),
+                alpha: alpha.as_deref(),
+                conv_out: conv_out.as_deref(),
+                conv_kind,
+            };
+            conv::backward(&grad_y, &saved, act_w, &geom, needs)
+        })?;
+        Ok((opt(g.input), opt(g.weight), opt(g.bias), opt(g.scale)))
+    })
 }
 
 /// `w_b`, the binarized weight the layer convolves with (SPEC 1.3).
 #[pyfunction]
 fn binarize_weight(py: Python<'_>, weight: PyTensor, spec: &ConvSpec) -> PyResult<PyTensor> {
-    let act_w = spec.act_w;
-    let t = py.allow_threads(move || {
-        let _guard = tch::no_grad_guard();
-        binarize::binarize_weight(&weight, act_w)
-    })?;
-    Ok(PyTensor(t))
+    boundary(|| {
+        let act_w = spec.act_w;
+        let t = py.allow_threads(move || {
+            let _guard = ffi::no_grad();
+            binarize::binarize_weight(&weight, act_w)
+        })?;
+        Ok(PyTensor(t))
+    })
 }
 
 /// `mean_o |W|` per output channel (initial value of a learnable `scaling_factor`).
 #[pyfunction]
 fn channel_abs_mean(weight: PyTensor) -> PyResult<PyTensor> {
-    let _guard = tch::no_grad_guard();
-    Ok(PyTensor(binarize::channel_abs_mean(&weight)?))
+    boundary(|| {
+        let _guard = ffi::no_grad();
+        Ok(PyTensor(binarize::channel_abs_mean(&weight)?))
+    })
 }
 
 /// The W-derived per-channel scale alpha of SPEC 1.4.
 #[pyfunction]
 fn channel_alpha(weight: PyTensor) -> PyResult<PyTensor> {
-    let _guard = tch::no_grad_guard();
-    Ok(PyTensor(binarize::channel_alpha(&weight)?))
+    boundary(|| {
+        let _guard = ffi::no_grad();
+        Ok(PyTensor(binarize::channel_alpha(&weight)?))
+    })
 }
 
 /// Adds the conv's classes and functions to the module.

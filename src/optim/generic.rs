@@ -46,7 +46,7 @@ pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Vec<LayerStats>> {
                 .weight
                 .f_sign()?
                 .f_ne_tensor(&prev.f_sign()?)?
-                .f_to_kind(tracker.f_kind()?)?;
+                .f_to_kind(tensor::kind(&tracker)?)?;
             let _ = tracker.f_mul_scalar_(cfg.track_momentum)?;
             let _ = tracker.f_add_(&flipped.f_mul_scalar(1.0 - cfg.track_momentum)?)?;
             let silent = tracker.f_lt(cfg.track_threshold)?;

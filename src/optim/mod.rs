@@ -17,6 +17,7 @@ pub mod py;
 use tch::Tensor;
 
 use crate::error::{value_err, Error, Result};
+use crate::ffi;
 use crate::tensor::{self, Route};
 
 /// Floors of SPEC section 2: `g_o = max(||G_o||, 1e-6)`, `w_o = max(||W_o||, 1e-3)`.
@@ -108,7 +109,12 @@ pub struct LayerStats {
 /// The initial SAD state of a weight: the tracker (zeros, or ones with `track_ones`) and
 /// `weight_prev`, a copy of W.
 pub fn initial_state(weight: &Tensor, track_ones: bool) -> Result<(Tensor, Tensor)> {
-    let _guard = tch::no_grad_guard();
+    let f = tensor::facts(weight)?;
+    tensor::check_float(&f, "weight")?;
+    if f.sizes.is_empty() {
+        return value_err!("weight must have an output-channel dimension, got a 0-d tensor");
+    }
+    let _guard = ffi::no_grad();
     let tracker = if track_ones {
         weight.f_ones_like()?
     } else {
@@ -120,17 +126,11 @@ pub fn initial_state(weight: &Tensor, track_ones: bool) -> Result<(Tensor, Tenso
 
 fn check_layer(i: usize, l: &Layer<'_>, cfg: &Config) -> Result<()> {
     let wf = tensor::facts(l.weight)?;
-    let kind = wf.kind;
-    if !tensor::is_float(kind) {
-        return Err(Error::Type(format!(
-            "layer {i}: weight dtype {kind:?} is not floating point"
-        )));
-    }
+    let kind = tensor::check_float(&wf, &format!("layer {i}: weight"))?;
     if wf.sizes.is_empty() {
-        return value_err!("layer {i}: weight must have an output-channel dimension");
-    }
-    if !l.grad.defined() {
-        return value_err!("layer {i}: the weight has no gradient; run backward first");
+        return value_err!(
+            "layer {i}: weight must have an output-channel dimension, got a 0-d tensor"
+        );
     }
     let mut named = vec![("grad", l.grad)];
     if cfg.enable_dampen {
@@ -151,17 +151,18 @@ fn check_layer(i: usize, l: &Layer<'_>, cfg: &Config) -> Result<()> {
                 wf.sizes
             );
         }
-        if f.device != wf.device {
+        if f.place != wf.place {
             return value_err!(
-                "layer {i}: {name} is on {:?}, weight on {:?}",
-                f.device,
-                wf.device
+                "layer {i}: {name} is on {}, weight on {}",
+                f.place,
+                wf.place
             );
         }
-        if f.kind != kind {
+        if f.kind != Some(kind) {
             return Err(Error::Type(format!(
-                "layer {i}: {name} has dtype {:?}, weight {kind:?}",
-                f.kind
+                "layer {i}: {name} has dtype {}, weight {}",
+                f.dtype_name(),
+                tensor::kind_name(kind)
             )));
         }
     }
@@ -176,7 +177,7 @@ pub fn step(cfg: &Config, layers: &[Layer<'_>]) -> Result<Vec<LayerStats>> {
     if !cfg.enable_ags && !cfg.enable_dampen {
         return Ok(vec![LayerStats::default(); layers.len()]);
     }
-    let _guard = tch::no_grad_guard();
+    let _guard = ffi::no_grad();
     let all: Vec<&Tensor> = layers.iter().flat_map(|l| l.tensors(cfg)).collect();
     let plan = match Route::of(&all)? {
         Route::HostF32 => cpu::plan(cfg, layers)?,

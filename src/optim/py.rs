@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
-use crate::error::Error;
+use crate::error::{boundary, Error};
 use crate::optim::{self, Config, Layer};
 
 /// OvSW's AGS and SAD settings (SPEC sections 2 and 3), validated on construction.
@@ -29,16 +29,18 @@ impl OvSWConfig {
         track_threshold: f64,
         track_ones: bool,
     ) -> PyResult<Self> {
-        let cfg = Config::new(
-            enable_ags,
-            delta,
-            enable_dampen,
-            dampen_weight,
-            track_momentum,
-            track_threshold,
-            track_ones,
-        )?;
-        Ok(OvSWConfig { cfg })
+        boundary(|| {
+            let cfg = Config::new(
+                enable_ags,
+                delta,
+                enable_dampen,
+                dampen_weight,
+                track_momentum,
+                track_threshold,
+                track_ones,
+            )?;
+            Ok(OvSWConfig { cfg })
+        })
     }
 
     #[getter]
@@ -73,19 +75,21 @@ impl OvSWConfig {
     fn __reduce__<'py>(
         slf: &Bound<'py, Self>,
     ) -> Reduced<'py, (bool, f64, bool, f64, f64, f64, bool)> {
-        let c = slf.get().cfg;
-        Ok((
-            slf.get_type(),
-            (
-                c.enable_ags,
-                c.delta,
-                c.enable_dampen,
-                c.dampen_weight,
-                c.track_momentum,
-                c.track_threshold,
-                c.track_ones,
-            ),
-        ))
+        boundary(|| {
+            let c = slf.get().cfg;
+            Ok((
+                slf.get_type(),
+                (
+                    c.enable_ags,
+                    c.delta,
+                    c.enable_dampen,
+                    c.dampen_weight,
+                    c.track_momentum,
+                    c.track_threshold,
+                    c.track_ones,
+                ),
+            ))
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -115,14 +119,27 @@ fn py_bool(b: bool) -> &'static str {
 /// Fresh SAD buffers for a weight: `(tracker, weight_prev)`.
 #[pyfunction]
 fn sad_initial_state(weight: PyTensor, track_ones: bool) -> PyResult<(PyTensor, PyTensor)> {
-    let (t, p) = optim::initial_state(&weight, track_ones)?;
-    Ok((PyTensor(t), PyTensor(p)))
+    boundary(|| {
+        let (t, p) = optim::initial_state(&weight, track_ones)?;
+        Ok((PyTensor(t), PyTensor(p)))
+    })
 }
 
 /// AGS then SAD on every layer, in place on the gradients and SAD buffers. Returns one
 /// `(ags_ratio, silent_ratio)` pair per layer (`None` for a disabled part).
 #[pyfunction]
 fn ags_sad_step(
+    py: Python<'_>,
+    config: &OvSWConfig,
+    grads: Vec<PyTensor>,
+    weights: Vec<PyTensor>,
+    trackers: Vec<Option<PyTensor>>,
+    weight_prevs: Vec<Option<PyTensor>>,
+) -> PyResult<Vec<(Option<f64>, Option<f64>)>> {
+    boundary(|| ags_sad_step_impl(py, config, grads, weights, trackers, weight_prevs))
+}
+
+fn ags_sad_step_impl(
     py: Python<'_>,
     config: &OvSWConfig,
     grads: Vec<PyTensor>,
