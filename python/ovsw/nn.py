@@ -78,12 +78,11 @@ class OvSWConv2d(nn.Conv2d):
     Same constructor as :class:`torch.nn.Conv2d` (``bias`` defaults to ``False``), plus:
 
     Args:
-        act_a: activation binarizer; ``"binary"`` (sign, Bi-Real backward).
-        act_w: weight binarizer; ``"ste"``, ``"hardtanh"``, ``"ste_v2"`` or
-            ``"hardtanhv2"``.
+        act_a: activation binarizer: {act_a} (sign, Bi-Real backward).
+        act_w: weight binarizer: {act_w} (SPEC 1.3).
         scaling_factor: own a learnable per-channel scale (Parameter ``scaling_factor``,
             initialised to ``mean_o |W|``) instead of the scale derived from W.
-        forward_type: ``"xnor"`` (the one type upstream has).
+        forward_type: {forward_type} (the one type upstream has).
 
     In training mode each sample is normalised by its standard deviation before
     binarization. SAD buffers (``weight_prev`` and ``tracker``) appear once
@@ -229,6 +228,19 @@ class OvSWConv2d(nn.Conv2d):
             geometry,
             self.training,
         )
+
+
+def _choices(names: list[str]) -> str:
+    quoted = [f"``{n!r}``" for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+# The option names as the Rust core defines them (ConvSpec validates against the same).
+OvSWConv2d.__doc__ = (OvSWConv2d.__doc__ or "").format(
+    act_a=_choices(_core.act_a_names()),
+    act_w=_choices(_core.act_w_names()),
+    forward_type=_choices(_core.forward_type_names()),
+)
 
 
 def binary_convs(model: nn.Module) -> list[tuple[str, OvSWConv2d]]:

@@ -7,6 +7,7 @@ the settings, finds the binary convs, and behaves as a ``torch.optim.Optimizer``
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -19,53 +20,75 @@ from .nn import binary_convs
 __all__ = ["OvSW"]
 
 
+#: The OvSW options as the Rust core defines them (``_core.ovsw_options()``): name, type,
+#: default, valid range and help, in constructor order.
+OPTIONS: tuple[dict[str, Any], ...] = tuple(_core.ovsw_options())
+_OPTION_NAMES = tuple(o["name"] for o in OPTIONS)
+
+
+def _range_text(o: dict[str, Any]) -> str:
+    if o["type"] == "bool":
+        return ""
+    lo, hi = o["min"], o["max"]
+    if lo is not None and hi is not None:
+        left = "[" if o["min_inclusive"] else "("
+        right = "]" if o["max_inclusive"] else ")"
+        return f", in {left}{lo:g}, {hi:g}{right}"
+    if lo is not None:
+        return f", {'>=' if o['min_inclusive'] else '>'} {lo:g}"
+    if hi is not None:
+        return f", {'<=' if o['max_inclusive'] else '<'} {hi:g}"
+    return ""
+
+
+def _options_doc() -> str:
+    lines = []
+    for o in OPTIONS:
+        head = f"{o['name']} ({o['type']}, default {o['default']!r}{_range_text(o)})"
+        lines.append(f"            {head}: {o['help']}.")
+    return "\n".join(lines)
+
+
 class OvSW(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that every ``step()`` first applies Adaptive Gradient Scaling
-    and Silence Awareness Decaying to the weight gradients of the model's
-    :class:`~ovsw.OvSWConv2d` layers, then steps ``optimizer``.
+        and Silence Awareness Decaying to the weight gradients of the model's
+        :class:`~ovsw.OvSWConv2d` layers, then steps ``optimizer``.
 
-    The transformed gradients stay in ``.grad`` (as upstream leaves them). SAD state
-    lives in each layer's ``tracker`` and ``weight_prev`` buffers, so
-    ``model.state_dict()`` carries it; with ``enable_dampen`` the buffers are created
-    here unless the layers already hold them (for instance from a loaded checkpoint).
+        The transformed gradients stay in ``.grad`` (as upstream leaves them). SAD state
+        lives in each layer's ``tracker`` and ``weight_prev`` buffers, so
+        ``model.state_dict()`` carries it; with ``enable_dampen`` the buffers are created
+        here unless the layers already hold them (for instance from a loaded checkpoint).
 
-    Args:
-        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
-        model: the network (a ``DistributedDataParallel`` wrapper works too).
-        enable_ags, delta: Adaptive Gradient Scaling and its lower bound.
-        enable_dampen, dampen_weight: Silence Awareness Decaying and its lambda.
-        track_momentum, track_threshold, track_ones: the flip tracker's momentum ``m``,
-            silence threshold ``tau``, and whether trackers start at ones.
+        Args:
+            optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+            model: the network (a ``DistributedDataParallel`` wrapper works too).
+            **options: the OvSW options, by keyword (``ovsw.optim.OPTIONS``, defined by the
+                Rust core; a value outside its range raises ValueError, an unknown name
+                TypeError):
+    {options}
     """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         model: nn.Module,
-        *,
-        enable_ags: bool = False,
-        delta: float = 0.01,
-        enable_dampen: bool = False,
-        dampen_weight: float = 0.0,
-        track_momentum: float = 0.999,
-        track_threshold: float = 1e-4,
-        track_ones: bool = False,
+        **options: Any,
     ) -> None:
+        unknown = [k for k in options if k not in _OPTION_NAMES]
+        if unknown:
+            raise TypeError(
+                "OvSW() got unexpected keyword argument(s) "
+                + ", ".join(repr(k) for k in unknown)
+                + "; the OvSW options are "
+                + ", ".join(_OPTION_NAMES)
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"OvSW wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, OvSW):
             raise TypeError("OvSW cannot wrap another OvSW")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.config = _core.OvSWConfig(
-            enable_ags=enable_ags,
-            delta=delta,
-            enable_dampen=enable_dampen,
-            dampen_weight=dampen_weight,
-            track_momentum=track_momentum,
-            track_threshold=track_threshold,
-            track_ones=track_ones,
-        )
+        self.config = _core.OvSWConfig(**options)
         self.layers = binary_convs(model)
         if not self.layers:
             raise ValueError(
@@ -82,9 +105,9 @@ class OvSW(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self._stats: list[dict[str, Any]] = []
-        if enable_dampen:
+        if self.config.enable_dampen:
             for _, layer in self.layers:
-                layer.setup_sad(track_ones)
+                layer.setup_sad(self.config.track_ones)
 
     # -- the wrapped optimizer's state --------------------------------------------
     @property
@@ -179,3 +202,23 @@ class OvSW(torch.optim.Optimizer):
         """Mean silent fraction over the binary convs at the last step."""
         vals = [s["silent_ratio"] for s in self._stats if s["silent_ratio"] is not None]
         return sum(vals) / len(vals) if vals else None
+
+
+def _signature() -> inspect.Signature:
+    """``OvSW.__init__``'s signature with the options spelled out from the table."""
+    p = inspect.Parameter
+    params = [
+        p("self", p.POSITIONAL_OR_KEYWORD),
+        p("optimizer", p.POSITIONAL_OR_KEYWORD, annotation=torch.optim.Optimizer),
+        p("model", p.POSITIONAL_OR_KEYWORD, annotation=nn.Module),
+    ]
+    types = {"bool": bool, "float": float}
+    params += [
+        p(o["name"], p.KEYWORD_ONLY, default=o["default"], annotation=types[o["type"]])
+        for o in OPTIONS
+    ]
+    return inspect.Signature(params, return_annotation=None)
+
+
+OvSW.__init__.__signature__ = _signature()  # type: ignore[attr-defined]
+OvSW.__doc__ = (OvSW.__doc__ or "").format(options=_options_doc())

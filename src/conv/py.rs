@@ -255,9 +255,30 @@ fn channel_alpha(weight: PyTensor) -> PyResult<PyTensor> {
     })
 }
 
+/// The weight binarizers' names (`act_w`), in the order users see them.
+#[pyfunction]
+fn act_w_names() -> PyResult<Vec<&'static str>> {
+    boundary(|| Ok(ActW::names()))
+}
+
+/// The activation binarizers' names (`act_a`).
+#[pyfunction]
+fn act_a_names() -> PyResult<Vec<&'static str>> {
+    boundary(|| Ok(ActA::names()))
+}
+
+/// The forward types' names (`forward_type`).
+#[pyfunction]
+fn forward_type_names() -> PyResult<Vec<&'static str>> {
+    boundary(|| Ok(ForwardType::names()))
+}
+
 /// Adds the conv's classes and functions to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ConvSpec>()?;
+    m.add_function(wrap_pyfunction!(act_w_names, m)?)?;
+    m.add_function(wrap_pyfunction!(act_a_names, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_type_names, m)?)?;
     m.add_function(wrap_pyfunction!(binary_conv2d_forward, m)?)?;
     m.add_function(wrap_pyfunction!(binary_conv2d_backward, m)?)?;
     m.add_function(wrap_pyfunction!(binarize_weight, m)?)?;

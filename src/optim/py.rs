@@ -1,10 +1,11 @@
 //! Python bindings of AGS and SAD: `OvSWConfig` and the functions `ovsw/optim.py` calls.
 
 use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyTuple};
 use pyo3_tch::PyTensor;
 
 use crate::error::{boundary, Error};
-use crate::optim::{self, Config, Layer};
+use crate::optim::{self, Config, Layer, Limit, OptionSpec, Value, OPTIONS};
 
 /// OvSW's AGS and SAD settings (SPEC sections 2 and 3), validated on construction.
 #[pyclass(frozen, module = "ovsw._core")]
@@ -15,31 +16,69 @@ pub struct OvSWConfig {
 /// `__reduce__`'s answer: the class and its constructor arguments.
 type Reduced<'py, A> = PyResult<(Bound<'py, pyo3::types::PyType>, A)>;
 
+/// One option's value from Python, typed by the option's table entry.
+fn value_of(o: &OptionSpec, v: &Bound<'_, PyAny>) -> PyResult<Value> {
+    let typed = match o.default {
+        Value::Bool(_) => v.extract::<bool>().map(Value::Bool),
+        Value::Float(_) => v.extract::<f64>().map(Value::Float),
+    };
+    typed.map_err(|_| {
+        let got = v
+            .get_type()
+            .name()
+            .map_or_else(|_| "another type".to_owned(), |n| n.to_string());
+        Error::Type(format!("{} must be a {}, got {got}", o.name, o.type_name())).into()
+    })
+}
+
 #[pymethods]
 impl OvSWConfig {
+    /// `OvSWConfig(enable_ags=False, delta=0.01, ...)`: the options of [`OPTIONS`], by
+    /// keyword or by position in table order, each checked against its range.
     #[new]
-    #[pyo3(signature = (enable_ags = false, delta = 0.01, enable_dampen = false, dampen_weight = 0.0,
-                        track_momentum = 0.999, track_threshold = 1e-4, track_ones = false))]
-    fn new(
-        enable_ags: bool,
-        delta: f64,
-        enable_dampen: bool,
-        dampen_weight: f64,
-        track_momentum: f64,
-        track_threshold: f64,
-        track_ones: bool,
-    ) -> PyResult<Self> {
+    #[pyo3(signature = (*args, **kwargs))]
+    fn new(args: &Bound<'_, PyTuple>, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         boundary(|| {
-            let cfg = Config::new(
-                enable_ags,
-                delta,
-                enable_dampen,
-                dampen_weight,
-                track_momentum,
-                track_threshold,
-                track_ones,
-            )?;
-            Ok(OvSWConfig { cfg })
+            if args.len() > OPTIONS.len() {
+                return Err(Error::Type(format!(
+                    "OvSWConfig takes at most {} options, got {} positional arguments",
+                    OPTIONS.len(),
+                    args.len()
+                ))
+                .into());
+            }
+            let mut given: Vec<(&str, Value)> = Vec::new();
+            for (o, v) in OPTIONS.iter().zip(args.iter()) {
+                given.push((o.name, value_of(o, &v)?));
+            }
+            let mut unknown = Vec::new();
+            if let Some(kwargs) = kwargs {
+                for (k, v) in kwargs.iter() {
+                    let name: String = k.extract()?;
+                    let Some(o) = optim::option(&name) else {
+                        unknown.push(format!("'{name}'"));
+                        continue;
+                    };
+                    if given.iter().any(|g| g.0 == o.name) {
+                        return Err(Error::Type(format!(
+                            "OvSWConfig got multiple values for '{name}'"
+                        ))
+                        .into());
+                    }
+                    given.push((o.name, value_of(o, &v)?));
+                }
+            }
+            if !unknown.is_empty() {
+                return Err(Error::Type(format!(
+                    "OvSWConfig got unknown option(s) {}; the options are {}",
+                    unknown.join(", "),
+                    OPTIONS.map(|o| o.name).join(", ")
+                ))
+                .into());
+            }
+            Ok(OvSWConfig {
+                cfg: Config::from_options(&given)?,
+            })
         })
     }
 
@@ -72,48 +111,75 @@ impl OvSWConfig {
         self.cfg.track_ones
     }
 
-    fn __reduce__<'py>(
-        slf: &Bound<'py, Self>,
-    ) -> Reduced<'py, (bool, f64, bool, f64, f64, f64, bool)> {
+    /// Pickling rebuilds from the values, by position in table order.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> Reduced<'py, Bound<'py, PyTuple>> {
         boundary(|| {
-            let c = slf.get().cfg;
-            Ok((
-                slf.get_type(),
-                (
-                    c.enable_ags,
-                    c.delta,
-                    c.enable_dampen,
-                    c.dampen_weight,
-                    c.track_momentum,
-                    c.track_threshold,
-                    c.track_ones,
-                ),
-            ))
+            let py = slf.py();
+            let values = slf
+                .get()
+                .cfg
+                .values()
+                .map(|v| value_object(py, v))
+                .into_iter()
+                .collect::<PyResult<Vec<_>>>()?;
+            Ok((slf.get_type(), PyTuple::new(py, values)?))
         })
     }
 
     fn __repr__(&self) -> String {
-        let c = &self.cfg;
-        format!(
-            "OvSWConfig(enable_ags={}, delta={}, enable_dampen={}, dampen_weight={}, \
-             track_momentum={}, track_threshold={}, track_ones={})",
-            py_bool(c.enable_ags),
-            c.delta,
-            py_bool(c.enable_dampen),
-            c.dampen_weight,
-            c.track_momentum,
-            c.track_threshold,
-            py_bool(c.track_ones)
-        )
+        let parts: Vec<String> = OPTIONS
+            .iter()
+            .zip(self.cfg.values())
+            .map(|(o, v)| format!("{}={}", o.name, value_text(v)))
+            .collect();
+        format!("OvSWConfig({})", parts.join(", "))
     }
 }
 
-fn py_bool(b: bool) -> &'static str {
-    if b {
-        "True"
-    } else {
-        "False"
+/// A value as Python writes it (`True`, `0.01`).
+fn value_text(v: Value) -> String {
+    match v {
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Float(f) => format!("{f}"),
     }
+}
+
+fn value_object(py: Python<'_>, v: Value) -> PyResult<Bound<'_, PyAny>> {
+    Ok(match v {
+        Value::Bool(b) => PyBool::new(py, b).to_owned().into_any(),
+        Value::Float(f) => PyFloat::new(py, f).into_any(),
+    })
+}
+
+fn limit_fields(l: Option<Limit>) -> (Option<f64>, bool) {
+    l.map_or((None, false), |l| (Some(l.value), l.inclusive))
+}
+
+/// The OvSW options, one dict each in constructor order: `name`, `type` (`"bool"` or
+/// `"float"`), `default`, `min`/`max` (None when unbounded), `min_inclusive`,
+/// `max_inclusive` and `help`. Float options must also be finite.
+#[pyfunction]
+fn ovsw_options(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    boundary(|| {
+        OPTIONS
+            .iter()
+            .map(|o| {
+                let d = PyDict::new(py);
+                let (min, min_inclusive) = limit_fields(o.min);
+                let (max, max_inclusive) = limit_fields(o.max);
+                d.set_item("name", o.name)?;
+                d.set_item("type", o.type_name())?;
+                d.set_item("default", value_object(py, o.default)?)?;
+                d.set_item("min", min)?;
+                d.set_item("min_inclusive", min_inclusive)?;
+                d.set_item("max", max)?;
+                d.set_item("max_inclusive", max_inclusive)?;
+                d.set_item("help", o.help)?;
+                Ok(d)
+            })
+            .collect()
+    })
 }
 
 /// Fresh SAD buffers for a weight: `(tracker, weight_prev)`.
@@ -181,6 +247,7 @@ fn ags_sad_step_impl(
 /// Adds the optimizer's classes and functions to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<OvSWConfig>()?;
+    m.add_function(wrap_pyfunction!(ovsw_options, m)?)?;
     m.add_function(wrap_pyfunction!(sad_initial_state, m)?)?;
     m.add_function(wrap_pyfunction!(ags_sad_step, m)?)?;
     Ok(())
