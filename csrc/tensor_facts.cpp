@@ -1,4 +1,5 @@
-// Fallible tensor accessors for the Rust core. tch's accessors (size, dim, kind,
+// Fallible tensor accessors for the Rust core, and `new_full` (a tensor on another's
+// device, which tch can only name for CPU and CUDA). tch's accessors (size, dim, kind,
 // device, data_ptr, is_contiguous, ...) panic when libtorch throws, for instance on a
 // FakeTensor's data pointer under torch.export; these read everything the core needs in
 // one call, catch every C++ exception and report it through `err` instead.
@@ -85,12 +86,15 @@ int ovsw_tensor_facts(const at::Tensor* t, OvswTensorFacts* out, int64_t* sizes,
       out->storage = OVSW_STORAGE_NONE;
     } else {
       // A FakeTensor has storage without memory (a null data pointer) or one that throws
-      // on access; both count as none.
+      // on access; both count as none. The read-only pointer decides: the mutable one
+      // makes a FakeTensor warn (a Python warning raised later, with our error set).
       try {
-        void* data = t->data_ptr();
+        const void* data = t->const_data_ptr();
         const bool empty = t->numel() == 0;
         out->storage = (data != nullptr || empty) ? OVSW_STORAGE_READABLE : OVSW_STORAGE_NONE;
-        out->data = data;
+        // The fused loops write through this pointer, so take the mutable one (it
+        // materialises a lazily cloned tensor); Python subclasses never reach them.
+        if (out->storage == OVSW_STORAGE_READABLE && !out->python) out->data = t->data_ptr();
       } catch (const std::exception&) {
         out->storage = OVSW_STORAGE_NONE;
         out->data = nullptr;
@@ -112,6 +116,19 @@ int ovsw_tensor_facts(const at::Tensor* t, OvswTensorFacts* out, int64_t* sizes,
   } catch (const std::exception& e) {
     copy_message(e.what(), err, err_len);
     return 1;
+  }
+}
+
+// `like->new_full(sizes, value)` in dtype `scalar_type`, on `like`'s device (meta
+// included). Returns the new tensor, or null with the message in `err`.
+at::Tensor* ovsw_new_full(const at::Tensor* like, const int64_t* sizes, int64_t dim,
+                          double value, int32_t scalar_type, char* err, size_t err_len) {
+  try {
+    const auto options = like->options().dtype(static_cast<c10::ScalarType>(scalar_type));
+    return new at::Tensor(like->new_full(at::IntArrayRef(sizes, dim), value, options));
+  } catch (const std::exception& e) {
+    copy_message(e.what(), err, err_len);
+    return nullptr;
   }
 }
 

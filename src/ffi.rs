@@ -41,6 +41,16 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
 
+    fn ovsw_new_full(
+        like: *const C_tensor,
+        sizes: *const i64,
+        dim: i64,
+        value: f64,
+        scalar_type: i32,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut C_tensor;
+
     fn ovsw_set_grad_enabled(enabled: c_int) -> c_int;
 
     fn ovsw_parallel_for(
@@ -132,6 +142,27 @@ pub fn tensor_facts(t: &Tensor) -> Result<(RawFacts, Vec<i64>)> {
 /// The device name the shim wrote (`"cpu"`, `"cuda:0"`, `"meta"`, ...).
 pub fn device_name(raw: &RawFacts) -> String {
     shim_message(&raw.device_name)
+}
+
+/// A float64 tensor of `sizes` filled with `value` on `like`'s device (any device,
+/// meta included: tch can name only some).
+pub fn new_full_f64(like: &Tensor, sizes: &[i64], value: f64) -> Result<Tensor> {
+    const DOUBLE: i32 = 7; // c10::ScalarType::Double
+    let mut err = [0 as c_char; 512];
+    // SAFETY: `like` is a live tensor borrowed for the call; `sizes` has the length
+    // passed; the shim catches every C++ exception.
+    let ptr = unsafe {
+        ovsw_new_full(
+            like.as_ptr(),
+            sizes.as_ptr(),
+            sizes.len() as i64,
+            value,
+            DOUBLE,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    adopt(ptr).ok_or_else(|| Error::Torch(format!("new_full: {}", shim_message(&err))))
 }
 
 /// Turns autograd off on this thread until dropped (`torch.no_grad()`), restoring the

@@ -10,6 +10,8 @@ is tested in Rust (src/error.rs), where a panic can be raised on purpose.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -94,6 +96,21 @@ def test_fake_tensor_mode_forward(training):
         x = torch.randn(2, 4, 8, 8)
         with pytest.raises(RuntimeError, match=NO_STORAGE):
             layer(x)
+
+
+def test_fake_tensor_error_after_an_earlier_torch_warning():
+    """torch re-raises C++ warnings when the autograd function returns; one raised by
+    the core while it refuses a FakeTensor turned the RuntimeError into a SystemError
+    once the process had shown a warning before (as here)."""
+    conv = ovsw.OvSWConv2d(2, 4, 1, groups=2)  # one weight per channel: var() warns
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        conv(torch.randn(2, 2, 4, 4))
+        assert any("degrees of freedom" in str(w.message) for w in seen)
+        with FakeTensorMode():
+            layer = ovsw.OvSWConv2d(4, 4, 3)
+            with pytest.raises(RuntimeError, match=NO_STORAGE):
+                layer(torch.randn(2, 4, 8, 8))
 
 
 def test_fake_tensor_mode_direct_core_calls():

@@ -1,6 +1,7 @@
 """OvSW behaves as a torch optimizer: groups, state, state_dict, schedulers, GradScaler."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -204,3 +205,142 @@ def test_bfloat16_autocast_matches_fp32_on_representable_input(training):
     assert gx.dtype == gw.dtype == torch.float32
     torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2 * gx_ref.abs().max().item())
     torch.testing.assert_close(gw, gw_ref, rtol=2e-2, atol=2e-2 * gw_ref.abs().max().item())
+
+
+# -- the figures stay on the device (issue 11) ------------------------------------------
+PARTS = [
+    dict(enable_ags=True, enable_dampen=True, dampen_weight=1e-3),
+    dict(enable_ags=True),
+    dict(enable_dampen=True, dampen_weight=1e-3),
+    dict(),
+]
+
+
+def _core_layers(dtype, device="cpu", shapes=((4, 3, 3, 3), (6, 4, 1, 1))):
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        grad = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        prev = torch.where(torch.rand(shape, generator=g) < 0.3, -w, w)
+        tracker = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype) * 1e-3
+        layers.append([t.to(device) for t in (grad, w, tracker, prev)])
+    return layers
+
+
+def _step(cfg, layers):
+    return ovsw._core.ags_sad_step(cfg, *[[lyr[i] for lyr in layers] for i in range(4)])
+
+
+@pytest.mark.parametrize("parts", PARTS, ids=["both", "ags", "sad", "neither"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fused", "generic"])
+def test_figures_are_one_float64_tensor_nan_where_disabled(parts, dtype):
+    cfg = ovsw._core.OvSWConfig(**parts)
+    layers = _core_layers(dtype)
+    weights = [lyr[1].double().clone() for lyr in layers]
+    grads = [lyr[0].double().clone() for lyr in layers]
+    prevs = [lyr[3].clone() for lyr in layers]
+    trackers = [lyr[2].double().clone() for lyr in layers]
+    figures = _step(cfg, layers)
+    assert isinstance(figures, torch.Tensor)
+    assert figures.shape == (2, 2) and figures.dtype == torch.float64
+    assert figures.device == layers[0][1].device
+    for i, (w, g, p, t) in enumerate(zip(weights, grads, prevs, trackers)):
+        ags, silent = figures[i].tolist()
+        if cfg.enable_ags:
+            o = w.shape[0]
+            r = g.reshape(o, -1).norm(dim=1).clamp_min(1e-6) / w.reshape(o, -1).norm(
+                dim=1
+            ).clamp_min(1e-3)
+            assert ags == pytest.approx(r.mean().item(), rel=1e-5)
+        else:
+            assert math.isnan(ags)
+        if cfg.enable_dampen:
+            flipped = (torch.sign(w) != torch.sign(p.double())).double()
+            t_new = cfg.track_momentum * t + (1 - cfg.track_momentum) * flipped
+            expected = (t_new < cfg.track_threshold).double().mean().item()
+            assert silent == pytest.approx(expected, abs=1e-12)
+            assert 0.0 < expected < 1.0  # the case is not trivial
+        else:
+            assert math.isnan(silent)
+
+
+def test_figures_of_no_layers():
+    figures = ovsw._core.ags_sad_step(ovsw._core.OvSWConfig(enable_ags=True), [], [], [], [])
+    assert figures.shape == (0, 2) and figures.dtype == torch.float64
+
+
+def test_layers_on_two_devices_are_refused():
+    layers = _core_layers(torch.float64)
+    layers[1] = [t.to("meta") for t in layers[1]]
+    with pytest.raises(ValueError, match="one step runs on one device"):
+        _step(ovsw._core.OvSWConfig(**OVSW), layers)
+
+
+@pytest.mark.parametrize("parts", PARTS, ids=["both", "ags", "sad", "neither"])
+def test_generic_step_makes_no_host_copy(parts):
+    """Meta tensors have no elements, so any copy to the host (``.item()``,
+    ``.tolist()``, ``.to("cpu")``, tch's ``copy_data``) fails on them: the generic
+    step running on meta tensors shows that it never copies a figure to the host."""
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.zeros(2, device="meta").cpu()
+    layers = _core_layers(torch.float32, device="meta")
+    figures = _step(ovsw._core.OvSWConfig(**parts), layers)
+    assert figures.device.type == "meta"
+    assert figures.shape == (2, 2) and figures.dtype == torch.float64
+
+
+def test_ovsw_step_leaves_the_figures_on_the_device():
+    """A whole OvSW step on a meta model: forward, backward, AGS+SAD and SGD run, and
+    nothing reads the figures until stats() is called."""
+    torch.manual_seed(0)
+    net = tiny_net().to("meta")
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, **OVSW)
+    x = torch.randn(6, 3, 8, 8, device="meta")
+    loss = net(x).square().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        opt.stats()  # the one conversion, and meta tensors have nothing to convert
+
+
+def test_stats_convert_once_per_step(net, monkeypatch):
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, **OVSW)
+    train_step(net, opt)
+    calls = []
+    real = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    first = opt.stats()
+    assert opt.mean_silent_ratio() == pytest.approx(
+        sum(s["silent_ratio"] for s in first) / len(first)
+    )
+    assert opt.stats() == first and len(calls) == 1
+    train_step(net, opt, seed=1)
+    assert len(calls) == 1  # step() itself converts nothing
+    opt.stats()
+    assert len(calls) == 2
+
+
+@pytest.mark.cuda
+def test_cuda_step_does_not_synchronize():
+    torch.manual_seed(0)
+    net = tiny_net().cuda()
+    opt = ovsw.OvSW(torch.optim.SGD(net.parameters(), lr=0.1), net, **OVSW)
+    x, y = (t.cuda() for t in batch())
+    loss = F.cross_entropy(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stats = opt.stats()
+    assert all(s["ags_ratio"] > 0 and 0.0 <= s["silent_ratio"] <= 1.0 for s in stats)

@@ -1,18 +1,42 @@
-"""Type stubs for ovsw._core, the Rust core (src/lib.rs)."""
+"""Type stubs for ovsw._core, the Rust core (src/lib.rs; checked against the compiled
+module by tests/test_stubs.py)."""
+
+from typing import Literal, TypedDict, final
 
 import numpy as np
 from torch import Tensor
+from typing_extensions import Self
 
 __version__: str
 
+__all__ = [
+    "ConvSpec",
+    "act_w_names",
+    "act_a_names",
+    "forward_type_names",
+    "binary_conv2d_forward",
+    "binary_conv2d_backward",
+    "binarize_weight",
+    "channel_abs_mean",
+    "channel_alpha",
+    "OvSWConfig",
+    "ovsw_options",
+    "sad_initial_state",
+    "ags_sad_step",
+    "DeployEngine",
+    "deploy_kernels",
+    "__version__",
+]
+
 _Pair = tuple[int, int]
 
+@final
 class ConvSpec:
     """Options of a binary convolution, validated once (unknown names raise ValueError)."""
 
-    def __init__(
-        self, act_a: str = "binary", act_w: str = "ste", forward_type: str = "xnor"
-    ) -> None: ...
+    def __new__(
+        cls, act_a: str = "binary", act_w: str = "ste", forward_type: str = "xnor"
+    ) -> Self: ...
     @property
     def act_a(self) -> str: ...
     @property
@@ -20,12 +44,15 @@ class ConvSpec:
     @property
     def forward_type(self) -> str: ...
 
+@final
 class OvSWConfig:
-    """AGS and SAD settings; negative delta/dampen_weight/track_threshold or a
-    track_momentum outside [0, 1) raise ValueError."""
+    """AGS and SAD settings, validated against the option table (``ovsw_options()``):
+    an unknown name or a wrong type raises TypeError, a value outside its range
+    ValueError. Options go by keyword, or by position in table order."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
+        *args: bool | float,
         enable_ags: bool = False,
         delta: float = 0.01,
         enable_dampen: bool = False,
@@ -33,14 +60,46 @@ class OvSWConfig:
         track_momentum: float = 0.999,
         track_threshold: float = 1e-4,
         track_ones: bool = False,
-    ) -> None: ...
-    enable_ags: bool
-    delta: float
-    enable_dampen: bool
-    dampen_weight: float
-    track_momentum: float
-    track_threshold: float
-    track_ones: bool
+    ) -> Self: ...
+    @property
+    def enable_ags(self) -> bool: ...
+    @property
+    def delta(self) -> float: ...
+    @property
+    def enable_dampen(self) -> bool: ...
+    @property
+    def dampen_weight(self) -> float: ...
+    @property
+    def track_momentum(self) -> float: ...
+    @property
+    def track_threshold(self) -> float: ...
+    @property
+    def track_ones(self) -> bool: ...
+
+class _OvSWOption(TypedDict):
+    """One entry of ``ovsw_options()``."""
+
+    name: str
+    type: Literal["bool", "float"]
+    default: bool | float
+    min: float | None
+    min_inclusive: bool
+    max: float | None
+    max_inclusive: bool
+    help: str
+
+def ovsw_options() -> list[_OvSWOption]:
+    """The OvSW options in constructor order: name, type, default, valid range (floats
+    must also be finite) and a line of help. The one definition they all derive from."""
+
+def act_w_names() -> list[str]:
+    """The weight binarizers (``act_w``)."""
+
+def act_a_names() -> list[str]:
+    """The activation binarizers (``act_a``)."""
+
+def forward_type_names() -> list[str]:
+    """The forward types (``forward_type``)."""
 
 def binary_conv2d_forward(
     x: Tensor,
@@ -93,11 +152,14 @@ def ags_sad_step(
     weights: list[Tensor],
     trackers: list[Tensor | None],
     weight_prevs: list[Tensor | None],
-) -> list[tuple[float | None, float | None]]:
-    """AGS then SAD in place; one (ags_ratio, silent_ratio) per layer."""
+) -> Tensor:
+    """AGS then SAD in place. Returns the per-layer figures as one float64 tensor of shape
+    [L, 2] on the weights' device (column 0 ags_ratio, column 1 silent_ratio; NaN where
+    that part is disabled), with no device-to-host copy."""
 
 # -- deploy engine (src/deploy/, wrapped by ovsw.deploy) ----------------------------------
 
+@final
 class DeployEngine:
     """A network from an ovsw.deploy file; runs without PyTorch on its own thread pool.
 
@@ -105,12 +167,10 @@ class DeployEngine:
     threads < 1.
     """
 
-    def __init__(self, data: bytes, threads: int, kernel: str = "auto") -> None: ...
+    def __new__(cls, data: bytes, threads: int, kernel: str = "auto") -> Self: ...
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 NCHW in; (N, K) out when the result is 1x1, else NCHW."""
-    def profile(
-        self, x: np.ndarray
-    ) -> tuple[np.ndarray, list[tuple[str, str, tuple[int, int, int, int], float]]]:
+    def profile(self, x: np.ndarray) -> tuple[np.ndarray, list[tuple[str, str, list[int], float]]]:
         """Output and (name, op, output NCHW shape, seconds) per op."""
     def run_op(self, name: str, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """The single op `name` on `x` (and `residual`)."""

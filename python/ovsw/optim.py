@@ -104,7 +104,10 @@ class OvSW(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
-        self._stats: list[dict[str, Any]] = []
+        # The last step's figures: on the device, and as dicts once read.
+        self._figures: torch.Tensor | None = None
+        self._figure_names: list[str] = []
+        self._stats: list[dict[str, Any]] | None = None
         if self.config.enable_dampen:
             for _, layer in self.layers:
                 layer.setup_sad(self.config.track_ones)
@@ -158,49 +161,74 @@ class OvSW(torch.optim.Optimizer):
 
     # -- the OvSW step --------------------------------------------------------------
     @torch.no_grad()
-    def apply_ags_sad(self) -> list[dict[str, Any]]:
-        """Apply AGS then SAD to the binary convs' gradients in place (``step()`` does
-        this before the wrapped update) and return the per-layer figures."""
+    def _apply(self) -> None:
+        """AGS then SAD on the binary convs' gradients, in place. The per-layer figures
+        stay on the weights' device (a float64 ``[L, 2]`` tensor) until someone asks."""
         active = [(n, m) for n, m in self.layers if m.weight.grad is not None]
         cfg = self.config
-        figures = _core.ags_sad_step(
+        self._figures = _core.ags_sad_step(
             cfg,
             [m.weight.grad for _, m in active],
             [m.weight for _, m in active],
             [m.tracker if cfg.enable_dampen else None for _, m in active],
             [m.weight_prev if cfg.enable_dampen else None for _, m in active],
         )
-        by_name = {n: f for (n, _), f in zip(active, figures)}
-        self._stats = [
-            {
-                "name": n,
-                "ags_ratio": by_name.get(n, (None, None))[0],
-                "silent_ratio": by_name.get(n, (None, None))[1],
-            }
-            for n, _ in self.layers
-        ]
-        return self._stats
+        self._figure_names = [n for n, _ in active]
+        self._stats = None
+
+    def apply_ags_sad(self) -> list[dict[str, Any]]:
+        """Apply AGS then SAD to the binary convs' gradients in place (``step()`` does
+        this before the wrapped update) and return the per-layer figures, as
+        :meth:`stats` does."""
+        self._apply()
+        return self.stats()
 
     def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
         """Evaluate ``closure`` (if given), apply AGS and SAD, then step the wrapped
         optimizer. A step that ``GradScaler`` skips never reaches here, so it leaves the
-        SAD state untouched."""
+        SAD state untouched. Nothing is copied to the host: the figures wait on the
+        device for :meth:`stats`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.apply_ags_sad()
+        self._apply()
         self.optimizer.step()
         return loss
+
+    def _converted(self) -> list[dict[str, Any]]:
+        """The last step's figures as dicts, read from the device once per step."""
+        if self._stats is None:
+            if self._figures is None:
+                self._stats = []
+            else:
+                cfg = self.config
+                rows = self._figures.tolist()  # the one device-to-host copy
+                by_name = {
+                    name: (
+                        row[0] if cfg.enable_ags else None,
+                        row[1] if cfg.enable_dampen else None,
+                    )
+                    for name, row in zip(self._figure_names, rows)
+                }
+                self._stats = [
+                    {
+                        "name": n,
+                        "ags_ratio": by_name.get(n, (None, None))[0],
+                        "silent_ratio": by_name.get(n, (None, None))[1],
+                    }
+                    for n, _ in self.layers
+                ]
+        return self._stats
 
     def stats(self) -> list[dict[str, Any]]:
         """One entry per binary conv, in model order, from the last step:
         ``{"name", "ags_ratio", "silent_ratio"}`` (``None`` where disabled)."""
-        return [dict(s) for s in self._stats]
+        return [dict(s) for s in self._converted()]
 
     def mean_silent_ratio(self) -> float | None:
         """Mean silent fraction over the binary convs at the last step."""
-        vals = [s["silent_ratio"] for s in self._stats if s["silent_ratio"] is not None]
+        vals = [s["silent_ratio"] for s in self._converted() if s["silent_ratio"] is not None]
         return sum(vals) / len(vals) if vals else None
 
 

@@ -1,6 +1,8 @@
 //! AGS and SAD as raw loops over contiguous float32 CPU memory.
 
-use super::{Config, Layer, LayerStats, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
+use tch::Tensor;
+
+use super::{Config, Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
 use crate::error::Result;
 use crate::parallel::{parallel_for, SharedMut, GRAIN};
 use crate::tensor::{self, HostF32};
@@ -149,8 +151,9 @@ fn sums_of_squares(g: &[f32], w: &[f32]) -> (f64, f64) {
     (gs, ws)
 }
 
-/// Runs every channel of every layer (in parallel) and gathers per-layer figures.
-pub fn run(cfg: &Config, layers: &[RawLayer]) -> Result<Vec<LayerStats>> {
+/// Runs every channel of every layer (in parallel) and gathers the per-layer figures
+/// (`[L, 2]` float64 on the CPU, NaN where a part is disabled).
+pub fn run(cfg: &Config, layers: &[RawLayer]) -> Result<Tensor> {
     // Channel c of layer l has the global index starts[l] + c. Tasks are runs of
     // channels within one layer holding about GRAIN elements each, so that an even
     // split of tasks across threads is an even split of the work.
@@ -179,19 +182,21 @@ pub fn run(cfg: &Config, layers: &[RawLayer]) -> Result<Vec<LayerStats>> {
             }
         }
     })?;
-    Ok(layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let part = &results[starts[i]..starts[i + 1]];
-            let ratio_sum: f64 = part.iter().map(|r| r.0).sum();
-            let silent: usize = part.iter().map(|r| r.1).sum();
-            LayerStats {
-                ags_ratio: cfg.enable_ags.then(|| ratio_sum / l.channels as f64),
-                silent_ratio: cfg
-                    .enable_dampen
-                    .then(|| silent as f64 / (l.channels * l.per_channel) as f64),
-            }
-        })
-        .collect())
+    let mut figures = Vec::with_capacity(2 * layers.len());
+    for (i, l) in layers.iter().enumerate() {
+        let part = &results[starts[i]..starts[i + 1]];
+        let ratio_sum: f64 = part.iter().map(|r| r.0).sum();
+        let silent: usize = part.iter().map(|r| r.1).sum();
+        figures.push(if cfg.enable_ags {
+            ratio_sum / l.channels as f64
+        } else {
+            f64::NAN
+        });
+        figures.push(if cfg.enable_dampen {
+            silent as f64 / (l.channels * l.per_channel) as f64
+        } else {
+            f64::NAN
+        });
+    }
+    Ok(Tensor::f_from_slice(&figures)?.f_reshape([layers.len() as i64, 2])?)
 }

@@ -1,14 +1,16 @@
 //! AGS and SAD through libtorch ops: any device, any floating dtype, any layout.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use super::{Config, Layer, LayerStats, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
+use super::{Config, Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
 use crate::error::{value_err, Result};
-use crate::tensor;
+use crate::{ffi, tensor};
 
-/// Applies AGS then SAD to every layer, in place.
-pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Vec<LayerStats>> {
-    let mut figures: Vec<Tensor> = Vec::with_capacity(2 * layers.len());
+/// Applies AGS then SAD to every layer, in place; returns the figures as a float64
+/// `[L, 2]` tensor on the weights' device, built there without a copy to the host.
+pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Tensor> {
+    let mut ags: Vec<Tensor> = Vec::with_capacity(layers.len());
+    let mut silent_fractions: Vec<Tensor> = Vec::with_capacity(layers.len());
     for l in layers {
         let wf = tensor::facts(l.weight)?;
         let o = wf.sizes.first().copied().unwrap_or(1);
@@ -33,7 +35,7 @@ pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Vec<LayerStats>> {
             let mut shape = vec![o];
             shape.resize(wf.dim(), 1);
             let _ = grad.f_mul_(&factor.f_reshape(shape.as_slice())?)?;
-            figures.push(r.f_mean(Kind::Double)?);
+            ags.push(r.f_mean(Kind::Double)?);
         }
         if cfg.enable_dampen {
             // check_layer guarantees both buffers exist when SAD is enabled.
@@ -53,24 +55,22 @@ pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Vec<LayerStats>> {
             let decay = l.weight.f_mul(&silent)?.f_mul_scalar(cfg.dampen_weight)?;
             let _ = grad.f_add_(&decay)?;
             prev.f_copy_(l.weight)?;
-            figures.push(silent.f_mean(Kind::Double)?);
+            silent_fractions.push(silent.f_mean(Kind::Double)?);
         }
     }
-    let values: Vec<f64> = if figures.is_empty() {
-        Vec::new()
-    } else {
-        let all = Tensor::f_stack(&figures, 0)?.f_to_device(Device::Cpu)?;
-        let n = all.numel();
-        let mut out = vec![0f64; n];
-        all.f_copy_data(&mut out, n)?;
-        out
+    let Some(first) = layers.first() else {
+        return value_err!("no layers");
     };
-    let mut it = values.into_iter();
-    Ok(layers
-        .iter()
-        .map(|_| LayerStats {
-            ags_ratio: if cfg.enable_ags { it.next() } else { None },
-            silent_ratio: if cfg.enable_dampen { it.next() } else { None },
-        })
-        .collect())
+    let n = layers.len() as i64;
+    let column = |parts: &[Tensor]| -> Result<Tensor> {
+        if parts.is_empty() {
+            ffi::new_full_f64(first.weight, &[n], f64::NAN)
+        } else {
+            Ok(Tensor::f_stack(parts, 0)?)
+        }
+    };
+    Ok(Tensor::f_stack(
+        &[column(&ags)?, column(&silent_fractions)?],
+        1,
+    )?)
 }

@@ -311,12 +311,12 @@ impl Layer<'_> {
     }
 }
 
-/// What a layer reports: the mean AGS ratio `r_o` and the silent fraction `mean(M)`.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct LayerStats {
-    pub ags_ratio: Option<f64>,
-    pub silent_ratio: Option<f64>,
-}
+/// The per-layer figures [`step`] returns: a float64 tensor `[L, 2]` on the weights'
+/// device, column [`AGS_RATIO`] the mean AGS ratio `r_o` and column [`SILENT_RATIO`] the
+/// silent fraction `mean(M)`, NaN where that part is disabled. It never leaves the
+/// device during the step; whoever reads it pays the one device-to-host copy.
+pub const AGS_RATIO: usize = 0;
+pub const SILENT_RATIO: usize = 1;
 
 /// The initial SAD state of a weight: the tracker (zeros, or ones with `track_ones`) and
 /// `weight_prev`, a copy of W.
@@ -381,13 +381,29 @@ fn check_layer(i: usize, l: &Layer<'_>, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// Applies AGS then SAD (each as enabled in `cfg`) to every layer, in place.
-pub fn step(cfg: &Config, layers: &[Layer<'_>]) -> Result<Vec<LayerStats>> {
+/// Applies AGS then SAD (each as enabled in `cfg`) to every layer, in place, and
+/// returns the figures (see [`AGS_RATIO`]).
+pub fn step(cfg: &Config, layers: &[Layer<'_>]) -> Result<Tensor> {
     for (i, l) in layers.iter().enumerate() {
         check_layer(i, l, cfg)?;
     }
+    let Some(first) = layers.first() else {
+        return Ok(Tensor::f_zeros(
+            [0, 2],
+            (tch::Kind::Double, tch::Device::Cpu),
+        )?);
+    };
+    let place = tensor::facts(first.weight)?.place;
+    for (i, l) in layers.iter().enumerate().skip(1) {
+        let p = tensor::facts(l.weight)?.place;
+        if p != place {
+            return value_err!(
+                "layer {i}: weight is on {p}, layer 0's on {place}; one step runs on one device"
+            );
+        }
+    }
     if !cfg.enable_ags && !cfg.enable_dampen {
-        return Ok(vec![LayerStats::default(); layers.len()]);
+        return ffi::new_full_f64(first.weight, &[layers.len() as i64, 2], f64::NAN);
     }
     let _guard = ffi::no_grad();
     let all: Vec<&Tensor> = layers.iter().flat_map(|l| l.tensors(cfg)).collect();

@@ -191,8 +191,9 @@ fn sad_initial_state(weight: PyTensor, track_ones: bool) -> PyResult<(PyTensor, 
     })
 }
 
-/// AGS then SAD on every layer, in place on the gradients and SAD buffers. Returns one
-/// `(ags_ratio, silent_ratio)` pair per layer (`None` for a disabled part).
+/// AGS then SAD on every layer, in place on the gradients and SAD buffers. Returns the
+/// per-layer figures as one float64 tensor `[L, 2]` on the weights' device (`ags_ratio`,
+/// `silent_ratio`; NaN where disabled), with no device-to-host copy.
 #[pyfunction]
 fn ags_sad_step(
     py: Python<'_>,
@@ -201,47 +202,35 @@ fn ags_sad_step(
     weights: Vec<PyTensor>,
     trackers: Vec<Option<PyTensor>>,
     weight_prevs: Vec<Option<PyTensor>>,
-) -> PyResult<Vec<(Option<f64>, Option<f64>)>> {
-    boundary(|| ags_sad_step_impl(py, config, grads, weights, trackers, weight_prevs))
-}
-
-fn ags_sad_step_impl(
-    py: Python<'_>,
-    config: &OvSWConfig,
-    grads: Vec<PyTensor>,
-    weights: Vec<PyTensor>,
-    trackers: Vec<Option<PyTensor>>,
-    weight_prevs: Vec<Option<PyTensor>>,
-) -> PyResult<Vec<(Option<f64>, Option<f64>)>> {
-    let n = weights.len();
-    if grads.len() != n || trackers.len() != n || weight_prevs.len() != n {
-        return Err(Error::Value(format!(
-            "ags_sad_step: got {} grads, {n} weights, {} trackers and {} weight_prevs",
-            grads.len(),
-            trackers.len(),
-            weight_prevs.len()
-        ))
-        .into());
-    }
-    let cfg = config.cfg;
-    let stats = py.allow_threads(move || {
-        let layers: Vec<Layer<'_>> = grads
-            .iter()
-            .zip(&weights)
-            .zip(trackers.iter().zip(&weight_prevs))
-            .map(|((g, w), (t, p))| Layer {
-                grad: g,
-                weight: w,
-                tracker: t.as_deref(),
-                weight_prev: p.as_deref(),
-            })
-            .collect();
-        optim::step(&cfg, &layers)
-    })?;
-    Ok(stats
-        .into_iter()
-        .map(|s| (s.ags_ratio, s.silent_ratio))
-        .collect())
+) -> PyResult<PyTensor> {
+    boundary(|| {
+        let n = weights.len();
+        if grads.len() != n || trackers.len() != n || weight_prevs.len() != n {
+            return Err(Error::Value(format!(
+                "ags_sad_step: got {} grads, {n} weights, {} trackers and {} weight_prevs",
+                grads.len(),
+                trackers.len(),
+                weight_prevs.len()
+            ))
+            .into());
+        }
+        let cfg = config.cfg;
+        let figures = py.allow_threads(move || {
+            let layers: Vec<Layer<'_>> = grads
+                .iter()
+                .zip(&weights)
+                .zip(trackers.iter().zip(&weight_prevs))
+                .map(|((g, w), (t, p))| Layer {
+                    grad: g,
+                    weight: w,
+                    tracker: t.as_deref(),
+                    weight_prev: p.as_deref(),
+                })
+                .collect();
+            optim::step(&cfg, &layers)
+        })?;
+        Ok(PyTensor(figures))
+    })
 }
 
 /// Adds the optimizer's classes and functions to the module.
