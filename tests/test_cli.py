@@ -354,7 +354,7 @@ def test_missing_data_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
     ):
         rc = cli.main(["--forward-type", "xnor", "--set", set_name, "--data", str(tmp_path)])
         err = capsys.readouterr().err
-        assert rc == 1 and err.count("\n") == 1, err
+        assert rc == 2 and err.count("\n") == 1, err
         assert str(tmp_path / needle) in err
 
 
@@ -479,3 +479,143 @@ def test_sweep_grid_parses(tmp_path, monkeypatch, capsys):
     assert arches == [
         "ResNet18_1w1a", "ResNet34_1w1a", "cResNet18_1w1a", "cResNet20_1w1a", "VGGSmall_1w1a"
     ]  # fmt: skip
+
+
+# -- user mistakes: exit status 2 and one line, no traceback (issue 9) ----------------------
+
+
+def cli_error(capsys, *argv) -> str:
+    """Run the console entry point; it must exit 2 with exactly one stderr line."""
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:  # argparse's errors leave through SystemExit
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("ovsw-train: error: "), err
+    return lines[0]
+
+
+def _digits_checkpoint(path: Path, arch="cResNet20_1w1a", num_classes=10, **extra) -> Path:
+    torch.manual_seed(0)
+    model = ovsw.models.create(arch, num_classes=num_classes)
+    state = {"epoch": 1, "arch": arch, "state_dict": model.state_dict(), **extra}
+    cli.save_checkpoint(state, path)
+    return path
+
+
+def test_track_momentum_one_is_refused_while_parsing(tmp_path, capsys, monkeypatch):
+    def no_data(*a, **k):
+        raise AssertionError("data sets built before the flag was checked")
+
+    monkeypatch.setattr(datasets, "build", no_data)
+    err = cli_error(capsys, "--config", DIGITS, "--track_momentum", "1.0")
+    assert "--track_momentum" in err and "< 1" in err
+    # the largest values below 1 the parser takes, the core takes too
+    a = parse("--forward-type", "xnor", "--track_momentum", "0.999999")
+    model = ovsw.models.create("cResNet20_1w1a")
+    ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, track_momentum=a.track_momentum)
+
+
+@pytest.mark.parametrize("kind", ["text", "list", "dict", "pickle"])
+def test_pretrained_that_is_not_a_checkpoint(kind, tmp_path, capsys):
+    path = tmp_path / "weights.pth"
+    if kind == "text":
+        path.write_text("hello, not a checkpoint\n")
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "dict":
+        torch.save({"epoch": 3, "note": "no tensors"}, path)
+    else:  # a plain pickle, not torch's zip format
+        import pickle
+
+        path.write_bytes(pickle.dumps({"state_dict": {"w": 1}}))
+    for mode in ([], ["--evaluate"]):
+        err = cli_error(capsys, "--config", DIGITS, *mode, "--pretrained", str(path))
+        assert str(path) in err and "checkpoint" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty"])
+def test_resume_from_a_damaged_checkpoint(damage, tmp_path, capsys):
+    path = _digits_checkpoint(tmp_path / "checkpoint.pth")
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "corrupt":
+        path.write_bytes(raw[:100] + bytes(b ^ 0x5A for b in raw[100:400]) + raw[400:])
+    else:
+        path.write_bytes(b"")
+    err = cli_error(
+        capsys, "--config", DIGITS, "--resume", str(path), "--log-dir", str(tmp_path / "r")
+    )
+    assert f"{path} is not a readable checkpoint" in err
+    assert not (tmp_path / "r").exists()  # refused before a run folder was made
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
+    vgg = _digits_checkpoint(tmp_path / "vgg.pth", arch="VGGSmall_1w1a")
+    base = ["--config", DIGITS, "--epochs", "0", "--log-dir", str(tmp_path / "r")]
+    for flag in (["--resume"], ["--pretrained"], ["--evaluate", "--pretrained"]):
+        err = cli_error(capsys, *base, *flag, str(vgg))
+        assert "VGGSmall_1w1a" in err and "cResNet20_1w1a" in err
+    # the same weights without the arch entry: no parameter of it fits
+    sd = torch.load(vgg, weights_only=True)["state_dict"]
+    bare = tmp_path / "bare.pth"
+    torch.save(sd, bare)
+    for flag in (["--resume"], ["--pretrained"], ["--evaluate", "--pretrained"]):
+        assert "none of its parameters fits" in cli_error(capsys, *base, *flag, str(bare))
+
+
+def test_checkpoint_of_another_class_count(tmp_path, capsys):
+    ten = _digits_checkpoint(tmp_path / "ten.pth")
+    base = ["--config", DIGITS, "--num-classes", "5", "--log-dir", str(tmp_path / "r")]
+    err = cli_error(capsys, *base, "--resume", str(ten))
+    assert "does not fit" in err and "linear.weight (10, 64) vs model (5, 64)" in err
+    err = cli_error(capsys, *base, "--evaluate", "--pretrained", str(ten))
+    assert "does not fit" in err and "linear.weight" in err
+    # fine-tuning (--pretrained without --evaluate) takes what fits and reports the rest
+    assert cli.main([*base, "--epochs", "0", "--pretrained", str(ten), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "skipped, shape does not fit (2): linear.weight (10, 64) vs model (5, 64)" in out
+
+
+def test_run_folder_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for log_dir in (blocker, blocker / "runs"):
+        err = cli_error(capsys, "--config", DIGITS, "--epochs", "0", "--log-dir", str(log_dir))
+        assert "cannot write the run folder" in err and str(blocker) in err
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders"
+)
+def test_run_folder_under_a_read_only_folder(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        err = cli_error(
+            capsys, "--config", DIGITS, "--epochs", "0", "--log-dir", str(locked / "runs")
+        )
+    finally:
+        locked.chmod(0o700)
+    assert "cannot write the run folder" in err and "Permission denied" in err
+
+
+def test_console_script_errors_are_one_line(tmp_path):
+    """The real entry point (python -m ovsw): status 2, one stderr line, no traceback."""
+    broken = _digits_checkpoint(tmp_path / "checkpoint.pth")
+    broken.write_bytes(broken.read_bytes()[:1000])
+    for argv in (
+        ["--config", DIGITS, "--track_momentum", "1.0"],
+        ["--config", DIGITS, "--resume", str(broken), "--log-dir", str(tmp_path / "r")],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ovsw", *argv],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ovsw-train: error: "), proc.stderr

@@ -344,14 +344,14 @@ def test_cli_dali_cifar_missing_folder_names_the_path(tmp_path, capsys):
         ["--forward-type", "xnor", "--set", "CIFAR10", "--dali", "True", "--data", str(tmp_path)]
     )
     err = capsys.readouterr().err
-    assert rc == 1 and err.count("\n") == 1, err
+    assert rc == 2 and err.count("\n") == 1, err
     assert str(tmp_path / "cifar10" / "train") in err and "export-cifar" in err
     (tmp_path / "cifar10" / "train" / "cat").mkdir(parents=True)
     rc = cli.main(
         ["--forward-type", "xnor", "--set", "CIFAR10", "--dali", "True", "--data", str(tmp_path)]
     )
     err = capsys.readouterr().err
-    assert rc == 1 and "no images" in err and str(tmp_path / "cifar10" / "train") in err
+    assert rc == 2 and "no images" in err and str(tmp_path / "cifar10" / "train") in err
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none"))):
         ovsw_dali.cifar_loader(tmp_path / "none", True, 4)
 

@@ -30,6 +30,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -71,7 +72,8 @@ TRAIN_EXTRAS = ("yaml", "tqdm", "tensorboard", "torchvision", "sklearn")
 
 
 class CLIError(Exception):
-    """A problem to report in one line (exit status 1)."""
+    """A user's mistake, reported as one line ``ovsw-train: error: ...`` (exit status 2,
+    as argparse's own errors)."""
 
 
 # -- argument types ---------------------------------------------------------------------
@@ -152,6 +154,9 @@ for _name in models.names():
     _ARCH_ALIASES[base] = _name  # "resnet18" (upstream's help text) -> ResNet18_1w1a
 
 
+_ARCH_CHOICE = _choice(models.names(), _ARCH_ALIASES)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``ovsw-train: error: argument --x: ...``."""
 
@@ -181,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-a",
         "--arch",
         default="ResNet18_1w1a",
-        type=_choice(models.names(), _ARCH_ALIASES),
+        type=_ARCH_CHOICE,
         help=f"architecture: {', '.join(models.names())} (default: ResNet18_1w1a)",
     )
     g.add_argument("--config", default=None, help="YAML config (a path or a shipped config)")
@@ -259,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable_ags", default=False, help="Adaptive Gradient Scaling", **B)
     g.add_argument("--enable_dampen", default=False, help="Silence Awareness Decaying", **B)
     g.add_argument("--dampen_weight", default=0.0, type=_number(float, lo=0), help="SAD lambda")
-    g.add_argument("--track_momentum", default=0.999, type=_number(float, lo=0, hi=1))
+    g.add_argument("--track_momentum", default=0.999, type=_number(float, lo=0, hi=1, hi_open=True))
     g.add_argument("--track_threshold", default=1e-4, type=_number(float, lo=0))
     g.add_argument("--track_ones", default=False, **B)
 
@@ -490,7 +495,22 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
         raise
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _torch_load(path: Path, device, weights_only: bool) -> Any:
+    with warnings.catch_warnings():  # torch warns about odd pickle protocols on stderr
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location=device, weights_only=weights_only)
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> Any:
+    """The object saved in checkpoint ``path`` (a file, or a run folder: its
+    ``checkpoints/checkpoint.pth``). Raises :class:`CLIError` when there is none or the
+    file is not one ``torch.load`` can read (truncated, corrupt, another format)."""
     path = Path(path).expanduser()
     if path.is_dir():
         for cand in (path / "checkpoints" / "checkpoint.pth", path / "checkpoint.pth"):
@@ -500,34 +520,53 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     if not path.is_file():
         raise CLIError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return _torch_load(path, device, weights_only=True)
     except pickle.UnpicklingError:
-        print(
-            f"note: {path} holds objects beyond tensors; loading it with weights_only=False "
-            "(only load checkpoints you trust)",
-            file=sys.stderr,
-        )
-        return torch.load(path, map_location=device, weights_only=False)
+        pass  # objects beyond tensors (an upstream checkpoint may pickle its args)
+    except Exception as e:  # torch.load raises RuntimeError, KeyError, EOFError, ...
+        raise CLIError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+    try:
+        state = _torch_load(path, device, weights_only=False)
+    except Exception as e:
+        raise CLIError(f"{path} is not a readable checkpoint ({_first_line(e)})") from None
+    print(
+        f"note: {path} holds objects beyond tensors; loaded it with weights_only=False "
+        "(only load checkpoints you trust)"
+    )
+    return state
 
 
-def load_weights(model: nn.Module, checkpoint: Any, source: str = "checkpoint") -> dict:
+def check_arch(checkpoint: Any, arch: str, source: str) -> None:
+    """Refuse a checkpoint whose ``arch`` names another architecture than ``arch``."""
+    named = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    if not isinstance(named, str):
+        return
+    try:
+        resolved = _ARCH_CHOICE(named)
+    except argparse.ArgumentTypeError:
+        resolved = named
+    if resolved != arch:
+        raise CLIError(f"{source} holds a {named} checkpoint, not {arch} (--arch)")
+
+
+def load_weights(
+    model: nn.Module, checkpoint: Any, source: str = "checkpoint", *, strict: bool = False
+) -> dict:
     """Load ``checkpoint["state_dict"]`` (or a bare state_dict) into ``model``.
 
     A ``module.`` prefix (DataParallel) is stripped. SAD buffers (``tracker``,
     ``weight_prev``) load whether or not the model set SAD up. Keys whose shape does not
     fit, keys the model lacks and model keys the checkpoint lacks are skipped, listed in
-    the returned report and printed; nothing is dropped silently."""
+    the returned report and printed; nothing is dropped silently. Raises
+    :class:`CLIError` when no parameter fits, and with ``strict`` when anything does not
+    (``--resume`` and ``--evaluate`` take only a checkpoint of this very model)."""
     sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(sd, dict):
-        raise CLIError(f"{source}: no state_dict in it")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CLIError(f"{source}: not a checkpoint (no state_dict of tensors in it)")
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     own = model.state_dict()
-    bad = {
-        k
-        for k, v in sd.items()
-        if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)
-    }
+    bad = {k for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)}
     fits = {k: v for k, v in sd.items() if k not in bad}
     result = model.load_state_dict(fits, strict=False)
     report = {
@@ -539,6 +578,22 @@ def load_weights(model: nn.Module, checkpoint: Any, source: str = "checkpoint") 
         "unexpected": list(result.unexpected_keys),
         "missing": [k for k in result.missing_keys if k not in bad],
     }
+    problems = [
+        (label, report[key])
+        for label, key in (
+            ("shape does not fit", "shape_mismatch"),
+            ("not in the model", "unexpected"),
+            ("missing from the checkpoint", "missing"),
+        )
+        if report[key]
+    ]
+    params = dict(model.named_parameters())
+    if not any(k in params for k in fits):  # BatchNorm counters alone do not make a fit
+        raise CLIError(f"{source}: none of its parameters fits the model")
+    if strict and problems:
+        label, keys = problems[0]
+        more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+        raise CLIError(f"{source} does not fit the model: {label}: {keys[0]}{more}")
     print(f"{source}: loaded {report['loaded']} of {report['total']} tensors")
     for label, key in (
         ("skipped, shape does not fit", "shape_mismatch"),
@@ -548,6 +603,15 @@ def load_weights(model: nn.Module, checkpoint: Any, source: str = "checkpoint") 
         if report[key]:
             print(f"  {label} ({len(report[key])}): {', '.join(report[key])}")
     return report
+
+
+def _load_into(model: nn.Module, path: str, flag: str, arch: str, device, *, strict: bool):
+    """``--resume`` / ``--pretrained``: the checkpoint at ``path`` into ``model``."""
+    source = f"--{flag} {path}"
+    ckpt = load_checkpoint(path, device)
+    check_arch(ckpt, arch, source)
+    load_weights(model, ckpt, source, strict=strict)
+    return ckpt if isinstance(ckpt, dict) else {"state_dict": ckpt}
 
 
 # -- data -----------------------------------------------------------------------------------
@@ -788,6 +852,30 @@ def make_run_dir(args) -> Path:
     return run_dir
 
 
+def _os_reason(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or _first_line(e)}{where}"
+
+
+def _open_run_dir(args, argv: Sequence[str]) -> Path:
+    """:func:`make_run_dir` plus settings.txt and args.yaml; a folder that cannot be
+    written is a :class:`CLIError`."""
+    try:
+        run_dir = make_run_dir(args)
+        _write_settings(run_dir, args, argv)
+    except OSError as e:
+        base = Path(args.log_dir or "runs")
+        raise CLIError(f"cannot write the run folder under {base} ({_os_reason(e)})") from None
+    return run_dir
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    try:
+        save_checkpoint(state, path)
+    except OSError as e:
+        raise CLIError(f"cannot write checkpoint {path}: {_os_reason(e)}") from None
+
+
 def _write_settings(run_dir: Path, args, argv: Sequence[str]) -> None:
     import yaml
 
@@ -888,9 +976,8 @@ def _evaluate(args, dist_info) -> dict[str, float]:
     val_set = None if args.dali else _datasets(args, need_train=False)[1]
     model = _model(args, device)
     if args.pretrained:
-        load_weights(
-            model, load_checkpoint(args.pretrained, device), f"pretrained {args.pretrained}"
-        )
+        # --evaluate scores this very model: a checkpoint that does not fit is refused
+        _load_into(model, args.pretrained, "pretrained", args.arch, device, strict=True)
     else:
         print("warning: --evaluate without --pretrained evaluates a freshly initialised model")
     criterion = nn.CrossEntropyLoss()
@@ -923,25 +1010,27 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
         train_set, val_set = _datasets(args, need_train=True)
     model = _model(args, device)
     if args.pretrained:
-        load_weights(
-            model, load_checkpoint(args.pretrained, device), f"pretrained {args.pretrained}"
-        )
+        # fine-tuning: keys that do not fit are reported and skipped (SPEC section 5)
+        _load_into(model, args.pretrained, "pretrained", args.arch, device, strict=False)
     # Under --distributed, net is the DDP wrapper (built before OvSW, see
     # distributed.wrap); model stays the plain network for loading, validation and
     # checkpoints, so checkpoints keep upstream's key names.
     net = distributed.wrap(model, dist_info, sync_bn=args.sync_bn) if dist_info else model
     base_opt = build_optimizer(net, args)
-    opt = OvSW(
-        base_opt,
-        net,
-        enable_ags=args.enable_ags,
-        delta=args.delta,
-        enable_dampen=args.enable_dampen,
-        dampen_weight=args.dampen_weight,
-        track_momentum=args.track_momentum,
-        track_threshold=args.track_threshold,
-        track_ones=args.track_ones,
-    )
+    try:
+        opt = OvSW(
+            base_opt,
+            net,
+            enable_ags=args.enable_ags,
+            delta=args.delta,
+            enable_dampen=args.enable_dampen,
+            dampen_weight=args.dampen_weight,
+            track_momentum=args.track_momentum,
+            track_threshold=args.track_threshold,
+            track_ones=args.track_ones,
+        )
+    except ValueError as e:  # a value the core refuses (the parser should have)
+        raise CLIError(f"OvSW: {e}") from None
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing or 0.0)
 
@@ -949,12 +1038,18 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
     curr_acc1 = curr_acc5 = 0.0
     start_epoch = 0
     if args.resume:
-        ckpt = load_checkpoint(args.resume, device)
-        load_weights(model, ckpt, f"resume {args.resume}")
-        if "optimizer" in ckpt:
-            opt.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        # a run continues only from a checkpoint of this very model
+        ckpt = _load_into(model, args.resume, "resume", args.arch, device, strict=True)
+        try:
+            if "optimizer" in ckpt:
+                opt.load_state_dict(ckpt["optimizer"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CLIError(
+                f"resume {args.resume}: its optimizer state does not fit --optimizer "
+                f"{args.optimizer} ({_first_line(e)})"
+            ) from None
         start_epoch = int(ckpt.get("epoch", 0))
         for k in best:
             best[k] = float(ckpt.get(k, 0.0))
@@ -966,8 +1061,7 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
 
     run_dir = writer = None
     if main_rank:
-        run_dir = make_run_dir(args)
-        _write_settings(run_dir, args, argv)
+        run_dir = _open_run_dir(args, argv)
         writer = SummaryWriter(log_dir=str(run_dir / "logs"))
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
     if args.dali:
@@ -1027,11 +1121,11 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
             silent = opt.mean_silent_ratio()
             if not main_rank:
                 continue
-            save_checkpoint(state, ckpt_dir / "checkpoint.pth")
+            _save(state, ckpt_dir / "checkpoint.pth")
             if is_best:
-                save_checkpoint(state, ckpt_dir / "model_best.pth")
+                _save(state, ckpt_dir / "model_best.pth")
             if args.save_every > 0 and (epoch + 1) % args.save_every == 0:
-                save_checkpoint(state, ckpt_dir / f"epoch_{epoch + 1}.pth")
+                _save(state, ckpt_dir / f"epoch_{epoch + 1}.pth")
 
             for tag, value in (
                 ("train/loss", tr_loss),
@@ -1080,7 +1174,10 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
         "mean_silent_fraction": _fmt(silent),
     }
     if main_rank:
-        _append_result(args, row)
+        try:
+            _append_result(args, row)
+        except OSError as e:
+            raise CLIError(f"cannot write the results CSV: {_os_reason(e)}") from None
     print(
         f"top-1 {curr_acc1:.2f}% (best {best['best_acc1']:.2f}%)  "
         f"mean silent fraction {_fmt(silent)}  run folder {run_dir}"
@@ -1116,10 +1213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             'pip install "ovsw[train]"',
             file=sys.stderr,
         )
-        return 1
+        return 2
     except CLIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
