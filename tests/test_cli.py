@@ -438,14 +438,15 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypa
         cli.run([*base, "--log-dir", str(tmp_path / "b")])
     monkeypatch.setattr(cli, "save_checkpoint", save)
     first = tmp_path / "b" / "w1a1-ovsw-resnet20-digits" / "default"
+    one = _ckpt(first)["state_dict"]["layer1.0.conv1.weight"]
     resumed = cli.run([*base, "--log-dir", str(tmp_path / "b"), "--resume", str(first)])["run_dir"]
+    assert resumed == first  # continued in its own run folder
 
     a, b = _ckpt(straight), _ckpt(resumed)
     assert a["epoch"] == b["epoch"] == 2
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    one = _ckpt(first)["state_dict"]["layer1.0.conv1.weight"]
     assert not torch.equal(one, a["state_dict"]["layer1.0.conv1.weight"])  # epoch 2 did train
     ma, mb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
@@ -619,3 +620,79 @@ def test_console_script_errors_are_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("ovsw-train: error: "), proc.stderr
+
+
+# -- devices and resuming in the run's own folder (issue 9) ---------------------------------
+
+
+def test_device_selection_without_gpu_flag_names_the_current_cuda_device(monkeypatch):
+    """Without --gpu on a CUDA machine the device is cuda:<current>, and it is made
+    current; torch.cuda.set_device (its real index check kept) refuses a bare "cuda"."""
+    made_current = []
+
+    def set_device(device):
+        made_current.append(torch.cuda._utils._get_device_index(device))  # torch's own check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    assert cli.select_device(None) == torch.device("cuda", 1) and made_current == [1]
+    assert cli.select_device(0) == torch.device("cuda", 0) and made_current == [1, 0]
+    with pytest.raises(ValueError, match="specified index"):  # what the old code hit
+        set_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.select_device(None) == torch.device("cpu") and made_current == [1, 0]
+
+
+@pytest.mark.cuda
+def test_one_epoch_on_cuda_without_gpu_flag(tmp_path):
+    result = cli.run(
+        ["--config", DIGITS, "--epochs", "1", "--log-dir", str(tmp_path / "runs"), *TINY]
+    )
+    params = list(result["model"].parameters())
+    assert all(p.device == torch.device("cuda", torch.cuda.current_device()) for p in params)
+    assert _ckpt(result["run_dir"])["epoch"] == 1
+
+
+def _scalars(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_resume_without_name_continues_in_the_checkpoints_run_folder(tmp_path, monkeypatch):
+    logs = tmp_path / "logs"
+    base = ["--config", DIGITS, *TINY, "--log-dir", str(logs)]
+    cli.run([*base, "--epochs", "1", "--name", "mine"])
+    run_dir = logs / "w1a1-ovsw-resnet20-digits" / "mine"
+    other = cli.run([*base, "--epochs", "1"])["run_dir"]  # a second run, its own row
+    (row,) = [r for r in csv.DictReader(open(logs / "results.csv")) if r["name"] == "mine"]
+    assert row["epochs"] == "1"
+
+    # from elsewhere, without --log-dir: the run's own folder and its own results.csv
+    monkeypatch.chdir(tmp_path)
+    ckpt = run_dir / "checkpoints" / "checkpoint.pth"
+    result = cli.run(["--config", DIGITS, *TINY, "--epochs", "2", "--resume", str(ckpt)])
+    assert result["run_dir"] == run_dir
+    assert sorted(p.name for p in (logs / "w1a1-ovsw-resnet20-digits").iterdir()) == [
+        "default",
+        "mine",
+    ]  # no new folder
+    assert not (tmp_path / "runs").exists()  # nothing under the default --log-dir
+    assert _ckpt(run_dir)["epoch"] == 2
+    assert _scalars(run_dir, "val/acc1") == [0, 1]  # both epochs in the same logs/
+    rows = list(csv.DictReader(open(logs / "results.csv")))
+    assert [r["run_dir"] for r in rows] == [str(run_dir), str(other)]  # updated in place
+    assert rows[0]["epochs"] == "2" and rows[0]["name"] == "mine"
+    assert rows[0]["curr_acc1"] == f"{_ckpt(run_dir)['curr_acc1']:.2f}"
+    settings = (run_dir / "settings.txt").read_text()
+    assert settings.count("command: ovsw-train") == 2 and "# resumed" in settings
+    assert cli.parse_args(["--config", str(run_dir / "args.yaml")]).epochs == 2
+
+    # with --name, a resumed run starts a new folder (and row) of that name
+    again = cli.run([*base, "--epochs", "3", "--resume", str(run_dir), "--name", "longer"])
+    assert again["run_dir"] == logs / "w1a1-ovsw-resnet20-digits" / "longer"
+    assert len(list(csv.DictReader(open(logs / "results.csv")))) == 3

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import datetime
+import io
 import math
 import os
 import pickle
@@ -617,10 +619,19 @@ def _load_into(model: nn.Module, path: str, flag: str, arch: str, device, *, str
 # -- data -----------------------------------------------------------------------------------
 
 
-def _device(args: argparse.Namespace) -> torch.device:
-    if args.gpu is not None:
-        return torch.device("cuda", args.gpu)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def select_device(gpu: int | None = None) -> torch.device:
+    """The device of a single-process run, made current when it is a GPU: ``cuda:<gpu>``
+    with ``--gpu``, else the current CUDA device when CUDA is there, else the CPU. A CUDA
+    device always carries its index (``torch.cuda.set_device`` refuses a bare
+    ``"cuda"``)."""
+    if gpu is not None:
+        device = torch.device("cuda", gpu)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        return torch.device("cpu")
+    torch.cuda.set_device(device)
+    return device
 
 
 def _loader(
@@ -852,21 +863,69 @@ def make_run_dir(args) -> Path:
     return run_dir
 
 
-def _os_reason(e: OSError) -> str:
-    where = f": {e.filename}" if e.filename else ""
-    return f"{e.strerror or _first_line(e)}{where}"
+def run_dir_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The ``ovsw-train`` run folder that ``checkpoint`` belongs to: the folder itself
+    when given one, ``RUN`` for ``RUN/checkpoints/<file>``; ``None`` for a checkpoint
+    outside a run folder (one without args.yaml and checkpoints/)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        cand = path
+    elif path.parent.name == "checkpoints":
+        cand = path.parent.parent
+    else:
+        return None
+    if (cand / "args.yaml").is_file() and (cand / "checkpoints").is_dir():
+        return cand
+    return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _open_run_dir(args, argv: Sequence[str]) -> Path:
-    """:func:`make_run_dir` plus settings.txt and args.yaml; a folder that cannot be
-    written is a :class:`CLIError`."""
+    """The run folder, with settings.txt and args.yaml written: ``--resume RUN`` without
+    ``--name`` continues in the checkpoint's own run folder (its name kept, settings.txt
+    extended), anything else gets a new one (:func:`make_run_dir`). A folder that cannot
+    be written is a :class:`CLIError`."""
+    own = run_dir_of(args.resume) if args.resume and not args.name else None
     try:
-        run_dir = make_run_dir(args)
-        _write_settings(run_dir, args, argv)
+        if own is not None:
+            args.name = _read_run_args(own).get("name") or None
+            run_dir = own
+        else:
+            run_dir = make_run_dir(args)
+        _write_settings(run_dir, args, argv, resumed=own is not None)
     except OSError as e:
-        base = Path(args.log_dir or "runs")
-        raise CLIError(f"cannot write the run folder under {base} ({_os_reason(e)})") from None
+        where = own if own is not None else Path(args.log_dir or "runs")
+        raise CLIError(f"cannot write the run folder under {where} ({_os_reason(e)})") from None
     return run_dir
+
+
+def _read_run_args(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(run_dir / "args.yaml") as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise CLIError(f"{run_dir / 'args.yaml'}: cannot read it ({_first_line(e)})") from None
+    if not isinstance(saved, dict):
+        raise CLIError(f"{run_dir / 'args.yaml'} is not an ovsw-train args file")
+    return saved
+
+
+def _os_reason(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or _first_line(e)}{where}"
 
 
 def _save(state: dict[str, Any], path: Path) -> None:
@@ -876,15 +935,14 @@ def _save(state: dict[str, Any], path: Path) -> None:
         raise CLIError(f"cannot write checkpoint {path}: {_os_reason(e)}") from None
 
 
-def _write_settings(run_dir: Path, args, argv: Sequence[str]) -> None:
+def _write_settings(run_dir: Path, args, argv: Sequence[str], resumed: bool = False) -> None:
     import yaml
 
-    with open(run_dir / "settings.txt", "w") as f:
-        f.write(f"command: {PROG} {' '.join(argv)}\n")
-        for k, v in sorted(vars(args).items()):
-            f.write(f"{k}: {v}\n")
-    with open(run_dir / "args.yaml", "w") as f:
-        yaml.safe_dump(vars(args), f, sort_keys=True)
+    lines = [f"command: {PROG} {' '.join(argv)}"]
+    lines += [f"{k}: {v}" for k, v in sorted(vars(args).items())]
+    with open(run_dir / "settings.txt", "a" if resumed else "w") as f:
+        f.write(("\n# resumed\n" if resumed else "") + "\n".join(lines) + "\n")
+    _atomic_write_text(run_dir / "args.yaml", yaml.safe_dump(vars(args), sort_keys=True))
 
 
 RESULT_FIELDS = [
@@ -905,15 +963,41 @@ RESULT_FIELDS = [
 ]
 
 
-def _append_result(args, row: dict[str, Any]) -> Path:
-    path = Path(args.log_dir or "runs") / "results.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
+def _same_dir(a: str, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def record_result(args, row: dict[str, Any]) -> Path:
+    """Write the results row of a finished run: the row of the same run folder is
+    replaced where a results CSV holds one (a run continued by ``--resume``), else the
+    row is appended to ``<log-dir>/results.csv``. Returns the CSV's path."""
+    run_dir = Path(row["run_dir"])
+    first = Path(args.log_dir or "runs") / "results.csv"
+    # the log folder of run_dir: <log>/<stem>/<name> or <log>/<stem>/<name>/<n>
+    for path in (first, *(p / "results.csv" for p in run_dir.parents[1:3])):
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        hits = [i for i, r in enumerate(rows) if _same_dir(r.get("run_dir", ""), run_dir)]
+        if hits:
+            rows[hits[-1]] = row
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+            _atomic_write_text(path, buf.getvalue())
+            return path
+    new = not first.exists()
+    with open(first, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
         if new:
             w.writeheader()
         w.writerow(row)
-    return path
+    return first
 
 
 def _num_classes(args) -> int:
@@ -971,7 +1055,7 @@ def evaluate(args) -> dict[str, float]:
 
 
 def _evaluate(args, dist_info) -> dict[str, float]:
-    device = dist_info.device if dist_info else _device(args)
+    device = dist_info.device if dist_info else select_device(args.gpu)
     _seed_everything(args.seed or 0)
     val_set = None if args.dali else _datasets(args, need_train=False)[1]
     model = _model(args, device)
@@ -1001,9 +1085,7 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
     from torch.utils.tensorboard import SummaryWriter
 
     main_rank = dist_info is None or dist_info.is_main
-    device = dist_info.device if dist_info else _device(args)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = dist_info.device if dist_info else select_device(args.gpu)
     _seed_everything(args.seed or 0)
     train_set = val_set = None
     if not args.dali:
@@ -1175,7 +1257,7 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
     }
     if main_rank:
         try:
-            _append_result(args, row)
+            record_result(args, row)
         except OSError as e:
             raise CLIError(f"cannot write the results CSV: {_os_reason(e)}") from None
     print(
