@@ -696,3 +696,16 @@ def test_resume_without_name_continues_in_the_checkpoints_run_folder(tmp_path, m
     again = cli.run([*base, "--epochs", "3", "--resume", str(run_dir), "--name", "longer"])
     assert again["run_dir"] == logs / "w1a1-ovsw-resnet20-digits" / "longer"
     assert len(list(csv.DictReader(open(logs / "results.csv")))) == 3
+
+
+def test_missing_training_extras_are_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("yaml", "sklearn") else real(name, *a),
+    )
+    err = cli_error(capsys, "--config", DIGITS)
+    assert "yaml, sklearn missing" in err and 'pip install "ovsw[train]"' in err

@@ -24,6 +24,7 @@ import ast
 import contextlib
 import csv
 import datetime
+import importlib.util
 import io
 import math
 import os
@@ -1283,19 +1284,26 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return train(args, argv)
 
 
+def _extras_error(missing: Sequence[str]) -> int:
+    print(
+        f"{PROG}: error: {', '.join(missing)} missing; ovsw-train needs the training "
+        'extras: pip install "ovsw[train]"',
+        file=sys.stderr,
+    )
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``ovsw-train`` console script."""
+    missing = [m for m in TRAIN_EXTRAS if importlib.util.find_spec(m) is None]
+    if missing:
+        return _extras_error(missing)
     try:
         run(argv)
     except ModuleNotFoundError as e:
         if e.name not in TRAIN_EXTRAS:
             raise
-        print(
-            f"{PROG}: error: {e.name} is missing; ovsw-train needs the training extras: "
-            'pip install "ovsw[train]"',
-            file=sys.stderr,
-        )
-        return 2
+        return _extras_error([e.name])
     except CLIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
