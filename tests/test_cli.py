@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import ovsw
-from ovsw import cli, sweep
-from ovsw import data as datasets
+from ovsw.train import args as train_args
+from ovsw.train import checkpoints, cli, configs, optimizers, sweep
+from ovsw.train import data as datasets
 
 DIGITS = "configs/smallscale/w1a1-ovsw-resnet20-digits.yaml"
 # Tiny settings for runs that must stay fast on two CPU cores.
@@ -37,12 +38,12 @@ README_COMMANDS = [
 
 
 def parse(*argv):
-    return cli.parse_args(list(argv))
+    return train_args.parse_args(list(argv))
 
 
 def parse_error(capsys, *argv) -> str:
     with pytest.raises(SystemExit) as exc:
-        cli.parse_args(list(argv))
+        train_args.parse_args(list(argv))
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err  # one line
@@ -64,7 +65,7 @@ SPEC_FLAGS = (
 
 
 def test_every_spec_flag_exists():
-    options = {o for a in cli.build_parser()._actions for o in a.option_strings}
+    options = {o for a in train_args.build_parser()._actions for o in a.option_strings}
     assert not [f for f in SPEC_FLAGS if f not in options]
 
 
@@ -143,7 +144,7 @@ def test_readme_commands_parse_as_written(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # configs come from the package, not a checkout
     argv = _bash_argv(command)
     assert "--enable_dampen" in argv  # what bash makes of "\--enable_dampen"
-    a = cli.parse_args(argv)
+    a = train_args.parse_args(argv)
     assert a.set == "ImageNet" and a.arch.startswith("ResNet")
     assert (a.epochs, a.batch_size, a.warmup_length, a.delta, a.dampen_weight) == (
         200,
@@ -155,7 +156,7 @@ def test_readme_commands_parse_as_written(command, tmp_path, monkeypatch):
     assert a.enable_ags and a.enable_dampen and not a.scaling_factor
     assert a.evaluate is ("--evaluate" in command)
     # A literal backslash (a launcher without a shell) is taken the same way.
-    assert cli.parse_args([t.replace("--enable_dampen", "\\--enable_dampen") for t in argv])
+    assert train_args.parse_args([t.replace("--enable_dampen", "\\--enable_dampen") for t in argv])
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_forward_type_is_required(capsys):
 
 
 def test_every_upstream_config_ships():
-    names = set(cli.shipped_configs())
+    names = set(configs.shipped_configs())
     for arch in ("resnet18", "resnet34"):
         assert f"largescale/w1a1-ovsw-{arch}-imagenet.yaml" in names
     for arch in ("resnet18", "resnet20", "vgg"):
@@ -200,7 +201,7 @@ def test_every_upstream_config_ships():
     assert any("fashion" in n for n in names)
 
 
-@pytest.mark.parametrize("name", cli.shipped_configs())
+@pytest.mark.parametrize("name", configs.shipped_configs())
 def test_shipped_configs_parse_from_another_directory(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = parse("--config", f"configs/{name}")
@@ -211,16 +212,16 @@ def test_shipped_configs_parse_from_another_directory(name, tmp_path, monkeypatc
 def test_config_lookup(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     name = "configs/smallscale/w1a1-ovsw-resnet20-cifar10.yaml"
-    shipped = cli.find_config(name)
+    shipped = configs.find_config(name)
     assert shipped.is_file() and shipped.parent.parent.name == "configs"
-    assert cli.find_config("./" + name) == shipped
-    assert cli.find_config("/elsewhere/" + name) == shipped
-    assert cli.find_config("w1a1-ovsw-resnet20-cifar10.yaml") == shipped
+    assert configs.find_config("./" + name) == shipped
+    assert configs.find_config("/elsewhere/" + name) == shipped
+    assert configs.find_config("w1a1-ovsw-resnet20-cifar10.yaml") == shipped
     # A real file of that path wins.
     real = tmp_path / name
     real.parent.mkdir(parents=True)
     real.write_text("forward_type: xnor\nset: CIFAR10\nlr: 0.25\n")
-    assert cli.find_config(name) == Path(name)
+    assert configs.find_config(name) == Path(name)
     assert parse("--config", name).lr == 0.25
 
 
@@ -229,25 +230,27 @@ def test_config_lookup(tmp_path, monkeypatch):
 
 def test_lr_policies():
     a = parse("--forward-type", "xnor", "--lr", "0.1", "--epochs", "10")
-    assert cli.lr_at(a, 0) == cli.lr_at(a, 9) == 0.1
+    assert optimizers.lr_at(a, 0) == optimizers.lr_at(a, 9) == 0.1
     a = parse(
         "--forward-type", "xnor", "--lr-policy", "cosine_lr", "--epochs", "10",
         "--warmup_length", "2",
     )  # fmt: skip
-    assert cli.lr_at(a, 0) == pytest.approx(0.05) and cli.lr_at(a, 1) == pytest.approx(0.1)
-    assert cli.lr_at(a, 2) == pytest.approx(0.1 + 1e-5)
-    assert cli.lr_at(a, 6) == pytest.approx(0.05 + 1e-5)
+    assert optimizers.lr_at(a, 0) == pytest.approx(0.05) and optimizers.lr_at(
+        a, 1
+    ) == pytest.approx(0.1)
+    assert optimizers.lr_at(a, 2) == pytest.approx(0.1 + 1e-5)
+    assert optimizers.lr_at(a, 6) == pytest.approx(0.05 + 1e-5)
     a = parse(
         "--forward-type", "xnor", "--lr-policy", "multistep_lr", "--multistep-lr-adjust", "3"
     )  # fmt: skip
-    assert [round(cli.lr_at(a, e), 6) for e in (0, 2, 3, 6)] == [0.1, 0.1, 0.01, 0.001]
+    assert [round(optimizers.lr_at(a, e), 6) for e in (0, 2, 3, 6)] == [0.1, 0.1, 0.01, 0.001]
 
 
-@pytest.mark.parametrize("name", cli.OPTIMIZERS)
+@pytest.mark.parametrize("name", train_args.OPTIMIZERS)
 def test_optimizers_and_no_bn_decay(name):
     a = parse("--forward-type", "xnor", "--optimizer", name, "--no-bn-decay", "--wd", "0.01")
     model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
-    opt = cli.build_optimizer(model, a)
+    opt = optimizers.build_optimizer(model, a)
     one_d, rest = opt.param_groups
     assert one_d["weight_decay"] == 0.0 and rest["weight_decay"] == 0.01
     assert all(p.ndim == 1 for p in one_d["params"]) and all(p.ndim > 1 for p in rest["params"])
@@ -264,12 +267,12 @@ def test_lighting_noise():
 
 def test_save_checkpoint_is_atomic(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    cli.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
-    cli.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    checkpoints.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    checkpoints.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
     assert torch.load(path)["epoch"] == 2
     with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
-        cli.save_checkpoint({"epoch": 3, "bad": lambda: 0}, path)
+        checkpoints.save_checkpoint({"epoch": 3, "bad": lambda: 0}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left
     assert torch.load(path)["epoch"] == 2  # the old file is intact
 
@@ -282,14 +285,14 @@ def test_upstream_checkpoint_loads_with_no_key_dropped(capsys):
         m.tracker.fill_(0.5)
     sd = {"module." + k: v for k, v in src.state_dict().items()}  # DataParallel's keys
     dst = ovsw.models.create("cResNet20_1w1a", num_classes=10)
-    report = cli.load_weights(dst, {"state_dict": sd}, "upstream")
+    report = checkpoints.load_weights(dst, {"state_dict": sd}, "upstream")
     assert report["loaded"] == report["total"] == len(sd)
     assert not (report["missing"] or report["unexpected"] or report["shape_mismatch"])
     assert torch.equal(dst.layer1[0].conv1.tracker, src.layer1[0].conv1.tracker)
     # Keys that do not fit are listed, never silently ignored.
     sd["module.extra.weight"] = torch.zeros(1)
     sd["module.linear.weight"] = torch.zeros(3, 64)
-    report = cli.load_weights(dst, {"state_dict": sd}, "odd")
+    report = checkpoints.load_weights(dst, {"state_dict": sd}, "odd")
     assert report["unexpected"] == ["extra.weight"]
     assert report["shape_mismatch"] == ["linear.weight (3, 64) vs model (10, 64)"]
     out = capsys.readouterr().out
@@ -395,7 +398,7 @@ def test_digits_end_to_end_then_evaluate(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["run_dir"] == str(run_dir)
     assert rows[0]["curr_acc1"] == f"{ckpt['curr_acc1']:.2f}"
     # args.yaml works as a config again.
-    again = cli.parse_args(["--config", str(run_dir / "args.yaml")])
+    again = train_args.parse_args(["--config", str(run_dir / "args.yaml")])
     assert again.epochs == 1 and again.limit_batches == 2
 
     # The same name again: a numbered subfolder.
@@ -426,17 +429,17 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypa
     base = ["--config", DIGITS, "--epochs", "2", *TINY, "--lr", "0.5", "--dampen_weight", "0.01"]
     straight = cli.run([*base, "--log-dir", str(tmp_path / "a")])["run_dir"]
 
-    save = cli.save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def save_then_die(state, path):
         save(state, path)
         if Path(path).name == "checkpoint.pth" and state["epoch"] == 1:
             raise _Stop  # killed right after epoch 1's checkpoint
 
-    monkeypatch.setattr(cli, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(_Stop):
         cli.run([*base, "--log-dir", str(tmp_path / "b")])
-    monkeypatch.setattr(cli, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
     first = tmp_path / "b" / "w1a1-ovsw-resnet20-digits" / "default"
     one = _ckpt(first)["state_dict"]["layer1.0.conv1.weight"]
     resumed = cli.run([*base, "--log-dir", str(tmp_path / "b"), "--resume", str(first)])["run_dir"]
@@ -474,7 +477,7 @@ def test_sweep_grid_parses(tmp_path, monkeypatch, capsys):
     assert _bash_argv(README_COMMANDS[0]) == imagenet[0]
     arches = []
     for cmd in sweep.grid("all"):
-        a = cli.parse_args(cmd)
+        a = train_args.parse_args(cmd)
         arches.append(a.arch)
         assert a.enable_ags and a.enable_dampen
     assert arches == [
@@ -502,7 +505,7 @@ def _digits_checkpoint(path: Path, arch="cResNet20_1w1a", num_classes=10, **extr
     torch.manual_seed(0)
     model = ovsw.models.create(arch, num_classes=num_classes)
     state = {"epoch": 1, "arch": arch, "state_dict": model.state_dict(), **extra}
-    cli.save_checkpoint(state, path)
+    checkpoints.save_checkpoint(state, path)
     return path
 
 
@@ -690,7 +693,7 @@ def test_resume_without_name_continues_in_the_checkpoints_run_folder(tmp_path, m
     assert rows[0]["curr_acc1"] == f"{_ckpt(run_dir)['curr_acc1']:.2f}"
     settings = (run_dir / "settings.txt").read_text()
     assert settings.count("command: ovsw-train") == 2 and "# resumed" in settings
-    assert cli.parse_args(["--config", str(run_dir / "args.yaml")]).epochs == 2
+    assert train_args.parse_args(["--config", str(run_dir / "args.yaml")]).epochs == 2
 
     # with --name, a resumed run starts a new folder (and row) of that name
     again = cli.run([*base, "--epochs", "3", "--resume", str(run_dir), "--name", "longer"])
