@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import ovsw
-from ovsw.data import digits
+from ovsw.train.data import digits
 
 
 def main() -> None:

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import ovsw
-from ovsw import cli, sweep
-from ovsw import data as datasets
+from ovsw.train import args as train_args
+from ovsw.train import checkpoints, cli, configs, optimizers, sweep
+from ovsw.train import data as datasets
 
 DIGITS = "configs/smallscale/w1a1-ovsw-resnet20-digits.yaml"
 # Tiny settings for runs that must stay fast on two CPU cores.
@@ -37,12 +38,12 @@ README_COMMANDS = [
 
 
 def parse(*argv):
-    return cli.parse_args(list(argv))
+    return train_args.parse_args(list(argv))
 
 
 def parse_error(capsys, *argv) -> str:
     with pytest.raises(SystemExit) as exc:
-        cli.parse_args(list(argv))
+        train_args.parse_args(list(argv))
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err  # one line
@@ -64,7 +65,7 @@ SPEC_FLAGS = (
 
 
 def test_every_spec_flag_exists():
-    options = {o for a in cli.build_parser()._actions for o in a.option_strings}
+    options = {o for a in train_args.build_parser()._actions for o in a.option_strings}
     assert not [f for f in SPEC_FLAGS if f not in options]
 
 
@@ -143,7 +144,7 @@ def test_readme_commands_parse_as_written(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # configs come from the package, not a checkout
     argv = _bash_argv(command)
     assert "--enable_dampen" in argv  # what bash makes of "\--enable_dampen"
-    a = cli.parse_args(argv)
+    a = train_args.parse_args(argv)
     assert a.set == "ImageNet" and a.arch.startswith("ResNet")
     assert (a.epochs, a.batch_size, a.warmup_length, a.delta, a.dampen_weight) == (
         200,
@@ -155,7 +156,7 @@ def test_readme_commands_parse_as_written(command, tmp_path, monkeypatch):
     assert a.enable_ags and a.enable_dampen and not a.scaling_factor
     assert a.evaluate is ("--evaluate" in command)
     # A literal backslash (a launcher without a shell) is taken the same way.
-    assert cli.parse_args([t.replace("--enable_dampen", "\\--enable_dampen") for t in argv])
+    assert train_args.parse_args([t.replace("--enable_dampen", "\\--enable_dampen") for t in argv])
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_forward_type_is_required(capsys):
 
 
 def test_every_upstream_config_ships():
-    names = set(cli.shipped_configs())
+    names = set(configs.shipped_configs())
     for arch in ("resnet18", "resnet34"):
         assert f"largescale/w1a1-ovsw-{arch}-imagenet.yaml" in names
     for arch in ("resnet18", "resnet20", "vgg"):
@@ -200,7 +201,7 @@ def test_every_upstream_config_ships():
     assert any("fashion" in n for n in names)
 
 
-@pytest.mark.parametrize("name", cli.shipped_configs())
+@pytest.mark.parametrize("name", configs.shipped_configs())
 def test_shipped_configs_parse_from_another_directory(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a = parse("--config", f"configs/{name}")
@@ -211,16 +212,16 @@ def test_shipped_configs_parse_from_another_directory(name, tmp_path, monkeypatc
 def test_config_lookup(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     name = "configs/smallscale/w1a1-ovsw-resnet20-cifar10.yaml"
-    shipped = cli.find_config(name)
+    shipped = configs.find_config(name)
     assert shipped.is_file() and shipped.parent.parent.name == "configs"
-    assert cli.find_config("./" + name) == shipped
-    assert cli.find_config("/elsewhere/" + name) == shipped
-    assert cli.find_config("w1a1-ovsw-resnet20-cifar10.yaml") == shipped
+    assert configs.find_config("./" + name) == shipped
+    assert configs.find_config("/elsewhere/" + name) == shipped
+    assert configs.find_config("w1a1-ovsw-resnet20-cifar10.yaml") == shipped
     # A real file of that path wins.
     real = tmp_path / name
     real.parent.mkdir(parents=True)
     real.write_text("forward_type: xnor\nset: CIFAR10\nlr: 0.25\n")
-    assert cli.find_config(name) == Path(name)
+    assert configs.find_config(name) == Path(name)
     assert parse("--config", name).lr == 0.25
 
 
@@ -229,25 +230,27 @@ def test_config_lookup(tmp_path, monkeypatch):
 
 def test_lr_policies():
     a = parse("--forward-type", "xnor", "--lr", "0.1", "--epochs", "10")
-    assert cli.lr_at(a, 0) == cli.lr_at(a, 9) == 0.1
+    assert optimizers.lr_at(a, 0) == optimizers.lr_at(a, 9) == 0.1
     a = parse(
         "--forward-type", "xnor", "--lr-policy", "cosine_lr", "--epochs", "10",
         "--warmup_length", "2",
     )  # fmt: skip
-    assert cli.lr_at(a, 0) == pytest.approx(0.05) and cli.lr_at(a, 1) == pytest.approx(0.1)
-    assert cli.lr_at(a, 2) == pytest.approx(0.1 + 1e-5)
-    assert cli.lr_at(a, 6) == pytest.approx(0.05 + 1e-5)
+    assert optimizers.lr_at(a, 0) == pytest.approx(0.05) and optimizers.lr_at(
+        a, 1
+    ) == pytest.approx(0.1)
+    assert optimizers.lr_at(a, 2) == pytest.approx(0.1 + 1e-5)
+    assert optimizers.lr_at(a, 6) == pytest.approx(0.05 + 1e-5)
     a = parse(
         "--forward-type", "xnor", "--lr-policy", "multistep_lr", "--multistep-lr-adjust", "3"
     )  # fmt: skip
-    assert [round(cli.lr_at(a, e), 6) for e in (0, 2, 3, 6)] == [0.1, 0.1, 0.01, 0.001]
+    assert [round(optimizers.lr_at(a, e), 6) for e in (0, 2, 3, 6)] == [0.1, 0.1, 0.01, 0.001]
 
 
-@pytest.mark.parametrize("name", cli.OPTIMIZERS)
+@pytest.mark.parametrize("name", train_args.OPTIMIZERS)
 def test_optimizers_and_no_bn_decay(name):
     a = parse("--forward-type", "xnor", "--optimizer", name, "--no-bn-decay", "--wd", "0.01")
     model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
-    opt = cli.build_optimizer(model, a)
+    opt = optimizers.build_optimizer(model, a)
     one_d, rest = opt.param_groups
     assert one_d["weight_decay"] == 0.0 and rest["weight_decay"] == 0.01
     assert all(p.ndim == 1 for p in one_d["params"]) and all(p.ndim > 1 for p in rest["params"])
@@ -264,12 +267,12 @@ def test_lighting_noise():
 
 def test_save_checkpoint_is_atomic(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    cli.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
-    cli.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    checkpoints.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    checkpoints.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
     assert torch.load(path)["epoch"] == 2
     with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
-        cli.save_checkpoint({"epoch": 3, "bad": lambda: 0}, path)
+        checkpoints.save_checkpoint({"epoch": 3, "bad": lambda: 0}, path)
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left
     assert torch.load(path)["epoch"] == 2  # the old file is intact
 
@@ -282,14 +285,14 @@ def test_upstream_checkpoint_loads_with_no_key_dropped(capsys):
         m.tracker.fill_(0.5)
     sd = {"module." + k: v for k, v in src.state_dict().items()}  # DataParallel's keys
     dst = ovsw.models.create("cResNet20_1w1a", num_classes=10)
-    report = cli.load_weights(dst, {"state_dict": sd}, "upstream")
+    report = checkpoints.load_weights(dst, {"state_dict": sd}, "upstream")
     assert report["loaded"] == report["total"] == len(sd)
     assert not (report["missing"] or report["unexpected"] or report["shape_mismatch"])
     assert torch.equal(dst.layer1[0].conv1.tracker, src.layer1[0].conv1.tracker)
     # Keys that do not fit are listed, never silently ignored.
     sd["module.extra.weight"] = torch.zeros(1)
     sd["module.linear.weight"] = torch.zeros(3, 64)
-    report = cli.load_weights(dst, {"state_dict": sd}, "odd")
+    report = checkpoints.load_weights(dst, {"state_dict": sd}, "odd")
     assert report["unexpected"] == ["extra.weight"]
     assert report["shape_mismatch"] == ["linear.weight (3, 64) vs model (10, 64)"]
     out = capsys.readouterr().out
@@ -354,7 +357,7 @@ def test_missing_data_one_line_naming_the_path(tmp_path, monkeypatch, capsys):
     ):
         rc = cli.main(["--forward-type", "xnor", "--set", set_name, "--data", str(tmp_path)])
         err = capsys.readouterr().err
-        assert rc == 1 and err.count("\n") == 1, err
+        assert rc == 2 and err.count("\n") == 1, err
         assert str(tmp_path / needle) in err
 
 
@@ -395,7 +398,7 @@ def test_digits_end_to_end_then_evaluate(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["run_dir"] == str(run_dir)
     assert rows[0]["curr_acc1"] == f"{ckpt['curr_acc1']:.2f}"
     # args.yaml works as a config again.
-    again = cli.parse_args(["--config", str(run_dir / "args.yaml")])
+    again = train_args.parse_args(["--config", str(run_dir / "args.yaml")])
     assert again.epochs == 1 and again.limit_batches == 2
 
     # The same name again: a numbered subfolder.
@@ -426,26 +429,27 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypa
     base = ["--config", DIGITS, "--epochs", "2", *TINY, "--lr", "0.5", "--dampen_weight", "0.01"]
     straight = cli.run([*base, "--log-dir", str(tmp_path / "a")])["run_dir"]
 
-    save = cli.save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def save_then_die(state, path):
         save(state, path)
         if Path(path).name == "checkpoint.pth" and state["epoch"] == 1:
             raise _Stop  # killed right after epoch 1's checkpoint
 
-    monkeypatch.setattr(cli, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(_Stop):
         cli.run([*base, "--log-dir", str(tmp_path / "b")])
-    monkeypatch.setattr(cli, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
     first = tmp_path / "b" / "w1a1-ovsw-resnet20-digits" / "default"
+    one = _ckpt(first)["state_dict"]["layer1.0.conv1.weight"]
     resumed = cli.run([*base, "--log-dir", str(tmp_path / "b"), "--resume", str(first)])["run_dir"]
+    assert resumed == first  # continued in its own run folder
 
     a, b = _ckpt(straight), _ckpt(resumed)
     assert a["epoch"] == b["epoch"] == 2
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    one = _ckpt(first)["state_dict"]["layer1.0.conv1.weight"]
     assert not torch.equal(one, a["state_dict"]["layer1.0.conv1.weight"])  # epoch 2 did train
     ma, mb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
@@ -473,9 +477,238 @@ def test_sweep_grid_parses(tmp_path, monkeypatch, capsys):
     assert _bash_argv(README_COMMANDS[0]) == imagenet[0]
     arches = []
     for cmd in sweep.grid("all"):
-        a = cli.parse_args(cmd)
+        a = train_args.parse_args(cmd)
         arches.append(a.arch)
         assert a.enable_ags and a.enable_dampen
     assert arches == [
         "ResNet18_1w1a", "ResNet34_1w1a", "cResNet18_1w1a", "cResNet20_1w1a", "VGGSmall_1w1a"
     ]  # fmt: skip
+
+
+# -- user mistakes: exit status 2 and one line, no traceback (issue 9) ----------------------
+
+
+def cli_error(capsys, *argv) -> str:
+    """Run the console entry point; it must exit 2 with exactly one stderr line."""
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:  # argparse's errors leave through SystemExit
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("ovsw-train: error: "), err
+    return lines[0]
+
+
+def _digits_checkpoint(path: Path, arch="cResNet20_1w1a", num_classes=10, **extra) -> Path:
+    torch.manual_seed(0)
+    model = ovsw.models.create(arch, num_classes=num_classes)
+    state = {"epoch": 1, "arch": arch, "state_dict": model.state_dict(), **extra}
+    checkpoints.save_checkpoint(state, path)
+    return path
+
+
+def test_track_momentum_one_is_refused_while_parsing(tmp_path, capsys, monkeypatch):
+    def no_data(*a, **k):
+        raise AssertionError("data sets built before the flag was checked")
+
+    monkeypatch.setattr(datasets, "build", no_data)
+    err = cli_error(capsys, "--config", DIGITS, "--track_momentum", "1.0")
+    assert "--track_momentum" in err and "< 1" in err
+    # the largest values below 1 the parser takes, the core takes too
+    a = parse("--forward-type", "xnor", "--track_momentum", "0.999999")
+    model = ovsw.models.create("cResNet20_1w1a")
+    ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, track_momentum=a.track_momentum)
+
+
+@pytest.mark.parametrize("kind", ["text", "list", "dict", "pickle"])
+def test_pretrained_that_is_not_a_checkpoint(kind, tmp_path, capsys):
+    path = tmp_path / "weights.pth"
+    if kind == "text":
+        path.write_text("hello, not a checkpoint\n")
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "dict":
+        torch.save({"epoch": 3, "note": "no tensors"}, path)
+    else:  # a plain pickle, not torch's zip format
+        import pickle
+
+        path.write_bytes(pickle.dumps({"state_dict": {"w": 1}}))
+    for mode in ([], ["--evaluate"]):
+        err = cli_error(capsys, "--config", DIGITS, *mode, "--pretrained", str(path))
+        assert str(path) in err and "checkpoint" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty"])
+def test_resume_from_a_damaged_checkpoint(damage, tmp_path, capsys):
+    path = _digits_checkpoint(tmp_path / "checkpoint.pth")
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "corrupt":
+        path.write_bytes(raw[:100] + bytes(b ^ 0x5A for b in raw[100:400]) + raw[400:])
+    else:
+        path.write_bytes(b"")
+    err = cli_error(
+        capsys, "--config", DIGITS, "--resume", str(path), "--log-dir", str(tmp_path / "r")
+    )
+    assert f"{path} is not a readable checkpoint" in err
+    assert not (tmp_path / "r").exists()  # refused before a run folder was made
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
+    vgg = _digits_checkpoint(tmp_path / "vgg.pth", arch="VGGSmall_1w1a")
+    base = ["--config", DIGITS, "--epochs", "0", "--log-dir", str(tmp_path / "r")]
+    for flag in (["--resume"], ["--pretrained"], ["--evaluate", "--pretrained"]):
+        err = cli_error(capsys, *base, *flag, str(vgg))
+        assert "VGGSmall_1w1a" in err and "cResNet20_1w1a" in err
+    # the same weights without the arch entry: no parameter of it fits
+    sd = torch.load(vgg, weights_only=True)["state_dict"]
+    bare = tmp_path / "bare.pth"
+    torch.save(sd, bare)
+    for flag in (["--resume"], ["--pretrained"], ["--evaluate", "--pretrained"]):
+        assert "none of its parameters fits" in cli_error(capsys, *base, *flag, str(bare))
+
+
+def test_checkpoint_of_another_class_count(tmp_path, capsys):
+    ten = _digits_checkpoint(tmp_path / "ten.pth")
+    base = ["--config", DIGITS, "--num-classes", "5", "--log-dir", str(tmp_path / "r")]
+    err = cli_error(capsys, *base, "--resume", str(ten))
+    assert "does not fit" in err and "linear.weight (10, 64) vs model (5, 64)" in err
+    err = cli_error(capsys, *base, "--evaluate", "--pretrained", str(ten))
+    assert "does not fit" in err and "linear.weight" in err
+    # fine-tuning (--pretrained without --evaluate) takes what fits and reports the rest
+    assert cli.main([*base, "--epochs", "0", "--pretrained", str(ten), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "skipped, shape does not fit (2): linear.weight (10, 64) vs model (5, 64)" in out
+
+
+def test_run_folder_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for log_dir in (blocker, blocker / "runs"):
+        err = cli_error(capsys, "--config", DIGITS, "--epochs", "0", "--log-dir", str(log_dir))
+        assert "cannot write the run folder" in err and str(blocker) in err
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders"
+)
+def test_run_folder_under_a_read_only_folder(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        err = cli_error(
+            capsys, "--config", DIGITS, "--epochs", "0", "--log-dir", str(locked / "runs")
+        )
+    finally:
+        locked.chmod(0o700)
+    assert "cannot write the run folder" in err and "Permission denied" in err
+
+
+def test_console_script_errors_are_one_line(tmp_path):
+    """The real entry point (python -m ovsw): status 2, one stderr line, no traceback."""
+    broken = _digits_checkpoint(tmp_path / "checkpoint.pth")
+    broken.write_bytes(broken.read_bytes()[:1000])
+    for argv in (
+        ["--config", DIGITS, "--track_momentum", "1.0"],
+        ["--config", DIGITS, "--resume", str(broken), "--log-dir", str(tmp_path / "r")],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "ovsw", *argv],
+            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ovsw-train: error: "), proc.stderr
+
+
+# -- devices and resuming in the run's own folder (issue 9) ---------------------------------
+
+
+def test_device_selection_without_gpu_flag_names_the_current_cuda_device(monkeypatch):
+    """Without --gpu on a CUDA machine the device is cuda:<current>, and it is made
+    current; torch.cuda.set_device (its real index check kept) refuses a bare "cuda"."""
+    made_current = []
+
+    def set_device(device):
+        made_current.append(torch.cuda._utils._get_device_index(device))  # torch's own check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    assert cli.select_device(None) == torch.device("cuda", 1) and made_current == [1]
+    assert cli.select_device(0) == torch.device("cuda", 0) and made_current == [1, 0]
+    with pytest.raises(ValueError, match="specified index"):  # what the old code hit
+        set_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.select_device(None) == torch.device("cpu") and made_current == [1, 0]
+
+
+@pytest.mark.cuda
+def test_one_epoch_on_cuda_without_gpu_flag(tmp_path):
+    result = cli.run(
+        ["--config", DIGITS, "--epochs", "1", "--log-dir", str(tmp_path / "runs"), *TINY]
+    )
+    params = list(result["model"].parameters())
+    assert all(p.device == torch.device("cuda", torch.cuda.current_device()) for p in params)
+    assert _ckpt(result["run_dir"])["epoch"] == 1
+
+
+def _scalars(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_resume_without_name_continues_in_the_checkpoints_run_folder(tmp_path, monkeypatch):
+    logs = tmp_path / "logs"
+    base = ["--config", DIGITS, *TINY, "--log-dir", str(logs)]
+    cli.run([*base, "--epochs", "1", "--name", "mine"])
+    run_dir = logs / "w1a1-ovsw-resnet20-digits" / "mine"
+    other = cli.run([*base, "--epochs", "1"])["run_dir"]  # a second run, its own row
+    (row,) = [r for r in csv.DictReader(open(logs / "results.csv")) if r["name"] == "mine"]
+    assert row["epochs"] == "1"
+
+    # from elsewhere, without --log-dir: the run's own folder and its own results.csv
+    monkeypatch.chdir(tmp_path)
+    ckpt = run_dir / "checkpoints" / "checkpoint.pth"
+    result = cli.run(["--config", DIGITS, *TINY, "--epochs", "2", "--resume", str(ckpt)])
+    assert result["run_dir"] == run_dir
+    assert sorted(p.name for p in (logs / "w1a1-ovsw-resnet20-digits").iterdir()) == [
+        "default",
+        "mine",
+    ]  # no new folder
+    assert not (tmp_path / "runs").exists()  # nothing under the default --log-dir
+    assert _ckpt(run_dir)["epoch"] == 2
+    assert _scalars(run_dir, "val/acc1") == [0, 1]  # both epochs in the same logs/
+    rows = list(csv.DictReader(open(logs / "results.csv")))
+    assert [r["run_dir"] for r in rows] == [str(run_dir), str(other)]  # updated in place
+    assert rows[0]["epochs"] == "2" and rows[0]["name"] == "mine"
+    assert rows[0]["curr_acc1"] == f"{_ckpt(run_dir)['curr_acc1']:.2f}"
+    settings = (run_dir / "settings.txt").read_text()
+    assert settings.count("command: ovsw-train") == 2 and "# resumed" in settings
+    assert train_args.parse_args(["--config", str(run_dir / "args.yaml")]).epochs == 2
+
+    # with --name, a resumed run starts a new folder (and row) of that name
+    again = cli.run([*base, "--epochs", "3", "--resume", str(run_dir), "--name", "longer"])
+    assert again["run_dir"] == logs / "w1a1-ovsw-resnet20-digits" / "longer"
+    assert len(list(csv.DictReader(open(logs / "results.csv")))) == 3
+
+
+def test_missing_training_extras_are_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("yaml", "sklearn") else real(name, *a),
+    )
+    err = cli_error(capsys, "--config", DIGITS)
+    assert "yaml, sklearn missing" in err and 'pip install "ovsw[train]"' in err

@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovsw import cli
-from ovsw import dali as ovsw_dali
-from ovsw import data as datasets
+from ovsw.train import args as train_args
+from ovsw.train import checkpoints, cli
+from ovsw.train import dali as ovsw_dali
+from ovsw.train import data as datasets
 
 CLASSES, PER_CLASS = 3, 5
 CIFAR10_NAMES = (
@@ -58,10 +59,10 @@ def _require_dali():
 def test_without_dali_the_flag_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(ovsw_dali, "available", lambda: False)
     with pytest.raises(SystemExit):
-        cli.parse_args(["--forward-type", "xnor", "--set", "ImageNet", "--dali", "True"])
+        train_args.parse_args(["--forward-type", "xnor", "--set", "ImageNet", "--dali", "True"])
     assert "pip install" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.parse_args(["--forward-type", "xnor", "--set", "Digits", "--dali", "True"])
+        train_args.parse_args(["--forward-type", "xnor", "--set", "Digits", "--dali", "True"])
     assert "ImageNet" in capsys.readouterr().err
 
 
@@ -70,7 +71,7 @@ def test_val_batches_match_torchvision(imagenet_dir):
     from PIL import Image
     from torchvision import datasets
 
-    from ovsw.data import imagenet_transforms
+    from ovsw.train.data import imagenet_transforms
 
     folder = imagenet_dir / "imagenet" / "val"
     loader = ovsw_dali.imagenet_loader(folder, False, 4)
@@ -142,7 +143,7 @@ def _trust_fake_cifar(monkeypatch):
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
     """<root>/cifar10/cifar-10-batches-py in torchvision's format (random pixels, so every
-    crop has one place it can come from), then ``python -m ovsw.dali export-cifar``'s
+    crop has one place it can come from), then ``python -m ovsw.train.dali export-cifar``'s
     folders next to it. Returns (root, train images, train labels, test images, test
     labels), images uint8 [N, 32, 32, 3] as torchvision's ``.data`` holds them."""
     root = tmp_path_factory.mktemp("data")
@@ -344,14 +345,14 @@ def test_cli_dali_cifar_missing_folder_names_the_path(tmp_path, capsys):
         ["--forward-type", "xnor", "--set", "CIFAR10", "--dali", "True", "--data", str(tmp_path)]
     )
     err = capsys.readouterr().err
-    assert rc == 1 and err.count("\n") == 1, err
+    assert rc == 2 and err.count("\n") == 1, err
     assert str(tmp_path / "cifar10" / "train") in err and "export-cifar" in err
     (tmp_path / "cifar10" / "train" / "cat").mkdir(parents=True)
     rc = cli.main(
         ["--forward-type", "xnor", "--set", "CIFAR10", "--dali", "True", "--data", str(tmp_path)]
     )
     err = capsys.readouterr().err
-    assert rc == 1 and "no images" in err and str(tmp_path / "cifar10" / "train") in err
+    assert rc == 2 and "no images" in err and str(tmp_path / "cifar10" / "train") in err
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none"))):
         ovsw_dali.cifar_loader(tmp_path / "none", True, 4)
 
@@ -376,17 +377,17 @@ def test_cli_dali_resume_is_batch_exact(cifar_root, tmp_path, monkeypatch):
     ]  # fmt: skip
     straight = cli.run([*base, "--log-dir", str(tmp_path / "a")])["run_dir"]
 
-    save = cli.save_checkpoint
+    save = checkpoints.save_checkpoint
 
     def save_then_die(state, path):
         save(state, path)
         if Path(path).name == "checkpoint.pth" and state["epoch"] == 1:
             raise _Stop  # killed right after epoch 1's checkpoint
 
-    monkeypatch.setattr(cli, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(_Stop):
         cli.run([*base, "--log-dir", str(tmp_path / "b")])
-    monkeypatch.setattr(cli, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
     first = tmp_path / "b" / "no-config" / "default"
     one = _ckpt(first)["state_dict"]
     resumed = cli.run([*base, "--log-dir", str(tmp_path / "b"), "--resume", str(first)])["run_dir"]

@@ -531,8 +531,8 @@ def test_every_op_matches_its_layers_on_the_same_input(arch, size, tmp_path):
 
 
 def test_export_a_training_run_and_score_it(tmp_path, capsys):
-    from ovsw import cli
     from ovsw.deploy._run import export_run
+    from ovsw.train import cli
 
     logs = tmp_path / "runs"
     config = "configs/smallscale/w1a1-ovsw-resnet20-digits.yaml"

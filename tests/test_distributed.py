@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import ovsw
-from ovsw import cli, distributed
+from ovsw.train import args as train_args
+from ovsw.train import cli, distributed
 
 DIGITS = "configs/smallscale/w1a1-ovsw-resnet20-digits.yaml"
 TINY = ["--batch-size", "8", "--limit-batches", "2", "-p", "1"]
@@ -57,7 +58,7 @@ def _worker(rank: int, tiny: tuple[int, str], jobs: list[tuple[list[str], int, s
     _ddp_tiny(rank, *tiny)
     for argv, port, out in jobs:
         _env(rank, port)
-        args = cli.parse_args(argv)
+        args = train_args.parse_args(argv)
         result = cli.train(args, argv)
         torch.save(
             {"state_dict": result["model"].state_dict(), "run_dir": str(result["run_dir"])},
@@ -198,10 +199,10 @@ def test_cli_two_ranks_identical_rank0_writes_and_resume_is_exact(spawned):
 def test_per_rank_batch_must_divide(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(SystemExit) as exc:
-        cli.parse_args(["--config", DIGITS, "--distributed", "True", "--batch-size", "8"])
+        train_args.parse_args(["--config", DIGITS, "--distributed", "True", "--batch-size", "8"])
     assert exc.value.code == 2
     assert "--batch-size" in capsys.readouterr().err
-    a = cli.parse_args(["--config", DIGITS, "--distributed", "--batch-size", "9"])
+    a = train_args.parse_args(["--config", DIGITS, "--distributed", "--batch-size", "9"])
     assert a.distributed and a.dist_backend is None and a.sync_bn is False
 
 

@@ -1,6 +1,10 @@
 """ovsw: OvSW (ECCV 2024, "Overcoming Silent Weights for Accurate Binary Neural Networks")
 for PyTorch, with its compute core in Rust.
 
+The library (``ovsw.nn``, ``ovsw.optim``, ``ovsw.models``, ``ovsw.deploy``) needs only
+torch and numpy. The training application ``ovsw-train`` lives in :mod:`ovsw.train`
+(the ``ovsw[train]`` extra) and is not imported here.
+
 >>> import ovsw
 >>> model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
 >>> opt = ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model,
@@ -9,10 +13,10 @@ for PyTorch, with its compute core in Rust.
 
 import torch  # noqa: F401  (loads libtorch before the Rust extension links against it)
 
-from . import _core, data, models
+from . import _core, models
 from .nn import OvSWConv2d, binary_convs
 from .optim import OvSW
 
 __version__ = _core.__version__
 
-__all__ = ["OvSWConv2d", "OvSW", "binary_convs", "data", "models", "__version__"]
+__all__ = ["OvSWConv2d", "OvSW", "binary_convs", "models", "__version__"]

@@ -1,7 +1,8 @@
-"""``python -m ovsw``: the same as ``ovsw-train``."""
+"""``python -m ovsw``: the same as ``ovsw-train`` (the training application,
+:mod:`ovsw.train`)."""
 
 import sys
 
-from .cli import main
+from .train.cli import main
 
 sys.exit(main())

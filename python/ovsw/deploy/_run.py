@@ -1,8 +1,9 @@
 """``python -m ovsw.deploy export RUN_DIR``: deploy a model trained by ``ovsw-train``.
 
-Rebuilds the model from the run folder's ``args.yaml`` (architecture, classes and binary
-conv options), loads its checkpoint, writes the deploy file and, with ``--check``,
-scores the engine and PyTorch side by side on the run's validation set.
+Rebuilds the model of the run folder with :func:`ovsw.train.runs.load_model` (its
+``args.yaml`` and checkpoint), writes the deploy file and, with ``--check``, scores the
+engine and PyTorch side by side on the run's validation set. The training application
+(:mod:`ovsw.train`, the ``ovsw[train]`` extra) is imported only when a run is exported.
 """
 
 from __future__ import annotations
@@ -14,18 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import cli
 from . import export, load
-
-
-def _run_args(run_dir: Path) -> argparse.Namespace:
-    import yaml
-
-    path = run_dir / "args.yaml"
-    if not path.is_file():
-        raise cli.CLIError(f"{run_dir} is not an ovsw-train run folder (no args.yaml)")
-    with open(path) as f:
-        return argparse.Namespace(**yaml.safe_load(f))
 
 
 def export_run(
@@ -39,27 +29,20 @@ def export_run(
 ) -> dict:
     """Export a run's checkpoint (``"best"``, ``"last"`` or a path) and, with ``check``,
     compare engine and PyTorch on the validation set. Returns the figures."""
+    from ..train import loaders, runs
+
     run_dir = Path(run_dir)
-    args = _run_args(run_dir)
-    if checkpoint in ("best", "last"):
-        name = "model_best.pth" if checkpoint == "best" else "checkpoint.pth"
-        ckpt_path = run_dir / "checkpoints" / name
-    else:
-        ckpt_path = Path(checkpoint)
-    model = cli._model(args, "cpu")
-    state = cli.load_checkpoint(ckpt_path)
-    cli.load_weights(model, state, str(ckpt_path))
-    model.eval()
+    trained = runs.load_model(run_dir, checkpoint)
+    model, args, ckpt_path, state = trained.model, trained.args, trained.checkpoint, trained.state
     out = Path(out) if out is not None else run_dir / (ckpt_path.stem + ".ovsw")
     meta = {"run_dir": str(run_dir), "checkpoint": str(ckpt_path), "set": args.set}
-    if isinstance(state, dict):
-        meta.update({k: state[k] for k in ("epoch", "best_acc1") if k in state})
+    meta.update({k: state[k] for k in ("epoch", "best_acc1") if k in state})
     export(model, out, metadata=meta)
     result = {"file": str(out), "bytes": out.stat().st_size}
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB) from {ckpt_path}")
     if not check:
         return result
-    _, val = cli._datasets(args, need_train=False)
+    _, val = loaders.load_datasets(args, need_train=False)
     engine = load(out, threads=threads)
     loader = torch.utils.data.DataLoader(val, batch_size=batch_size, shuffle=False)
     hits_torch = hits_engine = agree = total = 0
@@ -110,6 +93,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="engine threads")
     args = parser.parse_args(argv)
+    from ..train.errors import CLIError
+
     try:
         export_run(
             args.run_dir,
@@ -118,6 +103,6 @@ def main(argv=None) -> int:
             check=not args.no_check,
             threads=args.threads,
         )
-    except cli.CLIError as e:
+    except CLIError as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     return 0

@@ -10,15 +10,15 @@ Folders (``--data`` is the base folder, as without DALI)::
 A class's label is the index of its folder among the sorted folder names (as
 ``torchvision.datasets.ImageFolder`` numbers them); files are read in sorted order.
 
-**ImageNet** mirrors :func:`ovsw.data.imagenet_transforms`. Train: random resized crop of
+**ImageNet** mirrors :func:`ovsw.train.data.imagenet_transforms`. Train: random resized crop of
 224 with upstream's area range (0.08, 1.25), horizontal flip of half the images, PCA
-lighting noise, normalisation. The lighting noise is :class:`ovsw.data.Lighting`: each
+lighting noise, normalisation. The lighting noise is :class:`ovsw.train.data.Lighting`: each
 image gets the RGB offset ``eigvec @ (alpha * eigval)``, ``alpha ~ N(0, 0.1)`` per
 image and component, added to the [0, 1] image before normalising; here it is folded
 into a per-image normalisation mean, ``255 * (mean - offset)``. Validation: shorter side
 resized to 256, center 224 crop, normalisation.
 
-**CIFAR** mirrors :func:`ovsw.data.cifar`. Train: ``RandomCrop(32, padding=4)`` (the 32x32
+**CIFAR** mirrors :func:`ovsw.train.data.cifar`. Train: ``RandomCrop(32, padding=4)`` (the 32x32
 window at a uniform offset of 0..8 pixels in each axis of the zero-padded 40x40 image),
 horizontal flip of half the images, normalisation with CIFAR's mean and std. Validation:
 normalisation only. The images are 32x32, as CIFAR's are (validation center-crops or
@@ -27,7 +27,7 @@ zero-pads any other size to 32x32).
 CIFAR folders from torchvision's CIFAR-10 / CIFAR-100 (``<data>/cifar10/cifar-10-batches-py``,
 what ``ovsw-train --set CIFAR10 --download True`` fetches)::
 
-    python -m ovsw.dali export-cifar --data ./dataset --set CIFAR10 [--download]
+    python -m ovsw.train.dali export-cifar --data ./dataset --set CIFAR10 [--download]
 
 writes every image losslessly as ``<data>/cifar10/{train,val}/<class>/<index>.png``
 (train: the 50,000 training images, val: the 10,000 test images; ``<index>`` is the
@@ -221,7 +221,7 @@ def _pipeline(
 
 def _lighting_mean(fn, types, mean: Sequence[float], alphastd: float, seed: int):
     """Per image ``255 * (mean - eigvec @ (alpha * eigval))``, ``alpha ~ N(0, alphastd)``:
-    normalising with it adds :class:`ovsw.data.Lighting`'s offset to the [0, 1] image."""
+    normalising with it adds :class:`ovsw.train.data.Lighting`'s offset to the [0, 1] image."""
     m = np.asarray(IMAGENET_PCA_EIGVEC, np.float32) * np.asarray(IMAGENET_PCA_EIGVAL, np.float32)
     alpha = fn.random.normal(shape=[1, 3], stddev=float(alphastd), seed=seed)
     offset = fn.reshape(fn.coord_transform(alpha, M=m.ravel().tolist()), shape=[3])
@@ -345,7 +345,7 @@ def cifar_pipeline(
     epoch: int = 0,
 ):
     """A built DALI pipeline of one epoch over the class folders of 32x32 images in
-    ``root`` (``<data>/cifar10/train`` or ``.../val``) with :func:`ovsw.data.cifar`'s
+    ``root`` (``<data>/cifar10/train`` or ``.../val``) with :func:`ovsw.train.data.cifar`'s
     transforms; outputs and order as :func:`imagenet_pipeline`'s."""
     files, labels = image_files(root)
     return _pipeline(
@@ -581,8 +581,11 @@ def export_cifar(root: str | os.PathLike, num_classes: int = 10, *, download: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ovsw.dali export-cifar --data DIR --set CIFAR10|CIFAR100 [--download]``."""
-    p = argparse.ArgumentParser(prog="python -m ovsw.dali", description=__doc__.split("\n")[0])
+    """``python -m ovsw.train.dali export-cifar --data DIR --set CIFAR10|CIFAR100
+    [--download]``."""
+    p = argparse.ArgumentParser(
+        prog="python -m ovsw.train.dali", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser(
         "export-cifar",

@@ -1,4 +1,4 @@
-"""``ovsw-sweep`` / ``python -m ovsw.sweep``: upstream's two sweep scripts.
+"""``ovsw-sweep`` / ``python -m ovsw.train.sweep``: upstream's two sweep scripts.
 
 - ``imagenet`` (upstream's resnet18_resnet34_imagenet.py): the README's two ImageNet
   runs, ResNet-18 and ResNet-34, 200 epochs, delta 0.01, lambda 2e-5, batch 512.
