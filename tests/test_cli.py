@@ -522,6 +522,43 @@ def test_track_momentum_one_is_refused_while_parsing(tmp_path, capsys, monkeypat
     ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, track_momentum=a.track_momentum)
 
 
+# Values at and around every finite end of every float option's range, plus odd ones.
+_PROBES = (-1.0, -1e-12, 0.0, 1e-12, 0.5, 1.0 - 1e-9, 1.0, 1.0 + 1e-9, 2.0, 1e9)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [o for o in ovsw._core.ovsw_options() if o["type"] == "float"],
+    ids=lambda o: o["name"],
+)
+def test_cli_accepts_exactly_what_the_core_accepts(option, capsys):
+    # The flag is derived from the core's option table: for every probe value the parser
+    # and ovsw._core.OvSWConfig agree on whether it is valid.
+    name = option["name"]
+    for value in _PROBES:
+        try:
+            ovsw._core.OvSWConfig(**{name: value})
+            core_ok = True
+        except ValueError:
+            core_ok = False
+        try:
+            parsed = parse("--forward-type", "xnor", f"--{name}", repr(value))
+            cli_ok = True
+        except SystemExit:
+            capsys.readouterr()
+            cli_ok = False
+        assert cli_ok == core_ok, f"--{name} {value!r}: parser {cli_ok}, core {core_ok}"
+        if cli_ok:
+            assert getattr(parsed, name) == value
+
+
+def test_every_ovsw_option_is_a_flag_with_the_core_default():
+    args = parse("--forward-type", "xnor")
+    for option in ovsw._core.ovsw_options():
+        assert getattr(args, option["name"]) == option["default"], option["name"]
+    assert train_args.ACT_W == tuple(ovsw._core.act_w_names())
+
+
 @pytest.mark.parametrize("kind", ["text", "list", "dict", "pickle"])
 def test_pretrained_that_is_not_a_checkpoint(kind, tmp_path, capsys):
     path = tmp_path / "weights.pth"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import models
+from .. import _core, models
 from . import data as datasets
 from . import distributed
 from .configs import load_config
@@ -40,9 +40,10 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 LR_POLICIES = ("constant_lr", "cosine_lr", "multistep_lr")
 TRAINERS = ("ovsw", "default")
 CONV_TYPES = ("OvSWConv2d",)
-FORWARD_TYPES = ("xnor",)
-ACT_A = ("binary",)
-ACT_W = ("ste", "hardtanh", "ste_v2", "hardtanhv2")
+# The binarizer names and OvSW's options are the core's (one definition, in Rust).
+FORWARD_TYPES = tuple(_core.forward_type_names())
+ACT_A = tuple(_core.act_a_names())
+ACT_W = tuple(_core.act_w_names())
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -244,16 +245,24 @@ def _binary_network(p: argparse.ArgumentParser, B: dict) -> None:
 
 
 def _ovsw(p: argparse.ArgumentParser, B: dict) -> None:
-    """AGS and SAD (the options of :class:`ovsw.OvSW`)."""
+    """AGS and SAD: one flag per option of :class:`ovsw.OvSW`, with the name, default,
+    valid range and help of the core's option table (``_core.ovsw_options()``), so the
+    parser refuses exactly the values the core refuses."""
     g = p.add_argument_group("OvSW")
     g.add_argument("--trainers", default="ovsw", type=_choice(TRAINERS))
-    g.add_argument("--delta", default=0.01, type=_number(float, lo=0), help="AGS lower bound")
-    g.add_argument("--enable_ags", default=False, help="Adaptive Gradient Scaling", **B)
-    g.add_argument("--enable_dampen", default=False, help="Silence Awareness Decaying", **B)
-    g.add_argument("--dampen_weight", default=0.0, type=_number(float, lo=0), help="SAD lambda")
-    g.add_argument("--track_momentum", default=0.999, type=_number(float, lo=0, hi=1, hi_open=True))
-    g.add_argument("--track_threshold", default=1e-4, type=_number(float, lo=0))
-    g.add_argument("--track_ones", default=False, **B)
+    for opt in _core.ovsw_options():
+        flag = "--" + opt["name"]
+        if opt["type"] == "bool":
+            g.add_argument(flag, default=opt["default"], help=opt["help"], **B)
+            continue
+        convert = _number(
+            float,
+            lo=opt["min"],
+            lo_open=not opt["min_inclusive"],
+            hi=opt["max"],
+            hi_open=not opt["max_inclusive"],
+        )
+        g.add_argument(flag, default=opt["default"], type=convert, help=opt["help"])
 
 
 def _distributed_flags(p: argparse.ArgumentParser, B: dict) -> None:

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _core
 from ..optim import OvSW
 from .errors import CLIError
 
@@ -59,16 +60,7 @@ def build_ovsw(net: nn.Module, args: argparse.Namespace) -> OvSW:
     options. Under ``--distributed``, ``net`` is the DDP wrapper (see
     :func:`ovsw.train.distributed.wrap`)."""
     try:
-        return OvSW(
-            build_optimizer(net, args),
-            net,
-            enable_ags=args.enable_ags,
-            delta=args.delta,
-            enable_dampen=args.enable_dampen,
-            dampen_weight=args.dampen_weight,
-            track_momentum=args.track_momentum,
-            track_threshold=args.track_threshold,
-            track_ones=args.track_ones,
-        )
+        options = {o["name"]: getattr(args, o["name"]) for o in _core.ovsw_options()}
+        return OvSW(build_optimizer(net, args), net, **options)
     except ValueError as e:  # a value the core refuses (the parser should have)
         raise CLIError(f"OvSW: {e}") from None
