@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::bitconv::ConvGeom;
+use super::geom::ConvGeom;
 use super::tensor::{Act, Tensor4};
 use crate::error::{value_err, Result};
 

@@ -8,6 +8,7 @@
 pub mod bitconv;
 pub mod float;
 pub mod format;
+pub mod geom;
 pub mod tensor;
 
 use std::collections::HashMap;
@@ -15,9 +16,10 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use self::bitconv::{words_for, BinaryConv, ConvGeom, Kernel};
+use self::bitconv::{words_for, BinaryConv, Kernel};
 use self::float::{Affine, FloatConv, Linear, Pool};
 use self::format::{DType, TensorEntry};
+use self::geom::ConvGeom;
 use self::tensor::{Act, Tensor4};
 use crate::error::{value_err, Error, Result};
 
