@@ -276,6 +276,8 @@ def test_profile_names_every_op(tmp_path):
     assert all(t.seconds >= 0 for t in times)
     first = times[0]
     assert first.op == "conv2d" and first.shape == (1, 16, 32, 32)
+    _, raw = engine._engine.profile(x)  # the compiled module's answer, as the stub says
+    assert isinstance(raw[0][2], tuple) and raw[0][2] == (1, 16, 32, 32)
     assert sum(t.op == "bconv2d" for t in times) == 18
     assert "cResNet20" not in engine.summary() or "CifarResNetA" in engine.summary()
     assert engine.metadata["arch"] == "CifarResNetA"

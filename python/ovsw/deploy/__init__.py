@@ -68,7 +68,7 @@ class Engine:
     def profile(self, x: np.ndarray) -> tuple[np.ndarray, list[OpTime]]:
         """Runs ``x`` once and returns the output and each op's wall time."""
         y, times = self._engine.profile(x)
-        return y, [OpTime(n, o, tuple(s), t) for n, o, s, t in times]
+        return y, [OpTime(*t) for t in times]
 
     def run_op(self, name: str, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """Runs the single op ``name`` (see :attr:`ops`) on ``x``, and ``residual`` for a
