@@ -4,6 +4,10 @@
 use super::tensor::Tensor4;
 use crate::error::{value_err, Result};
 
+/// The most inputs one output may sum (`kh * kw * cin / groups`): binary dot products
+/// stay far inside `i32`.
+pub const MAX_WINDOW: usize = 1 << 28;
+
 /// Geometry shared by the binary and the float convolution.
 #[derive(Clone, Debug)]
 pub struct ConvGeom {
@@ -39,6 +43,18 @@ impl ConvGeom {
                 self.cin,
                 self.cout,
                 self.groups
+            );
+        }
+        let window = self
+            .kh
+            .checked_mul(self.kw)
+            .and_then(|t| t.checked_mul(self.cin / self.groups));
+        if window.is_none_or(|w| w > MAX_WINDOW) {
+            return value_err!(
+                "corrupt deploy file: op '{name}': a {}x{} window over {} channels exceeds {MAX_WINDOW} inputs",
+                self.kh,
+                self.kw,
+                self.cin / self.groups
             );
         }
         Ok(())

@@ -9,7 +9,7 @@ use numpy::{
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use super::bitconv::Kernel;
+use super::bitconv::{cpu_flags, Kernel};
 use super::tensor::Tensor4;
 use super::Engine;
 
@@ -155,18 +155,21 @@ impl DeployEngine {
 
 /// Kernels this CPU can run, best first (`"portable"` always).
 #[pyfunction]
-fn deploy_kernels() -> Vec<&'static str> {
-    Kernel::NAMES
-        .iter()
-        .rev()
-        .copied()
-        .filter(|n| Kernel::parse(n).is_ok())
-        .collect()
+fn deploy_kernels() -> PyResult<Vec<&'static str>> {
+    Ok(Kernel::available()?.into_iter().map(Kernel::name).collect())
+}
+
+/// The CPU flags the kernels use that this CPU has, as `/proc/cpuinfo` names them
+/// (less those `OVSW_DISABLE_CPU_FEATURES` hides).
+#[pyfunction]
+fn deploy_cpu_flags() -> PyResult<Vec<&'static str>> {
+    Ok(cpu_flags()?)
 }
 
 /// Adds the deploy engine's classes and functions to `ovsw._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DeployEngine>()?;
     m.add_function(wrap_pyfunction!(deploy_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_cpu_flags, m)?)?;
     Ok(())
 }

@@ -185,27 +185,49 @@ pub enum Act {
 }
 
 impl Act {
-    /// Applies the activation to one pixel's channels.
+    /// Applies the activation to one pixel's channels, in place.
     #[inline(always)]
     pub fn apply(&self, px: &mut [f32]) {
         match self {
             Act::None => {}
             Act::Hardtanh(lo, hi) => {
-                // max/min (not branches) so that the loop vectorizes; lo <= hi is
-                // checked when the file is read.
                 for v in px.iter_mut() {
-                    *v = v.max(*lo).min(*hi);
+                    *v = hardtanh(*v, *lo, *hi);
+                }
+            }
+            Act::Prelu(a) if a.len() == 1 => {
+                for v in px.iter_mut() {
+                    *v = prelu(*v, a[0]);
                 }
             }
             Act::Prelu(a) => {
-                let per_channel = a.len() > 1;
-                for (c, v) in px.iter_mut().enumerate() {
-                    if *v < 0.0 {
-                        *v *= if per_channel { a[c] } else { a[0] };
-                    }
+                for (v, &a) in px.iter_mut().zip(a) {
+                    *v = prelu(*v, a);
                 }
             }
         }
+    }
+}
+
+/// `clamp(v, lo, hi)` as two selects that compile to one `max` and one `min`
+/// instruction (`lo <= hi` is checked when the file is read); NaN gives `lo`.
+#[inline(always)]
+pub fn hardtanh(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v > lo { v } else { lo };
+    if v < hi {
+        v
+    } else {
+        hi
+    }
+}
+
+/// `v` where not negative, `a * v` elsewhere (one channel of nn.PReLU).
+#[inline(always)]
+pub fn prelu(v: f32, a: f32) -> f32 {
+    if v < 0.0 {
+        v * a
+    } else {
+        v
     }
 }
 

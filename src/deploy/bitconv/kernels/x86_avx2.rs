@@ -1,8 +1,71 @@
 //! AVX2 kernels: nibble-table popcount (`vpshufb`) on four 64-bit lanes, byte counters
-//! flushed to 64-bit sums by `vpsadbw`; sign packing by `movemask`.
+//! flushed to 64-bit sums by `vpsadbw`, 32 output channels per pass; sign packing by
+//! `movemask`. The masked kernel is the portable one compiled for AVX2.
+
+use std::arch::x86_64::*;
 
 use super::super::{BITS, LANES};
-use std::arch::x86_64::*;
+use super::{portable, sealed, Flag, Isa, Job, Run, Tile};
+
+/// Proof that the CPU has AVX2: made only by [`Avx2::new`], which checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Avx2(());
+
+impl Avx2 {
+    pub fn new() -> Option<Self> {
+        Flag::Avx2.usable().then_some(Avx2(()))
+    }
+
+    /// Runs `job` compiled for AVX2.
+    #[inline]
+    pub fn enter<J: Job>(self, job: J) -> J::Out {
+        #[target_feature(enable = "avx2")]
+        unsafe fn enter<J: Job>(isa: Avx2, job: J) -> J::Out {
+            job.run(isa)
+        }
+        // SAFETY: `self` exists, so the CPU has AVX2.
+        unsafe { enter(self, job) }
+    }
+}
+
+impl sealed::Sealed for Avx2 {}
+
+impl Isa for Avx2 {
+    #[inline(always)]
+    fn pack(self, ch: &[f32], out: &mut [u64]) -> bool {
+        if !ch.len().is_multiple_of(8) {
+            return portable::pack(ch, out);
+        }
+        assert_eq!(out.len(), ch.len().div_ceil(BITS));
+        // SAFETY: `self` proves AVX2; the loads stay inside `ch` (whole groups of 8).
+        unsafe { pack(ch, out) }
+    }
+
+    #[inline(always)]
+    unsafe fn dot<const P: usize>(self, t: &Tile<'_, P>, acc: &mut [i32]) {
+        let steps = t.steps;
+        for (p, &base) in t.bases.iter().enumerate() {
+            let ap = t.a.as_ptr().add(base);
+            let acc = acc.as_mut_ptr().add(p * t.blocks * LANES);
+            let mut b = 0;
+            while b + 4 <= t.blocks {
+                let wb = t.w.as_ptr().add(b * steps * LANES);
+                block_group::<4>(ap, t.runs, t.run_len, wb, steps, acc.add(b * LANES));
+                b += 4;
+            }
+            while b < t.blocks {
+                let wb = t.w.as_ptr().add(b * steps * LANES);
+                block_group::<1>(ap, t.runs, t.run_len, wb, steps, acc.add(b * LANES));
+                b += 1;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot_masked<const P: usize>(self, t: &Tile<'_, P>, acc: &mut [i32]) {
+        portable::dot_masked(t, acc)
+    }
+}
 
 /// Per-byte popcount of four 64-bit lanes by a 16-entry nibble table.
 #[inline(always)]
@@ -16,8 +79,8 @@ unsafe fn popcount_bytes(v: __m256i, table: __m256i, low: __m256i) -> __m256i {
 }
 
 /// Sign bits of 8 floats at a time by `movemask`; `ch.len()` is a multiple of 8.
-#[target_feature(enable = "avx2")]
-pub unsafe fn pack_avx2(ch: &[f32], out: &mut [u64]) -> bool {
+#[inline(always)]
+unsafe fn pack(ch: &[f32], out: &mut [u64]) -> bool {
     let zero = _mm256_setzero_ps();
     let mut zeros = 0;
     for (part, word) in ch.chunks(BITS).zip(out.iter_mut()) {
@@ -37,7 +100,7 @@ const FLUSH: usize = 31;
 
 /// Adds the 64-bit lane sums of two byte-count registers and stores them as 8 u32.
 #[inline(always)]
-unsafe fn store_sums(dst: *mut u32, sum0: __m256i, sum1: __m256i) {
+unsafe fn store_sums(dst: *mut i32, sum0: __m256i, sum1: __m256i) {
     // Four 64-bit sums per register, each < 2^32: gather the low halves.
     let idx = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
     let lo0 = _mm256_permutevar8x32_epi32(sum0, idx);
@@ -46,17 +109,17 @@ unsafe fn store_sums(dst: *mut u32, sum0: __m256i, sum1: __m256i) {
     _mm256_storeu_si256(dst as *mut __m256i, both);
 }
 
-/// `GROUP` blocks of 8 channels in one pass over the steps: the activation word is
-/// broadcast once per step for all of them. Byte counters are flushed to 64-bit sums
-/// every `FLUSH` steps.
+/// `GROUP` blocks of 8 channels in one pass over the runs of one pixel (words at
+/// `ap`): the activation word is broadcast once per step for all of them. Byte
+/// counters are flushed to 64-bit sums every `FLUSH` steps.
 #[inline(always)]
 unsafe fn block_group<const GROUP: usize>(
     ap: *const u64,
-    starts: &[usize],
-    row_len: usize,
+    runs: &[Run],
+    run_len: usize,
     w: *const u64,
     steps: usize,
-    acc: *mut u32,
+    acc: *mut i32,
 ) {
     let table = _mm256_setr_epi8(
         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3,
@@ -68,12 +131,11 @@ unsafe fn block_group<const GROUP: usize>(
     let mut sums = [[zero; 2]; GROUP];
     let block_stride = steps * LANES / 4; // in __m256i
     let wp = w as *const __m256i;
-    let mut s = 0;
     let mut pending = 0;
-    for &st in starts {
-        let row = ap.add(st);
+    for r in runs {
+        let row = ap.add(r.a);
         let mut j = 0;
-        while j < row_len {
+        while j < run_len {
             if pending == FLUSH {
                 for (b, t) in bytes.iter_mut().zip(sums.iter_mut()) {
                     t[0] = _mm256_add_epi64(t[0], _mm256_sad_epu8(b[0], zero));
@@ -82,9 +144,10 @@ unsafe fn block_group<const GROUP: usize>(
                 }
                 pending = 0;
             }
-            let end = row_len.min(j + FLUSH - pending);
+            let end = run_len.min(j + FLUSH - pending);
             for jj in j..end {
                 let av = _mm256_set1_epi64x(*row.add(jj) as i64);
+                let s = r.w + jj;
                 for (g, pair) in bytes.iter_mut().enumerate() {
                     let wv = wp.add(g * block_stride + 2 * s);
                     let x0 = _mm256_xor_si256(av, _mm256_loadu_si256(wv));
@@ -92,7 +155,6 @@ unsafe fn block_group<const GROUP: usize>(
                     pair[0] = _mm256_add_epi8(pair[0], popcount_bytes(x0, table, low));
                     pair[1] = _mm256_add_epi8(pair[1], popcount_bytes(x1, table, low));
                 }
-                s += 1;
             }
             pending += end - j;
             j = end;
@@ -102,43 +164,5 @@ unsafe fn block_group<const GROUP: usize>(
         let sum0 = _mm256_add_epi64(t[0], _mm256_sad_epu8(b[0], zero));
         let sum1 = _mm256_add_epi64(t[1], _mm256_sad_epu8(b[1], zero));
         store_sums(acc.add(g * LANES), sum0, sum1);
-    }
-}
-
-#[target_feature(enable = "avx2")]
-pub unsafe fn dot_avx2(
-    a: &[u64],
-    starts: &[usize],
-    row_len: usize,
-    w: &[u64],
-    blocks: usize,
-    acc: &mut [u32],
-) {
-    let steps = starts.len() * row_len;
-    let ap = a.as_ptr();
-    let mut b = 0;
-    while b + 4 <= blocks {
-        let wb = w.as_ptr().add(b * steps * LANES);
-        block_group::<4>(
-            ap,
-            starts,
-            row_len,
-            wb,
-            steps,
-            acc.as_mut_ptr().add(b * LANES),
-        );
-        b += 4;
-    }
-    while b < blocks {
-        let wb = w.as_ptr().add(b * steps * LANES);
-        block_group::<1>(
-            ap,
-            starts,
-            row_len,
-            wb,
-            steps,
-            acc.as_mut_ptr().add(b * LANES),
-        );
-        b += 1;
     }
 }
