@@ -25,12 +25,13 @@
 
 mod kernels;
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 pub use self::kernels::{cpu_flags, Kernel, DISABLE_ENV};
-use self::kernels::{Isa, Job, Run, Tile};
+use self::kernels::{Isa, Job, Run, Runs, Tile};
 use super::geom::ConvGeom;
 use super::tensor::{hardtanh, prelu, Act, Tensor4};
 use crate::error::{value_err, Result};
@@ -40,7 +41,7 @@ use crate::error::{value_err, Result};
 pub const LANES: usize = 8;
 /// Channels per `u64` word.
 pub const BITS: usize = 64;
-/// Output pixels per kernel call, at most.
+/// Output pixels per register tile of the kernels (the least per kernel call).
 pub const TILE: usize = 4;
 /// Pixels packed per parallel task.
 const PACK_CHUNK: usize = 64;
@@ -296,6 +297,10 @@ impl Job for PackJob<'_> {
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) -> bool {
         let (cg, wpg) = (self.conv.cg, self.conv.wpg);
+        if self.conv.geom.groups == 1 && cg.is_multiple_of(BITS) {
+            // Pixels' words do not share bits: pack the chunk as one run of channels.
+            return isa.pack(self.src, self.dst);
+        }
         let pw = self.conv.pixel_words();
         let mut zero = false;
         for (px, out) in self
@@ -340,32 +345,46 @@ impl Job for RowJob<'_> {
         let plan = self.plan;
         let oy = self.row % plan.oh;
         let ky = ConvGeom::valid_taps(oy, plan.h, g.kh, g.stride.0, g.padding.0, g.dilation.0);
+        let span = conv.span();
+        // The kernels' sums: kept per thread (the kernels write every entry they use,
+        // so the buffer is neither zeroed nor freed between rows).
+        thread_local! {
+            static ACC: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+        }
+        let mut acc = ACC.take();
+        acc.resize(acc.len().max(span * conv.blocks * LANES), 0);
         let mut runs = Vec::with_capacity(g.kh * g.kw);
-        let mut acc = vec![0i32; TILE * conv.blocks * LANES];
+        let mut last = None;
+        let mut run_len = 0;
         let mut ox = 0;
         while ox < plan.ow {
             let window = Window {
                 ky,
                 kx: plan.cols[ox],
             };
-            let mut p = 1;
-            while p < TILE && ox + p < plan.ow && plan.cols[ox + p] == window.kx {
-                p += 1;
+            let mut count = 1;
+            while count < span && ox + count < plan.ow && plan.cols[ox + count] == window.kx {
+                count += 1;
             }
-            let run_len = conv.runs(window, plan.w, &mut runs);
-            let job = (window, &runs[..], run_len, &mut acc[..]);
-            match p {
-                4 => self.tile::<I, 4>(isa, ox, job),
-                3 => self.tile::<I, 3>(isa, ox, job),
-                2 => self.tile::<I, 2>(isa, ox, job),
-                _ => self.tile::<I, 1>(isa, ox, job),
+            if last != Some(window) {
+                run_len = conv.runs(window, plan.w, &mut runs);
+                last = Some(window);
             }
-            ox += p;
+            let runs = Runs::new(&runs, run_len, conv.steps());
+            self.span(isa, ox, count, window, &runs, &mut acc);
+            ox += count;
         }
+        ACC.set(acc);
     }
 }
 
 impl BinaryConv {
+    /// Output pixels per kernel call: their sums (`[pixels][blocks * LANES]` i32) stay
+    /// within 16 KiB, for L1.
+    fn span(&self) -> usize {
+        (4096 / (self.blocks * LANES)).clamp(TILE, 64)
+    }
+
     /// The runs of words a window reads, relative to the packed pixel of its first
     /// tap inside the image, and their length: one run per kernel row for a dense
     /// conv, one per tap otherwise; none when the whole window is padding.
@@ -402,23 +421,24 @@ impl BinaryConv {
 }
 
 impl RowJob<'_> {
-    /// Output pixels `ox0..ox0 + P` of the row, which share `window`, every group: the
-    /// kernel, then `act(scale * dot + shift (+ residual))` into `dst` (the activation
-    /// while the pixel is in L1).
+    /// Output pixels `ox0..ox0 + count` of the row, which share `window`, every group:
+    /// the kernel, then `act(scale * dot + shift (+ residual))` into `dst`.
     #[inline(always)]
-    fn tile<I: Isa, const P: usize>(
+    fn span<I: Isa>(
         &mut self,
         isa: I,
         ox0: usize,
-        (window, runs, run_len, acc): (Window, &[Run], usize, &mut [i32]),
+        count: usize,
+        window: Window,
+        runs: &Runs<'_>,
+        acc: &mut [i32],
     ) {
         let conv = self.conv;
         let g = &conv.geom;
         let plan = self.plan;
         let (n, oy) = (self.row / plan.oh, self.row % plan.oh);
         let pw = conv.pixel_words();
-        let steps = conv.steps();
-        let group_words = conv.blocks * steps * LANES;
+        let group_words = conv.blocks * conv.steps() * LANES;
         let ((ky0, ky1), (kx0, kx1)) = (window.ky, window.kx);
         let sums = match self.a_mask {
             Some(_) => Sums::Dots,
@@ -426,35 +446,35 @@ impl RowJob<'_> {
                 n_valid: ((ky1 - ky0) * (kx1 - kx0) * conv.cg) as i32,
             },
         };
+        let first = if ky0 == ky1 || kx0 == kx1 {
+            0 // no runs: nothing is read
+        } else {
+            let iy = oy * g.stride.0 + ky0 * g.dilation.0 - g.padding.0;
+            let ix = ox0 * g.stride.1 + kx0 * g.dilation.1 - g.padding.1;
+            ((n * plan.h + iy) * plan.w + ix) * pw
+        };
+        let stride = g.stride.1 * pw;
         for gi in 0..g.groups {
-            let bases: [usize; P] = if runs.is_empty() {
-                [0; P]
-            } else {
-                let iy = oy * g.stride.0 + ky0 * g.dilation.0 - g.padding.0;
-                std::array::from_fn(|p| {
-                    let ix = (ox0 + p) * g.stride.1 + kx0 * g.dilation.1 - g.padding.1;
-                    ((n * plan.h + iy) * plan.w + ix) * pw + gi * conv.wpg
-                })
-            };
             let weights = gi * group_words..(gi + 1) * group_words;
             let tile = Tile::new(
                 self.a,
                 self.a_mask,
-                bases,
+                (first + gi * conv.wpg, stride, count),
                 runs,
-                run_len,
                 &conv.weight[weights.clone()],
                 self.w_mask.map(|m| &m[weights]),
-                steps,
                 conv.blocks,
             );
             tile.dot(isa, acc);
             let o0 = gi * conv.og;
             let (scale, shift) = (&conv.scale[o0..o0 + conv.og], &conv.shift[o0..o0 + conv.og]);
-            for p in 0..P {
+            for (p, acc) in acc
+                .chunks_exact(conv.blocks * LANES)
+                .take(count)
+                .enumerate()
+            {
                 let at = (ox0 + p) * g.cout + o0;
                 let out = &mut self.dst[at..at + conv.og];
-                let acc = &acc[p * conv.blocks * LANES..];
                 let res = self.residual.map(|r| &r[at..at + conv.og]);
                 epilogue(out, acc, sums, scale, shift, res, &conv.act, o0);
             }

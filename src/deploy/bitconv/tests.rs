@@ -8,7 +8,7 @@
 //! `ovsw_cpu_lacks`), so a kernel this CPU cannot run is reported as ignored, never as
 //! passed.
 
-use super::kernels::{Isa, Job, Run, Tile};
+use super::kernels::{Isa, Job, Run, Runs, Tile};
 use super::*;
 
 /// A small xorshift generator (no dependency for test data).
@@ -57,12 +57,12 @@ fn kernel(name: &str) -> Kernel {
     })
 }
 
-struct TileJob<'a, 'b, const P: usize> {
-    tile: &'a Tile<'b, P>,
+struct TileJob<'a, 'b> {
+    tile: &'a Tile<'b>,
     acc: &'a mut [i32],
 }
 
-impl<const P: usize> Job for TileJob<'_, '_, P> {
+impl Job for TileJob<'_, '_> {
     type Out = ();
     #[inline(always)]
     fn run<I: Isa>(self, isa: I) {
@@ -70,50 +70,49 @@ impl<const P: usize> Job for TileJob<'_, '_, P> {
     }
 }
 
-/// One tile shape: `P` pixels, both kernels, against the references. `runs` are
-/// `(word offset, first weight step)`, `steps` the weight's steps per block.
-fn check_tile<const P: usize>(
+/// One tile shape with `pixels` pixels, both kernels, against the references. `runs`
+/// are `(word offset, first weight step)`, `steps` the weight's steps per block.
+fn check_tile(
     kernel: Kernel,
     runs: &[(usize, usize)],
     run_len: usize,
     steps: usize,
     blocks: usize,
+    pixels: usize,
 ) {
     let runs: Vec<Run> = runs.iter().map(|&(a, w)| Run { a, w }).collect();
-    let a = words(600, 1);
-    let am = words(600, 2);
+    let checked = Runs::new(&runs, run_len, steps);
+    let a = words(900, 1);
+    let am = words(900, 2);
     let w = words(blocks * steps * LANES, 3);
     let wm = words(blocks * steps * LANES, 4);
-    let reach = runs.iter().map(|r| r.a).max().unwrap_or(0) + run_len;
-    let bases: [usize; P] = std::array::from_fn(|p| (p * 37) % (600 - reach));
+    let (base, stride) = (3, 37);
     for masked in [false, true] {
         let tile = if masked {
             Tile::new(
                 &a,
                 Some(&am),
-                bases,
-                &runs,
-                run_len,
+                (base, stride, pixels),
+                &checked,
                 &w,
                 Some(&wm),
-                steps,
                 blocks,
             )
         } else {
-            Tile::new(&a, None, bases, &runs, run_len, &w, None, steps, blocks)
+            Tile::new(&a, None, (base, stride, pixels), &checked, &w, None, blocks)
         };
-        let mut acc = vec![i32::MIN; P * blocks * LANES];
+        let mut acc = vec![i32::MIN; pixels * blocks * LANES];
         kernel.run(TileJob {
             tile: &tile,
             acc: &mut acc,
         });
-        for (p, &base) in bases.iter().enumerate() {
+        for p in 0..pixels {
             for b in 0..blocks {
                 for l in 0..LANES {
                     let mut want = 0;
                     for r in &runs {
                         for j in 0..run_len {
-                            let i = base + r.a + j;
+                            let i = base + p * stride + r.a + j;
                             let wi = (b * steps + r.w + j) * LANES + l;
                             want += if masked {
                                 ref_masked(a[i], am[i], w[wi], wm[wi])
@@ -126,8 +125,8 @@ fn check_tile<const P: usize>(
                     assert_eq!(
                         i64::from(got),
                         want,
-                        "kernel {}, masked {masked}, {P} pixels, runs {runs:?} x {run_len}, \
-                         {blocks} blocks: pixel {p} block {b} lane {l}",
+                        "kernel {}, masked {masked}, {pixels} pixels, runs {runs:?} x \
+                         {run_len}, {blocks} blocks: pixel {p} block {b} lane {l}",
                         kernel.name()
                     );
                 }
@@ -171,11 +170,11 @@ fn check_tiles(name: &str) {
         (&[(0, 4), (60, 7)], 2, 9, 4),
         (&[], 3, 9, 6),
     ];
+    // Pixel counts around the kernels' register tiles of 4.
     for (runs, run_len, steps, blocks) in shapes {
-        check_tile::<1>(kernel, runs, run_len, steps, blocks);
-        check_tile::<2>(kernel, runs, run_len, steps, blocks);
-        check_tile::<3>(kernel, runs, run_len, steps, blocks);
-        check_tile::<4>(kernel, runs, run_len, steps, blocks);
+        for pixels in [1, 2, 3, 4, 5, 7, 9] {
+            check_tile(kernel, runs, run_len, steps, blocks, pixels);
+        }
     }
 }
 
@@ -535,20 +534,13 @@ fn kernel_throughput() {
                 })
                 .collect();
             let steps = runs.len() * run_len;
+            let checked = Runs::new(&runs, run_len, steps);
             let w = words(blocks * steps * LANES, 4);
-            let tile = Tile::new(
-                &a,
-                None,
-                [0, 24, 48, 72],
-                &runs,
-                run_len,
-                &w,
-                None,
-                steps,
-                blocks,
-            );
-            let mut acc = vec![0i32; TILE * blocks * LANES];
-            let calls = pixels.div_ceil(TILE) * 20;
+            // Spans of 16 pixels, as the driver calls the kernels for a 56-wide row.
+            let span = 16;
+            let tile = Tile::new(&a, None, (0, 24, span), &checked, &w, None, blocks);
+            let mut acc = vec![0i32; span * blocks * LANES];
+            let calls = pixels.div_ceil(span) * 20;
             let t = std::time::Instant::now();
             for _ in 0..calls {
                 kernel.run(TileJob {
@@ -558,7 +550,7 @@ fn kernel_throughput() {
                 std::hint::black_box(&acc);
             }
             let dt = t.elapsed().as_secs_f64();
-            let words = (calls * TILE * blocks * steps * LANES) as f64;
+            let words = (calls * span * blocks * steps * LANES) as f64;
             println!(
                 "{:<17} {label}: {:.3} ms per layer, {:.2} Gword/s, {:.0} G binary MAC/s",
                 kernel.name(),
@@ -589,10 +581,7 @@ fn conv_throughput() {
         .build()
         .expect("pool");
     for kernel in Kernel::available().expect("kernels") {
-        if kernel.name() != "avx512_vpopcntdq" {
-            continue;
-        }
-        for (cin, cout, s, hw) in layers.into_iter().take(1) {
+        for (cin, cout, s, hw) in layers {
             let geom = ConvGeom {
                 cin,
                 cout,
@@ -629,7 +618,7 @@ fn conv_throughput() {
             };
             let time = |f: &dyn Fn()| {
                 let mut best = f64::MAX;
-                for _ in 0..200 {
+                for _ in 0..10 {
                     let t = std::time::Instant::now();
                     for _ in 0..20 {
                         f();

@@ -325,32 +325,65 @@ pub trait Isa: Copy + sealed::Sealed {
     /// The fast kernel (see the module docs) on a checked tile.
     ///
     /// # Safety
-    /// `acc.len() >= P * tile.blocks * LANES`; the tile was checked by [`Tile::new`].
-    unsafe fn dot<const P: usize>(self, tile: &Tile<'_, P>, acc: &mut [i32]);
+    /// `acc.len() >= tile.pixels * tile.blocks * LANES`; the tile was checked by
+    /// [`Tile::new`].
+    unsafe fn dot(self, tile: &Tile<'_>, acc: &mut [i32]);
 
     /// The masked kernel on a checked tile with masks.
     ///
     /// # Safety
     /// As [`Isa::dot`], and the tile has both masks.
-    unsafe fn dot_masked<const P: usize>(self, tile: &Tile<'_, P>, acc: &mut [i32]);
+    unsafe fn dot_masked(self, tile: &Tile<'_>, acc: &mut [i32]);
 }
 
-/// A run of `run_len` consecutive words of the conv window: pixel `p` reads
-/// `a[bases[p] + a + j]` against weight step `w + j`, for `j < run_len`.
+/// A run of consecutive words of the conv window: each pixel reads its words
+/// `a..a + len` (from its base) against weight steps `w..w + len`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
     pub a: usize,
     pub w: usize,
 }
 
-/// `P` output pixels of one group for a kernel, checked so that the kernels may index
-/// without bounds checks. The pixels read the same runs of words at their own bases;
-/// the weights are `w[(b * steps + s) * LANES + lane]` for block `b` of 8 output
-/// channels and step `s < steps`; the masks, when present, have the same layouts.
-pub struct Tile<'a, const P: usize> {
+/// The runs of a window, all `len` words long, checked against the weight's `steps`.
+pub struct Runs<'a> {
+    runs: &'a [Run],
+    len: usize,
+    steps: usize,
+    /// One past the last word a pixel reads, from its base (0 without runs).
+    reach: usize,
+}
+
+impl<'a> Runs<'a> {
+    /// Panics when a run leaves the weight's steps (a bug in the driver).
+    pub fn new(runs: &'a [Run], len: usize, steps: usize) -> Self {
+        let mut reach = 0;
+        for r in runs {
+            let (a_end, w_end) = (r.a.checked_add(len), r.w.checked_add(len));
+            assert!(
+                a_end.is_some() && w_end.is_some_and(|e| e <= steps),
+                "binary conv runs out of bounds"
+            );
+            reach = reach.max(a_end.unwrap_or(0));
+        }
+        Runs {
+            runs,
+            len,
+            steps,
+            reach,
+        }
+    }
+}
+
+/// `pixels` output pixels of one group for a kernel, checked so that the kernels may
+/// index without bounds checks. Pixel `p` reads the runs at base `base + p * stride`
+/// of `a`; the weights are `w[(b * steps + s) * LANES + lane]` for block `b` of 8
+/// output channels and step `s`; the masks, when present, have the same layouts.
+pub struct Tile<'a> {
     a: &'a [u64],
     a_mask: Option<&'a [u64]>,
-    bases: [usize; P],
+    base: usize,
+    stride: usize,
+    pixels: usize,
     runs: &'a [Run],
     run_len: usize,
     w: &'a [u64],
@@ -359,7 +392,7 @@ pub struct Tile<'a, const P: usize> {
     blocks: usize,
 }
 
-impl<'a, const P: usize> Tile<'a, P> {
+impl<'a> Tile<'a> {
     /// Checks every index the kernels will read. Panics on a violation (a bug in the
     /// driver, never a user's input).
     #[allow(clippy::too_many_arguments)]
@@ -367,29 +400,21 @@ impl<'a, const P: usize> Tile<'a, P> {
     pub fn new(
         a: &'a [u64],
         a_mask: Option<&'a [u64]>,
-        bases: [usize; P],
-        runs: &'a [Run],
-        run_len: usize,
+        (base, stride, pixels): (usize, usize, usize),
+        runs: &Runs<'a>,
         w: &'a [u64],
         w_mask: Option<&'a [u64]>,
-        steps: usize,
         blocks: usize,
     ) -> Self {
-        let reach = runs
-            .iter()
-            .map(|r| r.a.checked_add(run_len))
-            .try_fold(0, |m, e| e.map(|e| m.max(e)))
-            .unwrap_or(usize::MAX);
+        let end = (pixels - 1)
+            .checked_mul(stride)
+            .and_then(|o| o.checked_add(base))
+            .and_then(|o| o.checked_add(runs.reach));
         assert!(
-            P > 0
-                && bases
-                    .iter()
-                    .all(|&b| b.checked_add(reach).is_some_and(|end| end <= a.len()))
-                && runs
-                    .iter()
-                    .all(|r| r.w.checked_add(run_len).is_some_and(|end| end <= steps))
+            pixels > 0
+                && (runs.runs.is_empty() || end.is_some_and(|e| e <= a.len()))
                 && a_mask.is_none_or(|m| m.len() == a.len())
-                && w.len() == blocks * steps * LANES
+                && w.len() == blocks * runs.steps * LANES
                 && w_mask.is_none_or(|m| m.len() == w.len())
                 && a_mask.is_some() == w_mask.is_some(),
             "binary conv kernel called out of bounds"
@@ -397,22 +422,24 @@ impl<'a, const P: usize> Tile<'a, P> {
         Tile {
             a,
             a_mask,
-            bases,
-            runs,
-            run_len,
+            base,
+            stride,
+            pixels,
+            runs: runs.runs,
+            run_len: runs.len,
             w,
             w_mask,
-            steps,
+            steps: runs.steps,
             blocks,
         }
     }
 
     /// Runs the fast kernel, or the masked one when the tile has masks. `acc` receives
-    /// `P * blocks * LANES` sums, pixel-major: the popcount of `a ^ w` per channel, or
-    /// with masks the dot product `popcount(m) - 2 popcount((a ^ w) & m)`.
+    /// `pixels * blocks * LANES` sums, pixel-major: the popcount of `a ^ w` per
+    /// channel, or with masks the dot product `popcount(m) - 2 popcount((a ^ w) & m)`.
     #[inline(always)]
     pub fn dot<I: Isa>(&self, isa: I, acc: &mut [i32]) {
-        assert!(acc.len() >= P * self.blocks * LANES);
+        assert!(acc.len() >= self.pixels * self.blocks * LANES);
         if self.a_mask.is_some() {
             // SAFETY: the tile was checked by `new` (masks present), `acc` just above;
             // `isa` is a token, so the CPU runs its code.
@@ -421,6 +448,12 @@ impl<'a, const P: usize> Tile<'a, P> {
             // SAFETY: as above.
             unsafe { isa.dot(self, acc) }
         }
+    }
+
+    /// The base of pixel `p`'s words.
+    #[inline(always)]
+    fn base(&self, p: usize) -> usize {
+        self.base + p * self.stride
     }
 }
 

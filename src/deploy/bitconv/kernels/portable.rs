@@ -18,12 +18,12 @@ impl Isa for Portable {
     }
 
     #[inline(always)]
-    unsafe fn dot<const P: usize>(self, tile: &Tile<'_, P>, acc: &mut [i32]) {
+    unsafe fn dot(self, tile: &Tile<'_>, acc: &mut [i32]) {
         dot(tile, acc)
     }
 
     #[inline(always)]
-    unsafe fn dot_masked<const P: usize>(self, tile: &Tile<'_, P>, acc: &mut [i32]) {
+    unsafe fn dot_masked(self, tile: &Tile<'_>, acc: &mut [i32]) {
         dot_masked(tile, acc)
     }
 }
@@ -47,8 +47,9 @@ pub fn pack(ch: &[f32], out: &mut [u64]) -> bool {
 /// The fast kernel, pixel by pixel (safe indexing: the tile's checks make the bounds
 /// checks cheap to predict).
 #[inline(always)]
-pub fn dot<const P: usize>(t: &Tile<'_, P>, acc: &mut [i32]) {
-    for (p, &base) in t.bases.iter().enumerate() {
+pub fn dot(t: &Tile<'_>, acc: &mut [i32]) {
+    for p in 0..t.pixels {
+        let base = t.base(p);
         let out = &mut acc[p * t.blocks * LANES..(p + 1) * t.blocks * LANES];
         for (b, out) in out.chunks_exact_mut(LANES).enumerate() {
             let wb = &t.w[b * t.steps * LANES..(b + 1) * t.steps * LANES];
@@ -71,11 +72,12 @@ pub fn dot<const P: usize>(t: &Tile<'_, P>, acc: &mut [i32]) {
 
 /// The masked kernel, pixel by pixel.
 #[inline(always)]
-pub fn dot_masked<const P: usize>(t: &Tile<'_, P>, acc: &mut [i32]) {
+pub fn dot_masked(t: &Tile<'_>, acc: &mut [i32]) {
     let (Some(a_mask), Some(w_mask)) = (t.a_mask, t.w_mask) else {
         unreachable!("Tile::dot runs the masked kernel only with both masks")
     };
-    for (p, &base) in t.bases.iter().enumerate() {
+    for p in 0..t.pixels {
+        let base = t.base(p);
         let out = &mut acc[p * t.blocks * LANES..(p + 1) * t.blocks * LANES];
         for (b, out) in out.chunks_exact_mut(LANES).enumerate() {
             let block = b * t.steps * LANES..(b + 1) * t.steps * LANES;

@@ -42,10 +42,10 @@ impl Isa for Avx2 {
     }
 
     #[inline(always)]
-    unsafe fn dot<const P: usize>(self, t: &Tile<'_, P>, acc: &mut [i32]) {
+    unsafe fn dot(self, t: &Tile<'_>, acc: &mut [i32]) {
         let steps = t.steps;
-        for (p, &base) in t.bases.iter().enumerate() {
-            let ap = t.a.as_ptr().add(base);
+        for p in 0..t.pixels {
+            let ap = t.a.as_ptr().add(t.base(p));
             let acc = acc.as_mut_ptr().add(p * t.blocks * LANES);
             let mut b = 0;
             while b + 4 <= t.blocks {
@@ -62,7 +62,7 @@ impl Isa for Avx2 {
     }
 
     #[inline(always)]
-    unsafe fn dot_masked<const P: usize>(self, t: &Tile<'_, P>, acc: &mut [i32]) {
+    unsafe fn dot_masked(self, t: &Tile<'_>, acc: &mut [i32]) {
         portable::dot_masked(t, acc)
     }
 }

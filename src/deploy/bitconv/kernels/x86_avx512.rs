@@ -19,7 +19,7 @@
 use std::arch::x86_64::*;
 
 use super::super::{BITS, LANES};
-use super::{sealed, Flag, Isa, Job, Run, Tile};
+use super::{sealed, Flag, Isa, Job, Tile};
 
 /// Proof that the CPU has AVX-512F and VPOPCNTDQ: made only by
 /// [`Avx512Vpopcnt::new`], which checks.
@@ -68,6 +68,25 @@ impl Avx512Bw {
 impl sealed::Sealed for Avx512Vpopcnt {}
 impl sealed::Sealed for Avx512Bw {}
 
+/// Calls `$f::<P>(tile, p0, args..)` over the tile's pixels: chunks of 4, then the
+/// remainder, so that each register tile has a compile-time size.
+macro_rules! by_pixels {
+    ($t:expr, $f:ident $(, $arg:expr)*) => {{
+        let t = $t;
+        let mut p0 = 0;
+        while p0 + 4 <= t.pixels {
+            $f::<4>(t, p0 $(, $arg)*);
+            p0 += 4;
+        }
+        match t.pixels - p0 {
+            3 => $f::<3>(t, p0 $(, $arg)*),
+            2 => $f::<2>(t, p0 $(, $arg)*),
+            1 => $f::<1>(t, p0 $(, $arg)*),
+            _ => {}
+        }
+    }};
+}
+
 impl Isa for Avx512Vpopcnt {
     #[inline(always)]
     fn pack(self, ch: &[f32], out: &mut [u64]) -> bool {
@@ -77,33 +96,13 @@ impl Isa for Avx512Vpopcnt {
     }
 
     #[inline(always)]
-    unsafe fn dot<const P: usize>(self, t: &Tile<'_, P>, acc: &mut [i32]) {
-        let acc = acc.as_mut_ptr();
-        let mut b = 0;
-        while b + 4 <= t.blocks {
-            vpopcnt_blocks::<P, 4>(t, b, acc);
-            b += 4;
-        }
-        if b + 2 <= t.blocks {
-            vpopcnt_blocks::<P, 2>(t, b, acc);
-            b += 2;
-        }
-        if b < t.blocks {
-            vpopcnt_blocks::<P, 1>(t, b, acc);
-        }
+    unsafe fn dot(self, t: &Tile<'_>, acc: &mut [i32]) {
+        by_pixels!(t, vpopcnt_pixels, acc.as_mut_ptr())
     }
 
     #[inline(always)]
-    unsafe fn dot_masked<const P: usize>(self, t: &Tile<'_, P>, acc: &mut [i32]) {
-        let acc = acc.as_mut_ptr();
-        let mut b = 0;
-        while b + 2 <= t.blocks {
-            vpopcnt_masked_blocks::<P, 2>(t, b, acc);
-            b += 2;
-        }
-        if b < t.blocks {
-            vpopcnt_masked_blocks::<P, 1>(t, b, acc);
-        }
+    unsafe fn dot_masked(self, t: &Tile<'_>, acc: &mut [i32]) {
+        by_pixels!(t, vpopcnt_masked_pixels, acc.as_mut_ptr())
     }
 }
 
@@ -116,24 +115,13 @@ impl Isa for Avx512Bw {
     }
 
     #[inline(always)]
-    unsafe fn dot<const P: usize>(self, t: &Tile<'_, P>, acc: &mut [i32]) {
-        let acc = acc.as_mut_ptr();
-        let mut b = 0;
-        while b + 2 <= t.blocks {
-            nibble_blocks::<P, 2>(t, b, acc);
-            b += 2;
-        }
-        if b < t.blocks {
-            nibble_blocks::<P, 1>(t, b, acc);
-        }
+    unsafe fn dot(self, t: &Tile<'_>, acc: &mut [i32]) {
+        by_pixels!(t, nibble_pixels, acc.as_mut_ptr())
     }
 
     #[inline(always)]
-    unsafe fn dot_masked<const P: usize>(self, t: &Tile<'_, P>, acc: &mut [i32]) {
-        let acc = acc.as_mut_ptr();
-        for b in 0..t.blocks {
-            nibble_masked_block::<P>(t, b, acc);
-        }
+    unsafe fn dot_masked(self, t: &Tile<'_>, acc: &mut [i32]) {
+        by_pixels!(t, nibble_masked_pixels, acc.as_mut_ptr())
     }
 }
 
@@ -177,35 +165,53 @@ unsafe fn store8(dst: *mut i32, v: __m512i) {
     _mm256_storeu_si256(dst as *mut __m256i, _mm512_cvtepi64_epi32(v));
 }
 
-/// Broadcasts word `j` of run `r` of pixel `p`.
+/// The word arrays of pixels `p0..p0 + P`.
 #[inline(always)]
-unsafe fn word<const P: usize>(
-    t: &Tile<'_, P>,
-    a: *const u64,
-    p: usize,
-    r: &Run,
-    j: usize,
-) -> __m512i {
-    _mm512_set1_epi64(*a.add(t.bases[p] + r.a + j) as i64)
+unsafe fn pixels<const P: usize>(t: &Tile<'_>, a: &[u64], p0: usize) -> [*const u64; P] {
+    std::array::from_fn(|p| a.as_ptr().add(t.base(p0 + p)))
 }
 
-/// Blocks `b0..b0 + G` of the fast kernel by VPOPCNTQ.
+/// Where pixel `p`'s sums of blocks `b..` go.
+#[inline(always)]
+unsafe fn out(t: &Tile<'_>, acc: *mut i32, p: usize, b: usize) -> *mut i32 {
+    acc.add((p * t.blocks + b) * LANES)
+}
+
+/// Pixels `p0..p0 + P`, every block, by VPOPCNTQ.
+#[inline(always)]
+unsafe fn vpopcnt_pixels<const P: usize>(t: &Tile<'_>, p0: usize, acc: *mut i32) {
+    let mut b = 0;
+    while b + 4 <= t.blocks {
+        vpopcnt_blocks::<P, 4>(t, p0, b, acc);
+        b += 4;
+    }
+    if b + 2 <= t.blocks {
+        vpopcnt_blocks::<P, 2>(t, p0, b, acc);
+        b += 2;
+    }
+    if b < t.blocks {
+        vpopcnt_blocks::<P, 1>(t, p0, b, acc);
+    }
+}
+
+/// Blocks `b0..b0 + G` of pixels `p0..p0 + P` by VPOPCNTQ.
 #[inline(always)]
 unsafe fn vpopcnt_blocks<const P: usize, const G: usize>(
-    t: &Tile<'_, P>,
+    t: &Tile<'_>,
+    p0: usize,
     b0: usize,
     acc: *mut i32,
 ) {
     let stride = t.steps * LANES;
     let w = t.w.as_ptr().add(b0 * stride);
-    let a = t.a.as_ptr();
+    let a = pixels::<P>(t, t.a, p0);
     let mut sums = [[_mm512_setzero_si512(); G]; P];
     for r in t.runs {
         for j in 0..t.run_len {
             let s = r.w + j;
             let mut av = [_mm512_setzero_si512(); P];
-            for (p, v) in av.iter_mut().enumerate() {
-                *v = word(t, a, p, r, j);
+            for p in 0..P {
+                av[p] = _mm512_set1_epi64(*a[p].add(r.a + j) as i64);
             }
             for g in 0..G {
                 let wv = _mm512_loadu_si512(w.add(g * stride + s * LANES) as *const __m512i);
@@ -216,9 +222,9 @@ unsafe fn vpopcnt_blocks<const P: usize, const G: usize>(
             }
         }
     }
-    for (p, sums) in sums.iter().enumerate() {
-        for (g, &v) in sums.iter().enumerate() {
-            store8(acc.add((p * t.blocks + b0 + g) * LANES), v);
+    for p in 0..P {
+        for g in 0..G {
+            store8(out(t, acc, p0 + p, b0 + g), sums[p][g]);
         }
     }
 }
@@ -229,10 +235,24 @@ unsafe fn xor_and(a: __m512i, w: __m512i, m: __m512i) -> __m512i {
     _mm512_ternarylogic_epi64::<0x28>(a, w, m)
 }
 
-/// Blocks `b0..b0 + G` of the masked kernel by VPOPCNTQ.
+/// Pixels `p0..p0 + P`, every block, masked, by VPOPCNTQ.
+#[inline(always)]
+unsafe fn vpopcnt_masked_pixels<const P: usize>(t: &Tile<'_>, p0: usize, acc: *mut i32) {
+    let mut b = 0;
+    while b + 2 <= t.blocks {
+        vpopcnt_masked_blocks::<P, 2>(t, p0, b, acc);
+        b += 2;
+    }
+    if b < t.blocks {
+        vpopcnt_masked_blocks::<P, 1>(t, p0, b, acc);
+    }
+}
+
+/// Blocks `b0..b0 + G` of pixels `p0..p0 + P` of the masked kernel by VPOPCNTQ.
 #[inline(always)]
 unsafe fn vpopcnt_masked_blocks<const P: usize, const G: usize>(
-    t: &Tile<'_, P>,
+    t: &Tile<'_>,
+    p0: usize,
     b0: usize,
     acc: *mut i32,
 ) {
@@ -244,7 +264,7 @@ unsafe fn vpopcnt_masked_blocks<const P: usize, const G: usize>(
         t.w.as_ptr().add(b0 * stride),
         w_mask.as_ptr().add(b0 * stride),
     );
-    let (a, am) = (t.a.as_ptr(), a_mask.as_ptr());
+    let (a, am) = (pixels::<P>(t, t.a, p0), pixels::<P>(t, a_mask, p0));
     let zero = _mm512_setzero_si512();
     let mut valid = [[zero; G]; P];
     let mut diff = [[zero; G]; P];
@@ -254,8 +274,8 @@ unsafe fn vpopcnt_masked_blocks<const P: usize, const G: usize>(
             let mut av = [zero; P];
             let mut mv = [zero; P];
             for p in 0..P {
-                av[p] = word(t, a, p, r, j);
-                mv[p] = word(t, am, p, r, j);
+                av[p] = _mm512_set1_epi64(*a[p].add(r.a + j) as i64);
+                mv[p] = _mm512_set1_epi64(*am[p].add(r.a + j) as i64);
             }
             for g in 0..G {
                 let at = g * stride + s * LANES;
@@ -274,7 +294,7 @@ unsafe fn vpopcnt_masked_blocks<const P: usize, const G: usize>(
         for g in 0..G {
             let twice = _mm512_add_epi64(diff[p][g], diff[p][g]);
             let dot = _mm512_sub_epi64(valid[p][g], twice);
-            store8(acc.add((p * t.blocks + b0 + g) * LANES), dot);
+            store8(out(t, acc, p0 + p, b0 + g), dot);
         }
     }
 }
@@ -301,12 +321,30 @@ unsafe fn popcount_bytes(v: __m512i, table: __m512i, low: __m512i) -> __m512i {
 /// Byte counters grow by at most 8 per step: flush them every 31 steps.
 const FLUSH: usize = 31;
 
-/// Blocks `b0..b0 + G` of the fast kernel by the nibble table.
+/// Pixels `p0..p0 + P`, every block, by the nibble table.
 #[inline(always)]
-unsafe fn nibble_blocks<const P: usize, const G: usize>(t: &Tile<'_, P>, b0: usize, acc: *mut i32) {
+unsafe fn nibble_pixels<const P: usize>(t: &Tile<'_>, p0: usize, acc: *mut i32) {
+    let mut b = 0;
+    while b + 2 <= t.blocks {
+        nibble_blocks::<P, 2>(t, p0, b, acc);
+        b += 2;
+    }
+    if b < t.blocks {
+        nibble_blocks::<P, 1>(t, p0, b, acc);
+    }
+}
+
+/// Blocks `b0..b0 + G` of pixels `p0..p0 + P` by the nibble table.
+#[inline(always)]
+unsafe fn nibble_blocks<const P: usize, const G: usize>(
+    t: &Tile<'_>,
+    p0: usize,
+    b0: usize,
+    acc: *mut i32,
+) {
     let stride = t.steps * LANES;
     let w = t.w.as_ptr().add(b0 * stride);
-    let a = t.a.as_ptr();
+    let a = pixels::<P>(t, t.a, p0);
     let (table, low, zero) = (
         nibble_table(),
         _mm512_set1_epi8(0x0f),
@@ -326,8 +364,8 @@ unsafe fn nibble_blocks<const P: usize, const G: usize>(t: &Tile<'_, P>, b0: usi
                 pending = 0;
             }
             let mut av = [zero; P];
-            for (p, v) in av.iter_mut().enumerate() {
-                *v = word(t, a, p, r, j);
+            for p in 0..P {
+                av[p] = _mm512_set1_epi64(*a[p].add(r.a + j) as i64);
             }
             for g in 0..G {
                 let wv = _mm512_loadu_si512(w.add(g * stride + s * LANES) as *const __m512i);
@@ -342,14 +380,22 @@ unsafe fn nibble_blocks<const P: usize, const G: usize>(t: &Tile<'_, P>, b0: usi
     for p in 0..P {
         for g in 0..G {
             let total = _mm512_add_epi64(sums[p][g], _mm512_sad_epu8(bytes[p][g], zero));
-            store8(acc.add((p * t.blocks + b0 + g) * LANES), total);
+            store8(out(t, acc, p0 + p, b0 + g), total);
         }
     }
 }
 
-/// Block `b` of the masked kernel by the nibble table.
+/// Pixels `p0..p0 + P`, every block, masked, by the nibble table.
 #[inline(always)]
-unsafe fn nibble_masked_block<const P: usize>(t: &Tile<'_, P>, b: usize, acc: *mut i32) {
+unsafe fn nibble_masked_pixels<const P: usize>(t: &Tile<'_>, p0: usize, acc: *mut i32) {
+    for b in 0..t.blocks {
+        nibble_masked_block::<P>(t, p0, b, acc);
+    }
+}
+
+/// Block `b` of pixels `p0..p0 + P` of the masked kernel by the nibble table.
+#[inline(always)]
+unsafe fn nibble_masked_block<const P: usize>(t: &Tile<'_>, p0: usize, b: usize, acc: *mut i32) {
     let (Some(a_mask), Some(w_mask)) = (t.a_mask, t.w_mask) else {
         unreachable!("Tile::dot runs the masked kernel only with both masks")
     };
@@ -358,7 +404,7 @@ unsafe fn nibble_masked_block<const P: usize>(t: &Tile<'_, P>, b: usize, acc: *m
         t.w.as_ptr().add(b * stride),
         w_mask.as_ptr().add(b * stride),
     );
-    let (a, am) = (t.a.as_ptr(), a_mask.as_ptr());
+    let (a, am) = (pixels::<P>(t, t.a, p0), pixels::<P>(t, a_mask, p0));
     let (table, low, zero) = (
         nibble_table(),
         _mm512_set1_epi8(0x0f),
@@ -384,8 +430,10 @@ unsafe fn nibble_masked_block<const P: usize>(t: &Tile<'_, P>, b: usize, acc: *m
             let wv = _mm512_loadu_si512(w.add(s * LANES) as *const __m512i);
             let wmv = _mm512_loadu_si512(wm.add(s * LANES) as *const __m512i);
             for p in 0..P {
-                let m = _mm512_and_si512(word(t, am, p, r, j), wmv);
-                let d = xor_and(word(t, a, p, r, j), wv, m);
+                let av = _mm512_set1_epi64(*a[p].add(r.a + j) as i64);
+                let mv = _mm512_set1_epi64(*am[p].add(r.a + j) as i64);
+                let m = _mm512_and_si512(mv, wmv);
+                let d = xor_and(av, wv, m);
                 valid_bytes[p] = _mm512_add_epi8(valid_bytes[p], popcount_bytes(m, table, low));
                 diff_bytes[p] = _mm512_add_epi8(diff_bytes[p], popcount_bytes(d, table, low));
             }
@@ -396,6 +444,6 @@ unsafe fn nibble_masked_block<const P: usize>(t: &Tile<'_, P>, b: usize, acc: *m
         let v = _mm512_add_epi64(valid[p], _mm512_sad_epu8(valid_bytes[p], zero));
         let d = _mm512_add_epi64(diff[p], _mm512_sad_epu8(diff_bytes[p], zero));
         let dot = _mm512_sub_epi64(v, _mm512_add_epi64(d, d));
-        store8(acc.add((p * t.blocks + b) * LANES), dot);
+        store8(out(t, acc, p0 + p, b), dot);
     }
 }

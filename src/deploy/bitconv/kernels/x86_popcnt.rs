@@ -33,12 +33,12 @@ impl Isa for Popcnt {
     }
 
     #[inline(always)]
-    unsafe fn dot<const P: usize>(self, tile: &Tile<'_, P>, acc: &mut [i32]) {
+    unsafe fn dot(self, tile: &Tile<'_>, acc: &mut [i32]) {
         portable::dot(tile, acc)
     }
 
     #[inline(always)]
-    unsafe fn dot_masked<const P: usize>(self, tile: &Tile<'_, P>, acc: &mut [i32]) {
+    unsafe fn dot_masked(self, tile: &Tile<'_>, acc: &mut [i32]) {
         portable::dot_masked(tile, acc)
     }
 }
