@@ -159,6 +159,13 @@ fn deploy_kernels() -> PyResult<Vec<&'static str>> {
     Ok(Kernel::available()?.into_iter().map(Kernel::name).collect())
 }
 
+/// The kernel `name` selects on this CPU (`"auto"`: the best); `ValueError` naming the
+/// missing CPU flag for one this CPU cannot run.
+#[pyfunction]
+fn deploy_kernel(name: &str) -> PyResult<&'static str> {
+    Ok(Kernel::parse(name)?.name())
+}
+
 /// The CPU flags the kernels use that this CPU has, as `/proc/cpuinfo` names them
 /// (less those `OVSW_DISABLE_CPU_FEATURES` hides).
 #[pyfunction]
@@ -171,5 +178,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DeployEngine>()?;
     m.add_function(wrap_pyfunction!(deploy_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(deploy_cpu_flags, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_kernel, m)?)?;
     Ok(())
 }
