@@ -4,6 +4,7 @@ architectures, kernels, threads, bad files and bad inputs."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
@@ -220,16 +221,83 @@ def test_after_training_steps_matches_eval(arch, size, options, tmp_path):
     check_logits(engine, model, torch.randn(8, 3, size, size), arch)
 
 
-def test_all_kernels_give_identical_logits(tmp_path):
-    model = calibrated("ResNet18_1w1a", 64)
-    path = deploy.export(model, tmp_path / "m.ovsw", input_size=64)
-    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64), dtype=np.float32)
+#: Every kernel name and the CPU flags it needs (as /proc/cpuinfo names them).
+KERNEL_FLAGS = {
+    "avx512_vpopcntdq": ("avx512f", "avx512_vpopcntdq"),
+    "avx512bw": ("avx512f", "avx512bw"),
+    "avx2": ("avx2",),
+    "popcnt": ("popcnt",),
+    "portable": (),
+}
+
+
+def test_kernels_lists_what_this_cpu_runs():
     kernels = deploy.kernels()
+    flags = deploy.cpu_flags()
     assert kernels[-1] == "portable"
-    outs = {k: deploy.load(path, kernel=k)(x) for k in kernels}
+    assert kernels == [k for k in KERNEL_FLAGS if set(KERNEL_FLAGS[k]) <= set(flags)]
+
+
+@pytest.mark.parametrize("arch,size", ARCHS)
+def test_every_kernel_gives_bit_identical_logits(arch, size, tmp_path):
+    model = calibrated(arch, size)
+    # Exact zeros in one binary conv's weights: that layer runs the masked kernel.
+    name, conv = next(iter(ovsw.binary_convs(model)))
+    with torch.no_grad():
+        conv.weight[0, :, 0, 0] = 0.0
+    path = deploy.export(model, tmp_path / "m.ovsw", input_size=size)
+    x = np.random.default_rng(0).standard_normal((3, 3, size, size), dtype=np.float32)
+    outs = {k: deploy.load(path, threads=2, kernel=k)(x) for k in deploy.kernels()}
     for k, y in outs.items():
-        np.testing.assert_array_equal(y, outs["portable"], err_msg=k)
-    assert deploy.load(path).kernel == kernels[0]
+        np.testing.assert_array_equal(y, outs["portable"], err_msg=f"{k} ({name} masked)")
+    assert deploy.load(path).kernel == deploy.kernels()[0]
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_FLAGS))
+def test_a_kernel_this_cpu_lacks_is_refused_naming_the_flag(kernel, good_file):
+    if kernel in deploy.kernels():
+        assert deploy.load(good_file, kernel=kernel).kernel == kernel
+        return
+    missing = [f for f in KERNEL_FLAGS[kernel] if f not in deploy.cpu_flags()]
+    with pytest.raises(ValueError, match=f"lacks the {missing[0]} flag"):
+        deploy.load(good_file, kernel=kernel)
+
+
+def test_hidden_cpu_flags_make_a_kernel_unreachable(good_file):
+    # OVSW_DISABLE_CPU_FEATURES takes flags away (it cannot add any), so this works on
+    # every CPU: the kernels that need a hidden flag are neither listed nor loadable.
+    script = f"""
+import ovsw.deploy as d
+assert "avx512_vpopcntdq" not in d.kernels() and "avx2" not in d.kernels(), d.kernels()
+assert "avx2" not in d.cpu_flags()
+for k in ("avx512_vpopcntdq", "avx2"):
+    try:
+        d.load({str(good_file)!r}, kernel=k)
+    except ValueError as e:
+        print(e)
+    else:
+        raise SystemExit(k + " loaded")
+e = d.load({str(good_file)!r})
+print("auto:", e.kernel)
+"""
+    env = {**os.environ, "OVSW_DISABLE_CPU_FEATURES": "avx512_vpopcntdq avx2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "needs the CPU flag avx512_vpopcntdq" in lines[0], lines
+    assert "needs the CPU flag avx2" in lines[1], lines
+    assert lines[2] in ("auto: avx512bw", "auto: popcnt", "auto: portable"), lines
+    bad = {**os.environ, "OVSW_DISABLE_CPU_FEATURES": "avx9"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import ovsw.deploy as d; d.kernels()"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=bad,
+    )
+    assert proc.returncode != 0 and "unknown CPU flag 'avx9'" in proc.stderr
 
 
 def test_zero_activations_and_zero_weights_count_as_zero(tmp_path):
@@ -276,6 +344,8 @@ def test_profile_names_every_op(tmp_path):
     assert all(t.seconds >= 0 for t in times)
     first = times[0]
     assert first.op == "conv2d" and first.shape == (1, 16, 32, 32)
+    _, raw = engine._engine.profile(x)  # the compiled module's answer, as the stub says
+    assert isinstance(raw[0][2], tuple) and raw[0][2] == (1, 16, 32, 32)
     assert sum(t.op == "bconv2d" for t in times) == 18
     assert "cResNet20" not in engine.summary() or "CifarResNetA" in engine.summary()
     assert engine.metadata["arch"] == "CifarResNetA"
@@ -459,6 +529,11 @@ def test_bench_command_prints_its_json_summary():
             "1",
             "--model-repeats",
             "1",
+            "--batches",
+            "1",
+            "2",
+            "--batch-repeats",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -467,6 +542,19 @@ def test_bench_command_prints_its_json_summary():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
+    # The machine: CPU model, the flags found, the kernels it runs and the one measured.
+    assert summary["cpu"] and summary["cpu"] in lines[0]
+    assert summary["cpu_flags"] == deploy.cpu_flags()
+    assert summary["kernels"] == deploy.kernels()
+    assert summary["kernel"] == deploy.kernels()[0]
+    assert f"measured: {summary['kernel']}" in lines[1]
+    rows = summary["throughput"]
+    assert {(r["arch"], r["batch"]) for r in rows} == {
+        (a, b) for a in ("ResNet18_1w1a", "cResNet20_1w1a", "VGGSmall_1w1a") for b in (1, 2)
+    }
+    assert all(r["engine_images_s"] > 0 and r["torch_images_s"] > 0 for r in rows)
+    assert isinstance(summary["throughput_ratio_min"], float)
+    assert any(line.startswith("Throughput, images/s") for line in lines)
     for key in (
         "binary3x3_speedup_min",
         "binary3x3_speedup_median",

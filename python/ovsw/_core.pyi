@@ -25,6 +25,8 @@ __all__ = [
     "ags_sad_step",
     "DeployEngine",
     "deploy_kernels",
+    "deploy_cpu_flags",
+    "deploy_kernel",
     "__version__",
 ]
 
@@ -164,7 +166,7 @@ class DeployEngine:
     """A network from an ovsw.deploy file; runs without PyTorch on its own thread pool.
 
     Raises ValueError for a corrupt, truncated or unsupported file, an unknown kernel or
-    threads < 1.
+    one this CPU cannot run (naming the missing CPU flag), or threads < 1.
     """
 
     def __new__(cls, data: bytes, threads: int, kernel: str = "auto") -> Self: ...
@@ -185,4 +187,18 @@ class DeployEngine:
     def header_json(self) -> str: ...
 
 def deploy_kernels() -> list[str]:
-    """Binary-conv kernels this CPU runs, best first ("portable" always)."""
+    """Binary-conv kernels this CPU runs, best first ("portable" always).
+
+    Raises ValueError when OVSW_DISABLE_CPU_FEATURES names an unknown flag.
+    """
+
+def deploy_kernel(name: str) -> str:
+    """The kernel `name` selects on this CPU ("auto": the best).
+
+    Raises ValueError for an unknown name, or a kernel this CPU cannot run (naming the
+    missing CPU flag).
+    """
+
+def deploy_cpu_flags() -> list[str]:
+    """The CPU flags the kernels use that this CPU has, as /proc/cpuinfo names them
+    (less those OVSW_DISABLE_CPU_FEATURES hides)."""

@@ -3,9 +3,11 @@
 //! affine (folded BatchNorm) with its activation, max and average pooling, global
 //! average pooling, zero channel padding and flatten.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
-use super::bitconv::ConvGeom;
+use super::geom::ConvGeom;
 use super::tensor::{Act, Tensor4};
 use crate::error::{value_err, Result};
 
@@ -99,17 +101,23 @@ impl FloatConv {
             .for_each(|(tile, dst)| {
                 let p0 = tile * tile_pixels;
                 let m = dst.len() / g.cout;
-                let mut cols = Vec::new();
+                // The im2col rows, kept per thread: a fresh buffer per tile would cost
+                // a page fault per 4 KiB, more than filling it.
+                thread_local! {
+                    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+                }
+                let mut cols = COLS.take();
                 for gi in 0..g.groups {
                     let a: &[f32] = if direct {
                         &x.data[p0 * k..(p0 + m) * k]
                     } else {
                         im2col(x, g, gi, p0, m, (oh, ow), &mut cols);
-                        &cols
+                        &cols[..m * k]
                     };
                     let w = &self.weight[gi * og * k..];
                     sgemm(m, k, og, a, w, 1, k as isize, &mut dst[gi * og..], g.cout);
                 }
+                COLS.set(cols);
                 for px in dst.chunks_exact_mut(g.cout) {
                     if let Some(b) = &self.bias {
                         for (v, b) in px.iter_mut().zip(b) {
@@ -139,7 +147,8 @@ fn copy_short(dst: &mut [f32], src: &[f32]) {
 }
 
 /// Rows `p0..p0 + m` of the im2col matrix of group `gi`: one row per output pixel,
-/// `(ky, kx, c)` along it, zeros for padded taps.
+/// `(ky, kx, c)` along it, zeros for padded taps. Every element is written (taps inside
+/// the image copied, the others zeroed), so `cols` is never cleared first.
 fn im2col(
     x: &Tensor4,
     g: &ConvGeom,
@@ -151,37 +160,42 @@ fn im2col(
 ) {
     let cg = g.cin / g.groups;
     let k = g.kh * g.kw * cg;
-    cols.clear();
     cols.resize(m * k, 0.0);
-    for (r, row_out) in cols.chunks_exact_mut(k).enumerate() {
-        let p = p0 + r;
-        let (n, rest) = (p / (oh * ow), p % (oh * ow));
-        let (oy, ox) = (rest / ow, rest % ow);
-        for ky in 0..g.kh {
+    // (n, oy, ox) of row p0, then stepped along (no division per row).
+    let (mut n, rest) = (p0 / (oh * ow), p0 % (oh * ow));
+    let (mut oy, mut ox) = (rest / ow, rest % ow);
+    for row_out in cols[..m * k].chunks_exact_mut(k) {
+        let x0 = (ox * g.stride.1) as isize - g.padding.1 as isize;
+        for (ky, seg) in row_out.chunks_exact_mut(g.kw * cg).enumerate() {
             let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize - g.padding.0 as isize;
             if iy < 0 || iy >= x.h as isize {
+                seg.fill(0.0);
                 continue;
             }
             let row = (n * x.h + iy as usize) * x.w;
-            let x0 = (ox * g.stride.1) as isize - g.padding.1 as isize;
             if g.dilation.1 == 1 && x0 >= 0 && x0 as usize + g.kw <= x.w && g.groups == 1 {
                 // The whole kernel row is one contiguous run of pixels.
                 let src = (row + x0 as usize) * x.c;
-                let d = ky * g.kw * cg;
-                copy_short(
-                    &mut row_out[d..d + g.kw * cg],
-                    &x.data[src..src + g.kw * cg],
-                );
+                copy_short(seg, &x.data[src..src + g.kw * cg]);
                 continue;
             }
-            for kx in 0..g.kw {
+            for (kx, tap) in seg.chunks_exact_mut(cg).enumerate() {
                 let ix = x0 + (kx * g.dilation.1) as isize;
                 if ix < 0 || ix >= x.w as isize {
-                    continue;
+                    tap.fill(0.0);
+                } else {
+                    let src = (row + ix as usize) * x.c + gi * cg;
+                    copy_short(tap, &x.data[src..src + cg]);
                 }
-                let src = (row + ix as usize) * x.c + gi * cg;
-                let d = (ky * g.kw + kx) * cg;
-                row_out[d..d + cg].copy_from_slice(&x.data[src..src + cg]);
+            }
+        }
+        ox += 1;
+        if ox == ow {
+            ox = 0;
+            oy += 1;
+            if oy == oh {
+                oy = 0;
+                n += 1;
             }
         }
     }

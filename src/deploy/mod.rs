@@ -3,11 +3,14 @@
 //! [`format`] reads the file, [`Engine::from_bytes`] builds the graph of ops from its
 //! header, and [`Engine::run`] executes it on NHWC float32 tensors: binary convolutions
 //! by XNOR + popcount ([`bitconv`]), full-precision layers in [`float`]. Work inside each
-//! op is split over a rayon pool whose size the user sets.
+//! op is split over a rayon pool whose size the user sets. [`py`] holds the Python
+//! bindings (`ovsw._core.DeployEngine`).
 
 pub mod bitconv;
 pub mod float;
 pub mod format;
+pub mod geom;
+pub mod py;
 pub mod tensor;
 
 use std::collections::HashMap;
@@ -15,9 +18,10 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use self::bitconv::{words_for, BinaryConv, ConvGeom, Kernel};
+use self::bitconv::{words_for, BinaryConv, Kernel};
 use self::float::{Affine, FloatConv, Linear, Pool};
 use self::format::{DType, TensorEntry};
+use self::geom::ConvGeom;
 use self::tensor::{Act, Tensor4};
 use crate::error::{value_err, Error, Result};
 

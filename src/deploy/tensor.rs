@@ -8,11 +8,17 @@ use std::sync::Mutex;
 
 use crate::error::{value_err, Result};
 
-/// Recycled buffers (largest kept first to go when the pool is full).
+/// Recycled buffers (the smallest go first when the pool is full).
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
-/// Buffers kept for reuse, and the smallest worth keeping (in elements).
+/// The most buffers kept for reuse, the most memory they may hold together, and the
+/// smallest worth keeping (in elements).
 const POOL_KEEP: usize = 32;
+const POOL_BYTES: usize = 256 << 20;
 const POOL_MIN: usize = 16 * 1024;
+
+fn bytes(v: &Vec<f32>) -> usize {
+    v.capacity() * std::mem::size_of::<f32>()
+}
 
 /// A buffer of `n` elements, reusing a pooled one when one is large enough; zeroed
 /// when `zero`, otherwise holding stale values for the caller to overwrite.
@@ -64,16 +70,27 @@ fn recycle(v: Vec<f32>) {
         return;
     }
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    admit(&mut pool, v, POOL_KEEP, POOL_BYTES);
+}
+
+/// Keeps `v` in `pool` while the pool stays within `max_count` buffers and `max_bytes`
+/// bytes, dropping the smallest buffers first (large buffers are the expensive ones to
+/// map again); a buffer larger than `max_bytes` on its own is freed at once.
+fn admit(pool: &mut Vec<Vec<f32>>, v: Vec<f32>, max_count: usize, max_bytes: usize) {
+    if bytes(&v) > max_bytes {
+        return;
+    }
     pool.push(v);
-    if pool.len() > POOL_KEEP {
-        // Drop the smallest: large buffers are the expensive ones to map again.
-        if let Some(i) = pool
+    let mut held: usize = pool.iter().map(bytes).sum();
+    while pool.len() > max_count || held > max_bytes {
+        let smallest = pool
             .iter()
             .enumerate()
             .min_by_key(|(_, v)| v.capacity())
-            .map(|(i, _)| i)
-        {
-            pool.swap_remove(i);
+            .map(|(i, _)| i);
+        match smallest {
+            Some(i) => held -= bytes(&pool.swap_remove(i)),
+            None => break,
         }
     }
 }
@@ -168,26 +185,80 @@ pub enum Act {
 }
 
 impl Act {
-    /// Applies the activation to one pixel's channels.
+    /// Applies the activation to one pixel's channels, in place.
     #[inline(always)]
     pub fn apply(&self, px: &mut [f32]) {
         match self {
             Act::None => {}
             Act::Hardtanh(lo, hi) => {
-                // max/min (not branches) so that the loop vectorizes; lo <= hi is
-                // checked when the file is read.
                 for v in px.iter_mut() {
-                    *v = v.max(*lo).min(*hi);
+                    *v = hardtanh(*v, *lo, *hi);
+                }
+            }
+            Act::Prelu(a) if a.len() == 1 => {
+                for v in px.iter_mut() {
+                    *v = prelu(*v, a[0]);
                 }
             }
             Act::Prelu(a) => {
-                let per_channel = a.len() > 1;
-                for (c, v) in px.iter_mut().enumerate() {
-                    if *v < 0.0 {
-                        *v *= if per_channel { a[c] } else { a[0] };
-                    }
+                for (v, &a) in px.iter_mut().zip(a) {
+                    *v = prelu(*v, a);
                 }
             }
         }
+    }
+}
+
+/// `clamp(v, lo, hi)` as two selects that compile to one `max` and one `min`
+/// instruction (`lo <= hi` is checked when the file is read); NaN gives `lo`.
+#[inline(always)]
+pub fn hardtanh(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v > lo { v } else { lo };
+    if v < hi {
+        v
+    } else {
+        hi
+    }
+}
+
+/// `v` where not negative, `a * v` elsewhere (one channel of nn.PReLU).
+#[inline(always)]
+pub fn prelu(v: f32, a: f32) -> f32 {
+    if v < 0.0 {
+        v * a
+    } else {
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capacities(pool: &[Vec<f32>]) -> Vec<usize> {
+        let mut c: Vec<usize> = pool.iter().map(Vec::capacity).collect();
+        c.sort_unstable();
+        c
+    }
+
+    #[test]
+    fn the_pool_is_capped_in_count_and_in_bytes() {
+        let mut pool = Vec::new();
+        // 4 bytes per element: a cap of 4000 bytes holds 1000 elements.
+        for n in [100, 300, 200] {
+            admit(&mut pool, Vec::with_capacity(n), 8, 4000);
+        }
+        assert_eq!(capacities(&pool), [100, 200, 300]);
+        // 600 more elements exceed 4000 bytes: the smallest buffers go first.
+        admit(&mut pool, Vec::with_capacity(600), 8, 4000);
+        assert_eq!(capacities(&pool), [300, 600]);
+        // A buffer over the whole cap is not kept, and evicts nothing.
+        admit(&mut pool, Vec::with_capacity(1001), 8, 4000);
+        assert_eq!(capacities(&pool), [300, 600]);
+        // The count cap still holds.
+        for _ in 0..3 {
+            admit(&mut pool, Vec::with_capacity(10), 3, 4000);
+        }
+        assert_eq!(capacities(&pool), [10, 300, 600]);
     }
 }

@@ -10,8 +10,9 @@
     logits = engine(images)                              # float32 NCHW numpy -> (N, K)
 
 The engine is Rust (``ovsw._core``) and does not use PyTorch: binary convolutions run
-as XNOR + popcount over 64-bit words (AVX2 or ``popcnt`` where the CPU has them), the
-few full-precision layers as float32 GEMMs, on a thread pool of the size you choose.
+as XNOR + popcount over 64-bit words (AVX-512 VPOPCNTDQ, AVX-512BW, AVX2 or ``popcnt``
+where the CPU has them, see :func:`kernels`), the few full-precision layers as float32
+GEMMs, on a thread pool of the size you choose.
 Its logits equal ``model.eval()``'s up to float rounding. ``python -m ovsw.deploy
 bench`` measures it against PyTorch on your machine. The file format is documented in
 :mod:`ovsw.deploy._export`.
@@ -29,7 +30,16 @@ import numpy as np
 from .. import _core
 from ._export import FORMAT_VERSION, export, pack_signs
 
-__all__ = ["export", "load", "Engine", "OpTime", "kernels", "FORMAT_VERSION", "pack_signs"]
+__all__ = [
+    "export",
+    "load",
+    "Engine",
+    "OpTime",
+    "kernels",
+    "cpu_flags",
+    "FORMAT_VERSION",
+    "pack_signs",
+]
 
 
 class OpTime(NamedTuple):
@@ -42,8 +52,23 @@ class OpTime(NamedTuple):
 
 
 def kernels() -> list[str]:
-    """The binary-conv kernels this CPU can run, best first (``"portable"`` always)."""
+    """The binary-conv kernels this CPU can run, best first (``"portable"`` always).
+
+    ``"avx512_vpopcntdq"`` (AVX-512F and VPOPCNTDQ), ``"avx512bw"`` (AVX-512F and BW,
+    nibble-table popcount), ``"avx2"``, ``"popcnt"`` and ``"portable"``. Pass one as
+    ``kernel=`` to :func:`load` to force it; one this CPU lacks is refused with a
+    ``ValueError`` naming the missing CPU flag. The environment variable
+    ``OVSW_DISABLE_CPU_FEATURES`` (flags as ``/proc/cpuinfo`` names them, e.g.
+    ``"avx512_vpopcntdq avx512bw"``) hides flags, to see what a CPU without them runs.
+    """
     return list(_core.deploy_kernels())
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags the kernels use that this CPU has, as ``/proc/cpuinfo`` names them
+    (``popcnt``, ``avx2``, ``avx512f``, ``avx512bw``, ``avx512_vpopcntdq``), less those
+    ``OVSW_DISABLE_CPU_FEATURES`` hides."""
+    return list(_core.deploy_cpu_flags())
 
 
 class Engine:
@@ -68,7 +93,7 @@ class Engine:
     def profile(self, x: np.ndarray) -> tuple[np.ndarray, list[OpTime]]:
         """Runs ``x`` once and returns the output and each op's wall time."""
         y, times = self._engine.profile(x)
-        return y, [OpTime(n, o, tuple(s), t) for n, o, s, t in times]
+        return y, [OpTime(*t) for t in times]
 
     def run_op(self, name: str, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """Runs the single op ``name`` (see :attr:`ops`) on ``x``, and ``residual`` for a
@@ -87,7 +112,7 @@ class Engine:
 
     @property
     def kernel(self) -> str:
-        """The binary-conv kernel in use (``"avx2"``, ``"popcnt"`` or ``"portable"``)."""
+        """The binary-conv kernel in use (one of :func:`kernels`)."""
         return self._engine.kernel
 
     @property
@@ -144,7 +169,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None, kernel: str = "
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a deploy file, or a corrupt, truncated or unsupported one.
+        ValueError: not a deploy file, or a corrupt, truncated or unsupported one; an
+            unknown kernel, or one this CPU cannot run (the message names the missing
+            CPU flag).
     """
     path = Path(path)
     data = path.read_bytes()

@@ -12,8 +12,14 @@ on both sides (``torch.set_num_threads`` and the engine's pool):
   the engine against the float32 counterpart in PyTorch eval mode (the same
   architecture with ``nn.Conv2d`` in place of every ``OvSWConv2d``), and against the
   ovsw model itself in PyTorch eval mode (binary convs emulated in float);
+- throughput in images/s at larger batches (8 and 64 by default), engine against the
+  float32 counterpart, for the same models;
 - file size against the float ``state_dict`` saved by ``torch.save``;
 - the largest relative difference between engine and PyTorch logits.
+
+It first reports the machine: the CPU model, the instruction-set flags the kernels use
+that this CPU has, the kernels it can run and the one measured (``--kernel``, default
+the best).
 
 Models are randomly initialised, with BatchNorm given trained-like statistics (weights
 U(0.5, 1.5), biases N(0, 0.1), running statistics from two batches of random images),
@@ -46,6 +52,19 @@ from . import export, load
 #: Consecutive timed calls per side before switching to the other.
 BLOCK = 3
 MODELS = (("ResNet18_1w1a", 224), ("cResNet20_1w1a", 32), ("VGGSmall_1w1a", 32))
+BATCHES = (1, 8, 64)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what Python knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def calibrated(arch: str, size: int, seed: int = 0) -> nn.Module:
@@ -162,13 +181,22 @@ def bench_layers(engine, threads: int, repeats: int, size: int) -> list[dict]:
     return rows
 
 
-def bench_models(threads: int, repeats: int, workdir: Path, archs=MODELS) -> list[dict]:
-    rows = []
+def bench_models(
+    threads: int,
+    repeats: int,
+    workdir: Path,
+    archs=MODELS,
+    kernel: str = "auto",
+    batches=BATCHES,
+    batch_repeats: int = 3,
+) -> tuple[list[dict], list[dict]]:
+    """Whole models at batch 1 (rows), and throughput at ``batches`` (rows)."""
+    rows, throughput = [], []
     for arch, size in archs:
         model = calibrated(arch, size)
         fp = float_counterpart(model)
         path = export(model, workdir / f"{arch}.ovsw", input_size=size)
-        engine = load(path, threads=threads)
+        engine = load(path, threads=threads, kernel=kernel)
         # Agreement over 16 images (one batch), then timing at batch 1.
         check = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
@@ -205,31 +233,91 @@ def bench_models(threads: int, repeats: int, workdir: Path, archs=MODELS) -> lis
                 "engine": engine,
             }
         )
-    return rows
+        for batch in batches:
+            if batch == 1:
+                t_torch, t_engine = _median(t_fp), _median(t_eng)
+            else:
+                t_torch, t_engine = time_batch(fp, engine, batch, size, batch_repeats)
+            throughput.append(
+                {
+                    "threads": threads,
+                    "arch": arch,
+                    "batch": batch,
+                    "torch_images_s": batch / t_torch,
+                    "engine_images_s": batch / t_engine,
+                    "ratio": t_torch / t_engine,
+                }
+            )
+    return rows, throughput
 
 
-def run(threads=(1, 2), repeats: int = 10, model_repeats: int = 5) -> dict:
+def resolve_kernel(name: str) -> str:
+    """The kernel ``name`` selects on this CPU (``"auto"``: the best); ValueError naming
+    the missing CPU flag for one this CPU cannot run."""
+    from .. import _core
+
+    return _core.deploy_kernel(name)
+
+
+def time_batch(fp: nn.Module, engine, batch: int, size: int, repeats: int) -> tuple[float, float]:
+    """Median seconds per call of the float model and the engine on one batch, one
+    call per side at a time, alternating (after one warm-up call each)."""
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
+    xn = x.numpy()
+    t_fp, t_eng = [], []
+    with torch.no_grad():
+        fp(x)
+        engine(xn)
+        for _ in range(repeats):
+            t_fp.append(_time(fp, x))
+            t_eng.append(_time(engine, xn))
+    return _median(t_fp), _median(t_eng)
+
+
+def run(
+    threads=(1, 2),
+    repeats: int = 10,
+    model_repeats: int = 5,
+    kernel: str = "auto",
+    batches=BATCHES,
+    batch_repeats: int = 3,
+) -> dict:
     """Runs the whole benchmark, prints the tables and returns the summary dict."""
+    from . import cpu_flags, kernels
+
+    available = kernels()
+    chosen = resolve_kernel(kernel)
+    flags = cpu_flags()
+    cpu = cpu_model()
+    print(
+        f"ovsw deploy benchmark: {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}\n"
+        f"CPU flags for the kernels: {' '.join(flags) or 'none'}; kernels this CPU runs: "
+        f"{', '.join(available)}; measured: {chosen}",
+        flush=True,
+    )
     torch_threads = torch.get_num_threads()
-    layer_rows, model_rows = [], []
+    layer_rows, model_rows, batch_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
             for t in threads:
                 torch.set_num_threads(t)
-                mrows = bench_models(t, model_repeats, tmp)
+                mrows, brows = bench_models(
+                    t,
+                    model_repeats,
+                    tmp,
+                    kernel=kernel,
+                    batches=batches,
+                    batch_repeats=batch_repeats,
+                )
                 resnet = next(r for r in mrows if r["arch"] == "ResNet18_1w1a")
                 layer_rows += bench_layers(resnet["engine"], t, repeats, 224)
                 for r in mrows:
                     r.pop("engine")
                 model_rows += mrows
+                batch_rows += brows
         finally:
             torch.set_num_threads(torch_threads)
-    kernel = load_kernel_name()
-    print(
-        f"ovsw deploy benchmark: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, engine kernel {kernel}, torch {torch.__version__}"
-    )
     print(
         "\nBinary 3x3 convs of ResNet18_1w1a at 224x224, batch 1 "
         "(torch: float32 F.conv2d of the same shape)"
@@ -259,9 +347,20 @@ def run(threads=(1, 2), repeats: int = 10, model_repeats: int = 5) -> dict:
             f"{r['max_rel_err']:>9.1e} {r['file_bytes'] / 2**20:>7.2f}MB "
             f"{r['state_dict_bytes'] / 2**20:>8.2f}MB {r['size_ratio']:>6.3f}"
         )
+    print("\nThroughput, images/s (torch: the float32 counterpart in eval mode)")
+    print(
+        f"{'threads':>7}  {'model':<16} {'batch':>5} {'torch img/s':>12} "
+        f"{'engine img/s':>13} {'ratio':>7}"
+    )
+    for r in batch_rows:
+        print(
+            f"{r['threads']:>7}  {r['arch']:<16} {r['batch']:>5} {r['torch_images_s']:>12.1f} "
+            f"{r['engine_images_s']:>13.1f} {r['ratio']:>6.1f}x"
+        )
     speedups = [r["speedup"] for r in layer_rows]
     r18 = [r for r in model_rows if r["arch"] == "ResNet18_1w1a"]
     r18_1 = next((r for r in r18 if r["threads"] == 1), r18[0])
+    r18_batches = [r for r in batch_rows if r["arch"] == "ResNet18_1w1a"]
     summary = {
         "binary3x3_speedup_min": round(min(speedups), 2),
         "binary3x3_speedup_median": round(_median(speedups), 2),
@@ -270,15 +369,25 @@ def run(threads=(1, 2), repeats: int = 10, model_repeats: int = 5) -> dict:
         "max_rel_err": float(f"{max(r['max_rel_err'] for r in model_rows):.3g}"),
         "size_ratio": round(r18_1["size_ratio"], 4),
         "threads": list(threads),
-        "kernel": kernel,
+        "kernel": chosen,
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "kernels": available,
+        "batches": list(batches),
+        "resnet18_throughput_ratio_min": round(min(r["ratio"] for r in r18_batches), 2),
+        "throughput_ratio_min": round(min(r["ratio"] for r in batch_rows), 2),
+        "throughput": [
+            {
+                "threads": r["threads"],
+                "arch": r["arch"],
+                "batch": r["batch"],
+                "engine_images_s": round(r["engine_images_s"], 1),
+                "torch_images_s": round(r["torch_images_s"], 1),
+            }
+            for r in batch_rows
+        ],
     }
     return summary
-
-
-def load_kernel_name() -> str:
-    from . import kernels
-
-    return kernels()[0]
 
 
 def main(argv=None) -> int:
@@ -299,9 +408,42 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--model-repeats", type=int, default=5, help="timed runs per whole model (default 5)"
     )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=list(BATCHES),
+        help="batch sizes for the throughput table (default: 1 8 64)",
+    )
+    parser.add_argument(
+        "--batch-repeats",
+        type=int,
+        default=3,
+        help="timed calls per side per batch size above 1 (default 3)",
+    )
+    parser.add_argument(
+        "--kernel",
+        default="auto",
+        help="binary-conv kernel to measure: 'auto' (the best this CPU runs) or one of "
+        "ovsw.deploy.kernels()",
+    )
     args = parser.parse_args(argv)
-    if any(t < 1 for t in args.threads) or args.repeats < 1 or args.model_repeats < 1:
-        parser.error("--threads, --repeats and --model-repeats must be positive")
-    summary = run(tuple(args.threads), args.repeats, args.model_repeats)
+    counts = [*args.threads, *args.batches, args.repeats, args.model_repeats, args.batch_repeats]
+    if any(t < 1 for t in counts):
+        parser.error(
+            "--threads, --batches, --repeats, --model-repeats and --batch-repeats must be positive"
+        )
+    try:
+        kernel = resolve_kernel(args.kernel)
+    except ValueError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    summary = run(
+        tuple(args.threads),
+        args.repeats,
+        args.model_repeats,
+        kernel,
+        tuple(args.batches),
+        args.batch_repeats,
+    )
     print(json.dumps(summary))
     return 0

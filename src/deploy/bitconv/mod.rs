@@ -1,0 +1,575 @@
+//! Binary convolution by XNOR and popcount (SPEC 1 in eval mode, bit-packed): the conv
+//! driver. The popcount kernels, one per instruction set, are in [`kernels`].
+//!
+//! Activations arrive as float NHWC. Each pixel's channels are binarized and packed,
+//! 64 per `u64` word, bit set where the value is negative (sign -1); weights were packed
+//! the same way at export. For a pixel and an output channel the binary dot product over
+//! the valid taps is `n_valid - 2 * popcount(a XOR w)`, summed over words, where
+//! `n_valid = taps inside the image * channels per group`. Taps that fall into the zero
+//! padding are skipped, so they contribute 0 exactly as in training (not -1). Unused bits
+//! of a group's last word are 0 in both operands and never count.
+//!
+//! `torch.sign(0) == 0`: a zero activation or weight contributes 0. When the packed input
+//! (or the layer's weight) holds an exact zero, the layer runs the masked kernel, which
+//! also carries "non-zero" bit planes: `dot = popcount(m) - 2 * popcount((a ^ w) & m)`
+//! with `m = m_a & m_w`.
+//!
+//! The driver walks each output row in tiles of up to [`TILE`] pixels whose windows
+//! meet the image alike (all of the window inside, or the same columns cut off by the
+//! padding), so that a kernel loads each weight register once for all of them. The
+//! pixels read the packed input in place: one run of words per kernel row over the
+//! columns inside the image (one run per tap for grouped or dilated convs), against
+//! the matching weight steps; taps in the padding are never read. The per-channel
+//! scale and shift, the residual and the activation follow in the same pass, compiled
+//! with the kernel's instruction set.
+
+mod kernels;
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+pub use self::kernels::{cpu_flags, Kernel, DISABLE_ENV};
+use self::kernels::{Isa, Job, Run, Runs, Tile};
+use super::geom::ConvGeom;
+use super::tensor::{hardtanh, prelu, Act, Tensor4};
+use crate::error::{value_err, Result};
+
+/// Output channels computed together by the kernels (weights are stored blocked so
+/// that one step of 8 channels is 64 contiguous bytes).
+pub const LANES: usize = 8;
+/// Channels per `u64` word.
+pub const BITS: usize = 64;
+/// Output pixels per register tile of the kernels (the least per kernel call).
+pub const TILE: usize = 4;
+/// Pixels packed per parallel task.
+const PACK_CHUNK: usize = 64;
+
+pub fn words_for(channels: usize) -> usize {
+    channels.div_ceil(BITS)
+}
+
+/// Bits of word `j` that hold one of `cg` channels.
+fn valid_bits(cg: usize, j: usize) -> u64 {
+    let left = cg - j * BITS;
+    if left >= BITS {
+        u64::MAX
+    } else {
+        (1u64 << left) - 1
+    }
+}
+
+/// A binary convolution with its per-channel affine epilogue
+/// `y = scale[o] * dot + shift[o] (+ residual)`, then the activation.
+pub struct BinaryConv {
+    pub geom: ConvGeom,
+    /// Channels per group, `u64` words per group, output channels per group, and blocks
+    /// of [`LANES`] output channels per group.
+    cg: usize,
+    wpg: usize,
+    og: usize,
+    blocks: usize,
+    /// `[groups][blocks][kh][kw][wpg][LANES]`, bit set where the weight is negative;
+    /// the output channels past `og` of the last block are zero.
+    weight: Vec<u64>,
+    /// Same layout, bit set where the weight is non-zero; `None` when none is zero.
+    weight_mask: Option<Vec<u64>>,
+    /// Same layout, every channel's bits set: the weight mask of a layer without zero
+    /// weights, for inputs that hold a zero (made on first need).
+    valid_mask: OnceLock<Vec<u64>>,
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+    pub act: Act,
+}
+
+impl BinaryConv {
+    /// From the file's weight bits `[O][kh][kw][wpg]` (and non-zero mask, same layout).
+    pub fn new(
+        geom: ConvGeom,
+        weight: Vec<u64>,
+        weight_mask: Option<Vec<u64>>,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        act: Act,
+    ) -> Self {
+        let cg = geom.cin / geom.groups;
+        let og = geom.cout / geom.groups;
+        let wpg = words_for(cg);
+        // A mask is only needed when some in-range bit is clear.
+        let weight_mask = weight_mask.filter(|m| {
+            m.iter()
+                .enumerate()
+                .any(|(i, &w)| w & valid_bits(cg, i % wpg) != valid_bits(cg, i % wpg))
+        });
+        let mut conv = BinaryConv {
+            geom,
+            cg,
+            wpg,
+            og,
+            blocks: og.div_ceil(LANES),
+            weight: Vec::new(),
+            weight_mask: None,
+            valid_mask: OnceLock::new(),
+            scale,
+            shift,
+            act,
+        };
+        conv.weight = conv.blocked(&weight);
+        conv.weight_mask = weight_mask.map(|m| conv.blocked(&m));
+        conv
+    }
+
+    /// Words of one step of the window for all taps: `kh * kw * wpg`.
+    fn steps(&self) -> usize {
+        self.geom.kh * self.geom.kw * self.wpg
+    }
+
+    /// `[O][steps]` words in the blocked layout `[groups][blocks][steps][LANES]`.
+    fn blocked(&self, words: &[u64]) -> Vec<u64> {
+        let steps = self.steps();
+        let mut out = vec![0u64; self.geom.groups * self.blocks * steps * LANES];
+        for (o, src) in words.chunks_exact(steps).enumerate() {
+            let (g, oi) = (o / self.og, o % self.og);
+            let block = g * self.blocks + oi / LANES;
+            for (s, &w) in src.iter().enumerate() {
+                out[(block * steps + s) * LANES + oi % LANES] = w;
+            }
+        }
+        out
+    }
+
+    /// Words of one packed pixel (all groups).
+    fn pixel_words(&self) -> usize {
+        self.geom.groups * self.wpg
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor4,
+        residual: Option<&Tensor4>,
+        kernel: Kernel,
+        name: &str,
+    ) -> Result<Tensor4> {
+        let g = &self.geom;
+        let (oh, ow) = g.output_hw(x, name)?;
+        if let Some(r) = residual {
+            if (r.n, r.h, r.w, r.c) != (x.n, oh, ow, g.cout) {
+                return value_err!(
+                    "layer '{name}': residual of shape {:?} does not match the output {:?}",
+                    r.nchw(),
+                    [x.n, g.cout, oh, ow]
+                );
+            }
+        }
+        let (bits, zero_mask) = self.pack(x, kernel);
+        // Exact zeros anywhere: the masked kernel, with a mask on both sides.
+        let masks = match (zero_mask, &self.weight_mask) {
+            (None, None) => None,
+            (a_mask, w_mask) => {
+                let w_mask = match w_mask {
+                    Some(m) => m.as_slice(),
+                    None => self.valid_mask.get_or_init(|| self.all_valid()),
+                };
+                Some((
+                    a_mask.unwrap_or_else(|| self.valid_plane(bits.len())),
+                    w_mask,
+                ))
+            }
+        };
+        let plan = Plan::new(self, x, oh, ow);
+        let mut out = Tensor4::scratch(x.n, oh, ow, g.cout)?;
+        let row_len = ow * g.cout;
+        out.data
+            .par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                kernel.run(RowJob {
+                    conv: self,
+                    plan: &plan,
+                    a: &bits,
+                    a_mask: masks.as_ref().map(|(a, _)| a.as_slice()),
+                    w_mask: masks.as_ref().map(|&(_, w)| w),
+                    row,
+                    dst,
+                    residual: residual.map(|r| &r.data[row * row_len..(row + 1) * row_len]),
+                })
+            });
+        Ok(out)
+    }
+
+    /// Binarizes and packs `x` to `[N][H][W][groups][wpg]` words, plus the non-zero
+    /// plane when any value is exactly zero.
+    fn pack(&self, x: &Tensor4, kernel: Kernel) -> (Vec<u64>, Option<Vec<u64>>) {
+        let pw = self.pixel_words();
+        let pixels = x.n * x.h * x.w;
+        let mut bits = vec![0u64; pixels * pw];
+        let c = x.c;
+        let any_zero = bits
+            .par_chunks_mut(pw * PACK_CHUNK)
+            .zip(x.data.par_chunks(c * PACK_CHUNK))
+            .map(|(dst, src)| {
+                kernel.run(PackJob {
+                    conv: self,
+                    src,
+                    dst,
+                })
+            })
+            .reduce(|| false, |a, b| a || b);
+        if !any_zero {
+            return (bits, None);
+        }
+        let mut mask = vec![0u64; pixels * pw];
+        mask.par_chunks_mut(pw)
+            .zip(x.data.par_chunks(c))
+            .for_each(|(out, px)| {
+                for (gi, ch) in px.chunks_exact(self.cg).enumerate() {
+                    for (j, part) in ch.chunks(BITS).enumerate() {
+                        let mut word = 0u64;
+                        for (b, &v) in part.iter().enumerate() {
+                            word |= u64::from(v != 0.0) << b;
+                        }
+                        out[gi * self.wpg + j] = word;
+                    }
+                }
+            });
+        // A negative zero has its sign bit set: clear it, its weight is 0 anyway.
+        for (b, m) in bits.iter_mut().zip(&mask) {
+            *b &= m;
+        }
+        (bits, Some(mask))
+    }
+
+    /// The non-zero plane of an input without zeros: every channel's bit set.
+    fn valid_plane(&self, len: usize) -> Vec<u64> {
+        let pixel: Vec<u64> = (0..self.pixel_words())
+            .map(|i| valid_bits(self.cg, i % self.wpg))
+            .collect();
+        pixel.iter().copied().cycle().take(len).collect()
+    }
+
+    /// The blocked weight mask with every channel's bits set.
+    fn all_valid(&self) -> Vec<u64> {
+        let words: Vec<u64> = (0..self.geom.cout * self.steps())
+            .map(|i| valid_bits(self.cg, i % self.wpg))
+            .collect();
+        self.blocked(&words)
+    }
+}
+
+/// What every row of one forward shares: the input's size, the output size and the
+/// range of kernel columns inside the image per output column.
+struct Plan {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    cols: Vec<(usize, usize)>,
+}
+
+impl Plan {
+    fn new(conv: &BinaryConv, x: &Tensor4, oh: usize, ow: usize) -> Plan {
+        let g = &conv.geom;
+        let cols = (0..ow)
+            .map(|ox| ConvGeom::valid_taps(ox, x.w, g.kw, g.stride.1, g.padding.1, g.dilation.1))
+            .collect();
+        Plan {
+            h: x.h,
+            w: x.w,
+            oh,
+            ow,
+            cols,
+        }
+    }
+}
+
+/// Packs the signs of a chunk of pixels (see [`kernels::Isa::pack`]); returns whether
+/// any value is zero.
+struct PackJob<'a> {
+    conv: &'a BinaryConv,
+    src: &'a [f32],
+    dst: &'a mut [u64],
+}
+
+impl Job for PackJob<'_> {
+    type Out = bool;
+
+    #[inline(always)]
+    fn run<I: Isa>(self, isa: I) -> bool {
+        let (cg, wpg) = (self.conv.cg, self.conv.wpg);
+        if self.conv.geom.groups == 1 && cg.is_multiple_of(BITS) {
+            // Pixels' words do not share bits: pack the chunk as one run of channels.
+            return isa.pack(self.src, self.dst);
+        }
+        let pw = self.conv.pixel_words();
+        let mut zero = false;
+        for (px, out) in self
+            .src
+            .chunks_exact(self.conv.geom.cin)
+            .zip(self.dst.chunks_exact_mut(pw))
+        {
+            for (ch, words) in px.chunks_exact(cg).zip(out.chunks_exact_mut(wpg)) {
+                zero |= isa.pack(ch, words);
+            }
+        }
+        zero
+    }
+}
+
+/// One output row: `dst` is `[ow][cout]` of output row `row` (`n * oh + oy`).
+struct RowJob<'a> {
+    conv: &'a BinaryConv,
+    plan: &'a Plan,
+    a: &'a [u64],
+    a_mask: Option<&'a [u64]>,
+    w_mask: Option<&'a [u64]>,
+    row: usize,
+    dst: &'a mut [f32],
+    residual: Option<&'a [f32]>,
+}
+
+/// The part of a window inside the image: kernel rows `ky0..ky1`, columns `kx0..kx1`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Window {
+    ky: (usize, usize),
+    kx: (usize, usize),
+}
+
+impl Job for RowJob<'_> {
+    type Out = ();
+
+    #[inline(always)]
+    fn run<I: Isa>(mut self, isa: I) {
+        let conv = self.conv;
+        let g = &conv.geom;
+        let plan = self.plan;
+        let oy = self.row % plan.oh;
+        let ky = ConvGeom::valid_taps(oy, plan.h, g.kh, g.stride.0, g.padding.0, g.dilation.0);
+        let span = conv.span();
+        // The kernels' sums: kept per thread (the kernels write every entry they use,
+        // so the buffer is neither zeroed nor freed between rows).
+        thread_local! {
+            static ACC: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+        }
+        let mut acc = ACC.take();
+        acc.resize(acc.len().max(span * conv.blocks * LANES), 0);
+        let mut runs = Vec::with_capacity(g.kh * g.kw);
+        let mut last = None;
+        let mut run_len = 0;
+        let mut ox = 0;
+        while ox < plan.ow {
+            let window = Window {
+                ky,
+                kx: plan.cols[ox],
+            };
+            let mut count = 1;
+            while count < span && ox + count < plan.ow && plan.cols[ox + count] == window.kx {
+                count += 1;
+            }
+            if last != Some(window) {
+                run_len = conv.runs(window, plan.w, &mut runs);
+                last = Some(window);
+            }
+            let runs = Runs::new(&runs, run_len, conv.steps());
+            self.span(isa, ox, count, window, &runs, &mut acc);
+            ox += count;
+        }
+        ACC.set(acc);
+    }
+}
+
+impl BinaryConv {
+    /// Output pixels per kernel call: their sums (`[pixels][blocks * LANES]` i32) stay
+    /// within 16 KiB, for L1.
+    fn span(&self) -> usize {
+        (4096 / (self.blocks * LANES)).clamp(TILE, 64)
+    }
+
+    /// The runs of words a window reads, relative to the packed pixel of its first
+    /// tap inside the image, and their length: one run per kernel row for a dense
+    /// conv, one per tap otherwise; none when the whole window is padding.
+    #[inline(always)]
+    fn runs(&self, win: Window, w: usize, runs: &mut Vec<Run>) -> usize {
+        let g = &self.geom;
+        let (pw, wpg) = (self.pixel_words(), self.wpg);
+        let ((ky0, ky1), (kx0, kx1)) = (win.ky, win.kx);
+        let row = g.dilation.0 * w * pw;
+        runs.clear();
+        if ky0 == ky1 || kx0 == kx1 {
+            return 0;
+        }
+        if g.groups == 1 && g.dilation.1 == 1 {
+            for ky in ky0..ky1 {
+                runs.push(Run {
+                    a: (ky - ky0) * row,
+                    w: (ky * g.kw + kx0) * wpg,
+                });
+            }
+            (kx1 - kx0) * wpg
+        } else {
+            for ky in ky0..ky1 {
+                for kx in kx0..kx1 {
+                    runs.push(Run {
+                        a: (ky - ky0) * row + (kx - kx0) * g.dilation.1 * pw,
+                        w: (ky * g.kw + kx) * wpg,
+                    });
+                }
+            }
+            wpg
+        }
+    }
+}
+
+impl RowJob<'_> {
+    /// Output pixels `ox0..ox0 + count` of the row, which share `window`, every group:
+    /// the kernel, then `act(scale * dot + shift (+ residual))` into `dst`.
+    #[inline(always)]
+    fn span<I: Isa>(
+        &mut self,
+        isa: I,
+        ox0: usize,
+        count: usize,
+        window: Window,
+        runs: &Runs<'_>,
+        acc: &mut [i32],
+    ) {
+        let conv = self.conv;
+        let g = &conv.geom;
+        let plan = self.plan;
+        let (n, oy) = (self.row / plan.oh, self.row % plan.oh);
+        let pw = conv.pixel_words();
+        let group_words = conv.blocks * conv.steps() * LANES;
+        let ((ky0, ky1), (kx0, kx1)) = (window.ky, window.kx);
+        let sums = match self.a_mask {
+            Some(_) => Sums::Dots,
+            None => Sums::Popcounts {
+                n_valid: ((ky1 - ky0) * (kx1 - kx0) * conv.cg) as i32,
+            },
+        };
+        let first = if ky0 == ky1 || kx0 == kx1 {
+            0 // no runs: nothing is read
+        } else {
+            let iy = oy * g.stride.0 + ky0 * g.dilation.0 - g.padding.0;
+            let ix = ox0 * g.stride.1 + kx0 * g.dilation.1 - g.padding.1;
+            ((n * plan.h + iy) * plan.w + ix) * pw
+        };
+        let stride = g.stride.1 * pw;
+        for gi in 0..g.groups {
+            let weights = gi * group_words..(gi + 1) * group_words;
+            let tile = Tile::new(
+                self.a,
+                self.a_mask,
+                (first + gi * conv.wpg, stride, count),
+                runs,
+                &conv.weight[weights.clone()],
+                self.w_mask.map(|m| &m[weights]),
+                conv.blocks,
+            );
+            tile.dot(isa, acc);
+            let o0 = gi * conv.og;
+            let (scale, shift) = (&conv.scale[o0..o0 + conv.og], &conv.shift[o0..o0 + conv.og]);
+            for (p, acc) in acc
+                .chunks_exact(conv.blocks * LANES)
+                .take(count)
+                .enumerate()
+            {
+                let at = (ox0 + p) * g.cout + o0;
+                let out = &mut self.dst[at..at + conv.og];
+                let res = self.residual.map(|r| &r[at..at + conv.og]);
+                epilogue(out, acc, sums, scale, shift, res, &conv.act, o0);
+            }
+        }
+    }
+}
+
+/// What the kernel's sums are: popcounts of `a ^ w` over `n_valid` inputs (the fast
+/// kernels), or dot products (the masked kernels).
+#[derive(Clone, Copy)]
+enum Sums {
+    Popcounts { n_valid: i32 },
+    Dots,
+}
+
+/// `out = act(scale * dot + shift (+ residual))` in one pass, `dot = n_valid - 2 * acc`
+/// for popcounts, `dot = acc` for dot products; `channel0` is `out[0]`'s channel.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn epilogue(
+    out: &mut [f32],
+    acc: &[i32],
+    sums: Sums,
+    scale: &[f32],
+    shift: &[f32],
+    residual: Option<&[f32]>,
+    act: &Act,
+    channel0: usize,
+) {
+    let n = out.len();
+    // The match on the activation outside the loops, so that each loop vectorizes.
+    match act {
+        Act::None => affine(out, acc, sums, scale, shift, residual, |v, _| v),
+        Act::Hardtanh(lo, hi) => {
+            let (lo, hi) = (*lo, *hi);
+            affine(out, acc, sums, scale, shift, residual, |v, _| {
+                hardtanh(v, lo, hi)
+            })
+        }
+        Act::Prelu(a) if a.len() == 1 => {
+            let a = a[0];
+            affine(out, acc, sums, scale, shift, residual, |v, _| prelu(v, a))
+        }
+        Act::Prelu(a) => {
+            let a = &a[channel0..channel0 + n];
+            affine(out, acc, sums, scale, shift, residual, |v, i| {
+                prelu(v, a[i])
+            })
+        }
+    }
+}
+
+/// `out[i] = act(scale[i] * dot(i) + shift[i] (+ residual[i]), i)`.
+#[inline(always)]
+fn affine(
+    out: &mut [f32],
+    acc: &[i32],
+    sums: Sums,
+    scale: &[f32],
+    shift: &[f32],
+    residual: Option<&[f32]>,
+    act: impl Fn(f32, usize) -> f32,
+) {
+    // Every slice `n` long: the loops run without bounds checks and vectorize.
+    let n = out.len();
+    let (acc, scale, shift) = (&acc[..n], &scale[..n], &shift[..n]);
+    let dot = |i: usize| match sums {
+        Sums::Popcounts { n_valid } => (n_valid - (acc[i] + acc[i])) as f32,
+        Sums::Dots => acc[i] as f32,
+    };
+    match (residual, sums) {
+        (Some(r), Sums::Popcounts { .. }) => {
+            let r = &r[..n];
+            for i in 0..n {
+                out[i] = act(scale[i] * dot(i) + shift[i] + r[i], i);
+            }
+        }
+        (None, Sums::Popcounts { .. }) => {
+            for i in 0..n {
+                out[i] = act(scale[i] * dot(i) + shift[i], i);
+            }
+        }
+        (Some(r), Sums::Dots) => {
+            let r = &r[..n];
+            for i in 0..n {
+                out[i] = act(scale[i] * dot(i) + shift[i] + r[i], i);
+            }
+        }
+        (None, Sums::Dots) => {
+            for i in 0..n {
+                out[i] = act(scale[i] * dot(i) + shift[i], i);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

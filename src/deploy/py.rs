@@ -1,0 +1,193 @@
+//! Python bindings of the deploy engine (`ovsw._core.DeployEngine` and friends; the
+//! Python API around them is `ovsw.deploy`). Thin: argument conversion, the GIL released
+//! around the work, errors mapped to Python exceptions, and every body run through
+//! [`boundary`] (a panic reaches Python as a RuntimeError).
+
+use numpy::{
+    PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
+    PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use super::bitconv::{cpu_flags, Kernel};
+use super::tensor::Tensor4;
+use super::Engine;
+use crate::error::boundary;
+
+/// A bit-packed network loaded from an `ovsw.deploy.export` file (see `ovsw.deploy`).
+#[pyclass(module = "ovsw._core", name = "DeployEngine")]
+pub struct DeployEngine {
+    engine: Engine,
+}
+
+/// An NCHW float32 numpy array as the engine's NHWC tensor, or a clear error.
+fn input_tensor(x: &Bound<'_, PyAny>) -> PyResult<Tensor4> {
+    let py = x.py();
+    let untyped = x.downcast::<PyUntypedArray>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "expected a float32 numpy array of shape (N, C, H, W), got {}",
+            x.get_type()
+                .name()
+                .map_or_else(|_| "an unknown object".to_owned(), |n| n.to_string())
+        ))
+    })?;
+    if !untyped.dtype().is_equiv_to(&numpy::dtype::<f32>(py)) {
+        return Err(PyTypeError::new_err(format!(
+            "expected a float32 array, got dtype {} (use x.astype(numpy.float32))",
+            untyped.dtype()
+        )));
+    }
+    let shape = untyped.shape().to_vec();
+    if shape.len() != 4 {
+        return Err(PyValueError::new_err(format!(
+            "expected an input of shape (N, C, H, W), got shape {shape:?}"
+        )));
+    }
+    let array = x.downcast::<PyArrayDyn<f32>>()?.readonly();
+    let view = array.as_array();
+    let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+    let tensor = match view.as_slice() {
+        Some(s) => Tensor4::from_nchw(s, n, c, h, w),
+        None => {
+            let owned: Vec<f32> = view.iter().copied().collect();
+            Tensor4::from_nchw(&owned, n, c, h, w)
+        }
+    };
+    Ok(tensor?)
+}
+
+/// The engine's output as numpy: `(N, K)` when it is one pixel, else `(N, C, H, W)`.
+fn output_array(py: Python<'_>, y: Tensor4) -> PyResult<Bound<'_, PyAny>> {
+    let flat = y.h == 1 && y.w == 1;
+    let (n, c, h, w) = (y.n, y.c, y.h, y.w);
+    let data = if flat { y.into_data() } else { y.to_nchw() };
+    let array = PyArray1::from_vec(py, data);
+    let reshaped = if flat {
+        array.reshape([n, c])?.into_any()
+    } else {
+        array.reshape([n, c, h, w])?.into_any()
+    };
+    Ok(reshaped)
+}
+
+/// `(name, op, output NCHW shape, seconds)` of one op of a profiled run.
+type OpRow = (String, &'static str, (usize, usize, usize, usize), f64);
+
+#[pymethods]
+impl DeployEngine {
+    #[new]
+    #[pyo3(signature = (data, threads, kernel = "auto"))]
+    fn new(py: Python<'_>, data: &[u8], threads: usize, kernel: &str) -> PyResult<Self> {
+        boundary(|| {
+            let kernel = Kernel::parse(kernel)?;
+            let engine = py.allow_threads(|| Engine::from_bytes(data, threads, kernel))?;
+            Ok(DeployEngine { engine })
+        })
+    }
+
+    /// Runs the network on a float32 NCHW array; returns float32 logits.
+    fn __call__<'py>(&self, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        boundary(|| {
+            let py = x.py();
+            let input = input_tensor(x)?;
+            let y = py.allow_threads(|| self.engine.run(input))?;
+            output_array(py, y)
+        })
+    }
+
+    /// Runs once; returns (output, [(name, op, output NCHW shape, seconds), ...]).
+    fn profile<'py>(&self, x: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, PyAny>, Vec<OpRow>)> {
+        boundary(|| {
+            let py = x.py();
+            let input = input_tensor(x)?;
+            let (y, times) = py.allow_threads(|| self.engine.profile(input))?;
+            let times = times
+                .into_iter()
+                .map(|t| {
+                    let [n, c, h, w] = t.out_shape;
+                    (t.name, t.op, (n, c, h, w), t.seconds)
+                })
+                .collect();
+            Ok((output_array(py, y)?, times))
+        })
+    }
+
+    /// Runs the one op `name` on `x` (and `residual`), NCHW float32 arrays.
+    #[pyo3(signature = (name, x, residual = None))]
+    fn run_op<'py>(
+        &self,
+        name: &str,
+        x: &Bound<'py, PyAny>,
+        residual: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        boundary(|| {
+            let py = x.py();
+            let input = input_tensor(x)?;
+            let residual = residual.map(input_tensor).transpose()?;
+            let y = py.allow_threads(|| self.engine.run_op(name, input, residual))?;
+            output_array(py, y)
+        })
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.engine.threads()
+    }
+
+    #[setter]
+    fn set_threads(&mut self, threads: usize) -> PyResult<()> {
+        boundary(|| Ok(self.engine.set_threads(threads)?))
+    }
+
+    #[getter]
+    fn kernel(&self) -> &'static str {
+        self.engine.kernel.name()
+    }
+
+    #[getter]
+    fn input_channels(&self) -> usize {
+        self.engine.input_channels
+    }
+
+    /// `(name, op)` of every op in execution order.
+    #[getter]
+    fn ops(&self) -> Vec<(String, &'static str)> {
+        self.engine.ops()
+    }
+
+    /// The file's JSON header (metadata, graph and tensor table) as a string.
+    #[getter]
+    fn header_json(&self) -> String {
+        self.engine.header.to_string()
+    }
+}
+
+/// Kernels this CPU can run, best first (`"portable"` always).
+#[pyfunction]
+fn deploy_kernels() -> PyResult<Vec<&'static str>> {
+    boundary(|| Ok(Kernel::available()?.into_iter().map(Kernel::name).collect()))
+}
+
+/// The kernel `name` selects on this CPU (`"auto"`: the best); `ValueError` naming the
+/// missing CPU flag for one this CPU cannot run.
+#[pyfunction]
+fn deploy_kernel(name: &str) -> PyResult<&'static str> {
+    boundary(|| Ok(Kernel::parse(name)?.name()))
+}
+
+/// The CPU flags the kernels use that this CPU has, as `/proc/cpuinfo` names them
+/// (less those `OVSW_DISABLE_CPU_FEATURES` hides).
+#[pyfunction]
+fn deploy_cpu_flags() -> PyResult<Vec<&'static str>> {
+    boundary(|| Ok(cpu_flags()?))
+}
+
+/// Adds the deploy engine's classes and functions to `ovsw._core`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<DeployEngine>()?;
+    m.add_function(wrap_pyfunction!(deploy_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_cpu_flags, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_kernel, m)?)?;
+    Ok(())
+}
