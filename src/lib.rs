@@ -7,6 +7,7 @@
 //! exceptions.
 
 pub mod conv;
+pub mod cuda;
 pub mod deploy;
 pub mod error;
 mod ffi;
@@ -564,6 +565,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ags_sad_step, m)?)?;
     m.add_class::<DeployEngine>()?;
     m.add_function(wrap_pyfunction!(deploy_kernels, m)?)?;
+    cuda::py::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
