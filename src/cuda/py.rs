@@ -4,7 +4,7 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 use pyo3_tch::PyTensor;
 use tch::{Kind, Tensor};
 
@@ -77,10 +77,13 @@ fn cuda_status(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 }
 
 /// Compiles every kernel for `sm_{arch}` (cached per process). Returns
-/// `(ptx, cubin_size, log, entries)`: the PTX text, the SASS size in bytes, NVRTC's log,
-/// and the entry points the PTX declares. No GPU needed.
+/// `(ptx, cubin, log, entries)`: the PTX text, the SASS image, NVRTC's log, and the
+/// entry points the PTX declares. No GPU needed.
 #[pyfunction]
-fn cuda_compile(py: Python<'_>, arch: u32) -> PyResult<(String, usize, String, Vec<String>)> {
+fn cuda_compile(
+    py: Python<'_>,
+    arch: u32,
+) -> PyResult<(String, Bound<'_, PyBytes>, String, Vec<String>)> {
     if !(50..=200).contains(&arch) {
         return Err(PyValueError::new_err(format!(
             "arch is sm_XY as the number XY (80, 90), got {arch}"
@@ -91,7 +94,7 @@ fn cuda_compile(py: Python<'_>, arch: u32) -> PyResult<(String, usize, String, V
         .map_err(|e| Error::Torch(format!("NVRTC: {e}")))?;
     Ok((
         img.ptx.clone(),
-        img.cubin.len(),
+        PyBytes::new(py, &img.cubin),
         img.log.clone(),
         compile::ptx_entries(&img),
     ))
