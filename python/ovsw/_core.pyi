@@ -126,3 +126,95 @@ class DeployEngine:
 
 def deploy_kernels() -> list[str]:
     """Binary-conv kernels this CPU runs, best first ("portable" always)."""
+
+# -- CUDA kernels (src/cuda/py.rs); each raises RuntimeError where the kernels do not apply
+
+def cuda_status() -> dict[str, object]:
+    """Keys: enabled; nvrtc (path or None), nvrtc_version or nvrtc_error; driver_version
+    or driver_error."""
+
+def cuda_compile(arch: int) -> tuple[str, bytes, str, list[str]]:
+    """Compile every kernel for sm_{arch}: (ptx, cubin, nvrtc log, PTX entry points)."""
+
+def cuda_entry_points() -> list[str]: ...
+def cuda_set_enabled(on: bool) -> None: ...
+def cuda_enabled() -> bool: ...
+def cuda_binarize_activation(
+    x: Tensor,
+    training: bool,
+    out_dtype: str,
+    std: Tensor | None = None,
+    stream: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """(sign(x / std) in out_dtype, per-sample std [N,1,1,1] when computed here)."""
+
+def cuda_bireal_backward(
+    grad_a: Tensor, x: Tensor, std: Tensor | None = None, stream: int | None = None
+) -> Tensor:
+    """grad_a * max(0, 2 - 2|x/std|) / std in x's dtype and layout."""
+
+def cuda_weight_operand(
+    weight: Tensor,
+    act_w: str,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    fold: bool,
+    out_dtype: str,
+    stream: int | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(w_eff, alpha, bias_eff): w_b (times the scale when fold), alpha when no scale."""
+
+def cuda_weight_grads(
+    grad_weff: Tensor | None,
+    grad_beff: Tensor | None,
+    weight: Tensor,
+    act_w: str,
+    s: Tensor,
+    bias: Tensor | None,
+    want: tuple[bool, bool, bool],
+    stream: int | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_weight, grad_scale, grad_bias) from the gradients of the folded operands."""
+
+def cuda_binary_conv2d_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    spec: ConvSpec,
+    stride: _Pair,
+    padding: _Pair,
+    dilation: _Pair,
+    groups: int,
+    training: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
+    """binary_conv2d_forward through the fused kernels."""
+
+def cuda_binary_conv2d_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    scale: Tensor | None,
+    std: Tensor | None,
+    alpha: Tensor | None,
+    conv_out: Tensor | None,
+    conv_dtype: int,
+    spec: ConvSpec,
+    stride: _Pair,
+    padding: _Pair,
+    dilation: _Pair,
+    groups: int,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """binary_conv2d_backward through the fused kernels."""
+
+def cuda_ags_sad_step(
+    config: OvSWConfig,
+    grads: list[Tensor],
+    weights: list[Tensor],
+    trackers: list[Tensor | None],
+    weight_prevs: list[Tensor | None],
+    stream: int | None = None,
+) -> Tensor:
+    """AGS then SAD in two launches; float64 [L, 2] figures on the device (NaN: disabled)."""
