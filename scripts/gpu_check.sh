@@ -10,7 +10,8 @@
 # Build the wheel where Rust is (the folder is kept out of git by .git/info/exclude):
 #   maturin build --release -o wheelhouse
 # Then:  bash scripts/gpu_check.sh [WHEEL_OR_FOLDER]     (default: wheelhouse/)
-# PYTHON picks the interpreter (default: python3); GPU_CHECK_STEPS=1,3 runs some steps.
+# PYTHON picks the interpreter (default: python3); GPU_CHECK_STEPS=1,3 runs some steps;
+# pytest counts as failed when any test skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,10 +36,12 @@ if ! "$PY" -m pip install -q --no-deps --target .site "$WHEEL"; then
 fi
 export PYTHONPATH="$PWD/.site"
 "$PY" - <<'EOF' || exit 2
-import torch, ovsw
+import os, sys, torch, ovsw
 print(f"ovsw {ovsw.__version__} from {ovsw.__file__}")
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+if not torch.cuda.is_available() and os.environ.get("GPU_CHECK_ALLOW_CPU") != "1":
+    sys.exit("error: no CUDA device (GPU_CHECK_ALLOW_CPU=1 runs the CPU-side steps anyway)")
 EOF
 
 LOG=$(mktemp -d)
@@ -53,6 +56,10 @@ run() { # run NUMBER NAME COMMAND...
     t0=$(date +%s)
     "$@" 2>&1 | tee "$LOG/$num.log"
     rc=${PIPESTATUS[0]}
+    # A skipped test is not a pass.
+    if [ "$rc" -eq 0 ] && [ "$num" = 2 ] && tail -n 1 "$LOG/$num.log" | grep -q skipped; then
+        rc=99
+    fi
     NAMES+=("$num. $name")
     RESULTS+=("$([ "$rc" -eq 0 ] && echo PASS || echo "FAIL (exit $rc)") in $(($(date +%s) - t0)) s")
 }
