@@ -25,6 +25,16 @@ __all__ = [
     "ags_sad_step",
     "DeployEngine",
     "deploy_kernels",
+    "cuda_status",
+    "cuda_compile",
+    "cuda_entry_points",
+    "cuda_set_enabled",
+    "cuda_enabled",
+    "cuda_route_counts",
+    "cuda_binarize_activation",
+    "cuda_bireal_backward",
+    "cuda_weight_operand",
+    "cuda_weight_grads",
     "__version__",
 ]
 
@@ -186,3 +196,57 @@ class DeployEngine:
 
 def deploy_kernels() -> list[str]:
     """Binary-conv kernels this CPU runs, best first ("portable" always)."""
+
+# -- CUDA kernels (src/cuda/py.rs). The library's ops (binary_conv2d_forward/_backward,
+# ags_sad_step) choose them on CUDA tensors by themselves; the four passes below ask for
+# them explicitly and raise RuntimeError where they do not apply.
+
+def cuda_status() -> dict[str, object]:
+    """Keys: enabled; nvrtc (path or None), nvrtc_version or nvrtc_error; driver_version
+    or driver_error."""
+
+def cuda_compile(arch: int) -> tuple[str, bytes, str, list[str]]:
+    """Compile every kernel for sm_{arch}: (ptx, cubin, nvrtc log, PTX entry points)."""
+
+def cuda_entry_points() -> list[str]: ...
+def cuda_set_enabled(on: bool) -> None: ...
+def cuda_enabled() -> bool: ...
+def cuda_route_counts() -> dict[str, dict[str, int | str | None]]:
+    """Per op with a fused form: {"fused": n, "declined": n, "last_declined": reason}."""
+
+def cuda_binarize_activation(
+    x: Tensor,
+    training: bool,
+    out_dtype: str,
+    std: Tensor | None = None,
+    stream: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """(sign(x / std) in out_dtype, per-sample std [N,1,1,1] when computed here)."""
+
+def cuda_bireal_backward(
+    grad_a: Tensor, x: Tensor, std: Tensor | None = None, stream: int | None = None
+) -> Tensor:
+    """grad_a * max(0, 2 - 2|x/std|) / std in x's dtype and layout."""
+
+def cuda_weight_operand(
+    weight: Tensor,
+    act_w: str,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    fold: bool,
+    out_dtype: str,
+    stream: int | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(w_eff, alpha, bias_eff): w_b (times the scale when fold), alpha when no scale."""
+
+def cuda_weight_grads(
+    grad_weff: Tensor | None,
+    grad_beff: Tensor | None,
+    weight: Tensor,
+    act_w: str,
+    s: Tensor,
+    bias: Tensor | None,
+    want: tuple[bool, bool, bool],
+    stream: int | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_weight, grad_scale, grad_bias) from the gradients of the folded operands."""
