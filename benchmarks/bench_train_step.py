@@ -343,7 +343,7 @@ def cuda_main(args) -> None:
             print(f"{key}:", flush=True)
             for i in IMPLS:
                 line = (
-                    f"  {i:7s} step {r[f'{i}_step_ms']:8.2f} ms  AGS+SAD "
+                    f"  {i:8s} step {r[f'{i}_step_ms']:8.2f} ms  AGS+SAD "
                     f"{r[f'{i}_ags_sad_ms']:7.3f} ms  peak {r[f'{i}_peak_mib']:8.0f} MiB"
                 )
                 if i != "oracle":

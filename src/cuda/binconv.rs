@@ -568,7 +568,7 @@ pub fn backward(
         decline!("a learnable scaling_factor together with a bias");
     }
     let xo = ran!(operand(x, "the input"));
-    ran!(operand(weight, "the weight"));
+    let wo = ran!(operand(weight, "the weight"));
     ran!(operand(grad_y, "the output gradient"));
     let dev = ran!(Ok::<_, Error>(device_of(&xo)));
     let ck = saved.conv_kind;
@@ -621,11 +621,9 @@ pub fn backward(
     let gweff = match gweff {
         Some(g) => {
             let gf = tensor::facts(&g)?;
-            let wf = tensor::facts(weight)?;
-            if gf.strides == wf.strides {
+            if gf.strides == wo.strides() {
                 Some(g)
             } else {
-                let wo = ran!(operand(weight, "the weight"));
                 let mut like = wo.empty_like(tensor::kind(&g)?)?;
                 like.f_copy_(&g)?;
                 Some(like)
