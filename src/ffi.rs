@@ -32,6 +32,13 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
 
+    fn ovsw_cuda_conv_mode(
+        autocast_dtype: *mut i32,
+        tf32: *mut c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+
     fn ovsw_tensor_facts(
         t: *const C_tensor,
         out: *mut RawFacts,
@@ -144,6 +151,25 @@ pub fn tensor_facts(t: &Tensor) -> Result<(RawFacts, Vec<i64>, Vec<i64>)> {
         sizes = vec![0i64; dim];
         strides = vec![0i64; dim];
     }
+}
+
+/// How libtorch will run a float convolution on CUDA tensors from this thread: the
+/// c10::ScalarType code CUDA autocast casts to (`None` outside `torch.autocast("cuda")`),
+/// and whether cuDNN may run float32 convolutions in TF32.
+pub fn cuda_conv_mode() -> Result<(Option<i32>, bool)> {
+    let mut dtype = -1i32;
+    let mut tf32: c_int = 0;
+    let mut err = [0 as c_char; 512];
+    // SAFETY: two writable out-values and an error buffer of the length passed; the shim
+    // catches every C++ exception.
+    let rc = unsafe { ovsw_cuda_conv_mode(&mut dtype, &mut tf32, err.as_mut_ptr(), err.len()) };
+    if rc != 0 {
+        return Err(Error::Torch(format!(
+            "reading the autocast and TF32 state: {}",
+            shim_message(&err)
+        )));
+    }
+    Ok(((dtype >= 0).then_some(dtype), tf32 != 0))
 }
 
 /// The device name the shim wrote (`"cpu"`, `"cuda:0"`, `"meta"`, ...).

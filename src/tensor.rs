@@ -131,7 +131,7 @@ pub fn kind_name(k: Kind) -> &'static str {
 }
 
 /// c10::ScalarType codes of the dtypes the core names (c10/core/ScalarType.h).
-fn kind_of(scalar_type: i32) -> Option<Kind> {
+pub(crate) fn kind_of(scalar_type: i32) -> Option<Kind> {
     Some(match scalar_type {
         0 => Kind::Uint8,
         1 => Kind::Int8,

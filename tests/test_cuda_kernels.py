@@ -136,6 +136,27 @@ def test_cpu_ops_are_not_counted_on_the_cuda_route(net):
     assert ovsw.cuda.route_delta(before) == dict.fromkeys(OPS, (0, 0))
 
 
+def test_conv_mode_follows_autocast_and_the_tf32_setting():
+    """What decides the fold (see src/cuda/binconv.rs) is libtorch's own state of this
+    thread: CUDA autocast and ``torch.backends.cudnn.conv.fp32_precision``."""
+    conv = torch.backends.cudnn.conv
+    was = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    precision = conv.fp32_precision
+    try:
+        conv.fp32_precision = "tf32"
+        assert _core.cuda_conv_mode() == (None, True)
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", torch.bfloat16)
+        assert _core.cuda_conv_mode() == ("torch.bfloat16", True)
+        conv.fp32_precision = "ieee"
+        assert _core.cuda_conv_mode() == ("torch.bfloat16", False)
+    finally:
+        torch.set_autocast_enabled("cuda", was[0])
+        torch.set_autocast_dtype("cuda", was[1])
+        conv.fp32_precision = precision
+    assert _core.cuda_conv_mode()[0] is None
+
+
 @pytest.mark.parametrize("act_w", ["ste", "hardtanhv2"])
 def test_backward_rebuilds_a_missing_conv_out(act_w):
     """A forward that folded the scale (the CUDA route) keeps no conv_out; the generic
@@ -177,6 +198,20 @@ def test_backward_rebuilds_a_missing_conv_out(act_w):
 # On a GPU
 # ---------------------------------------------------------------------------------------
 gpu = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32_convs():
+    """cuDNN runs float32 convolutions in TF32 by default (an 11-bit significand), which
+    would swamp the float32 tolerances below in either route; the tests ask for IEEE
+    float32 (the TF32 case has its own test)."""
+    conv = torch.backends.cudnn.conv
+    was = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    yield
+    conv.fp32_precision = was
+
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Largest error relative to the reference's largest magnitude.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -412,3 +447,61 @@ def test_twenty_amp_steps_match_the_libtorch_route(amp_dtype):
     for a, b in zip(fstats, lstats):
         assert a["ags_ratio"] == pytest.approx(b["ags_ratio"], rel=2e-2)
         assert a["silent_ratio"] == pytest.approx(b["silent_ratio"], abs=2e-2)
+
+
+@gpu
+def test_a_fused_training_step_makes_no_host_sync_and_eval_matches():
+    """Forward, backward and OvSW.step on the fused route raise nothing under
+    ``torch.cuda.set_sync_debug_mode("error")``; an eval-mode forward (sign(x), no std)
+    takes the fused route too and matches the libtorch route."""
+    from conftest import tiny_net
+
+    torch.manual_seed(6)
+    net = tiny_net().cuda()
+    opt = ovsw.OvSW(
+        torch.optim.SGD(net.parameters(), lr=0.1), net, enable_ags=True, enable_dampen=True
+    )
+    x, y = torch.randn(8, 3, 16, 16, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
+
+    def step():
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up: compiles the kernels, fills the allocators' caches
+    torch.cuda.synchronize()
+    before = ovsw.cuda.route_counts()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    delta = ovsw.cuda.route_delta(before)
+    assert delta == {"conv_forward": (2, 0), "conv_backward": (2, 0), "ags_sad_step": (1, 0)}
+    net.eval()
+    with torch.no_grad():
+        before = ovsw.cuda.route_counts()
+        fused = net(x)
+        assert ovsw.cuda.route_delta(before)["conv_forward"] == (2, 0)
+        with ovsw.cuda.disabled():
+            lib = net(x)
+    assert rel_err(fused, lib) <= 1e-4
+
+
+@gpu
+@pytest.mark.parametrize("act_w", ["ste", "hardtanh"])
+def test_under_tf32_the_forward_does_not_fold_the_scale(act_w):
+    """With cuDNN's default TF32, folding ``w_b * s`` would round the scale to 11 bits
+    (errors near 1e-4); the fused forward scales the output instead and stays as exact
+    as the libtorch route, whose ``sign`` operands TF32 holds exactly."""
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # the fixture restores it
+    torch.manual_seed(7)
+    layer = ovsw.OvSWConv2d(16, 24, 3, padding=1, act_w=act_w).cuda()
+    x = torch.randn(4, 16, 12, 12, device="cuda")
+    before = ovsw.cuda.route_counts()
+    fused = layer(x)
+    assert ovsw.cuda.route_delta(before)["conv_forward"] == (1, 0)
+    with ovsw.cuda.disabled():
+        lib = layer(x)
+    assert rel_err(fused, lib) <= 1e-5

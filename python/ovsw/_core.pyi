@@ -31,6 +31,7 @@ __all__ = [
     "cuda_set_enabled",
     "cuda_enabled",
     "cuda_route_counts",
+    "cuda_conv_mode",
     "cuda_binarize_activation",
     "cuda_bireal_backward",
     "cuda_weight_operand",
@@ -213,6 +214,9 @@ def cuda_set_enabled(on: bool) -> None: ...
 def cuda_enabled() -> bool: ...
 def cuda_route_counts() -> dict[str, dict[str, int | str | None]]:
     """Per op with a fused form: {"fused": n, "declined": n, "last_declined": reason}."""
+
+def cuda_conv_mode() -> tuple[str | None, bool]:
+    """(CUDA autocast dtype or None, whether cuDNN may run float32 convs in TF32)."""
 
 def cuda_binarize_activation(
     x: Tensor,

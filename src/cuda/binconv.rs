@@ -15,7 +15,7 @@ use tch::{Kind, Tensor};
 
 use super::device::{arg, DeviceState};
 use super::tensor::{dtype_code, operand, opt_ptr, ptr, suffix, Operand};
-use super::{autocast_kind, current_stream, decline, ran, ready, Outcome, Stream};
+use super::{conv_mode, current_stream, decline, ran, ready, Outcome, Stream};
 use crate::binarize::{ActW, EPS};
 use crate::conv::{self, Forward, Grads, Needs, Saved, Scale};
 use crate::error::{Error, Result};
@@ -486,8 +486,9 @@ fn per_channel(v: &Tensor) -> Result<Tensor> {
 /// may not be folded ([`conv::foldable`]).
 ///
 /// The scale is folded into the weight when the convolution runs in W's dtype (no
-/// autocast): `y = conv(a, w_b * s, bias * s)`, no pass over the output. Under autocast
-/// `y = conv(a, w_b, bias) * s` in float32, as the libtorch path gives.
+/// autocast) and, for float32, without TF32: `y = conv(a, w_b * s, bias * s)`, no pass
+/// over the output. Otherwise `y = conv(a, w_b, bias) * s` (in float32 under autocast),
+/// as the libtorch path gives.
 pub fn forward(
     x: &Tensor,
     weight: &Tensor,
@@ -505,12 +506,12 @@ pub fn forward(
     let dev = ran!(Ok::<_, Error>(device_of(&xo)));
     // The dtype the convolution runs in: autocast's under `torch.autocast("cuda")`
     // (which casts float32, float16 and bfloat16 operands), else the input's.
-    let autocast = autocast_kind()?;
-    let ck = autocast.unwrap_or(xo.kind);
+    let mode = conv_mode()?;
+    let ck = mode.autocast.unwrap_or(xo.kind);
     if dtype_code(ck).is_none() {
         decline!("autocast runs the convolution in {ck:?}");
     }
-    if autocast.is_none() && wo.kind != xo.kind {
+    if mode.autocast.is_none() && wo.kind != xo.kind {
         decline!(
             "input {:?} and weight {:?} differ (libtorch reports it)",
             xo.kind,
@@ -520,7 +521,11 @@ pub fn forward(
     let stream = current_stream(dev.index)?;
     let std_mode = if training { Std::Compute } else { Std::None };
     let (a, std) = ran!(binarize_activation(x, std_mode, ck, stream));
-    let fold = wo.kind == ck;
+    // Fold the scale into the weight where that loses nothing against scaling the
+    // output: the weight keeps its own dtype (no autocast cast of `w_b * s`), and a
+    // float32 convolution runs in float32 (cuDNN's TF32 would round `w_b * s` to 11
+    // bits, where `w_b` alone is exact).
+    let fold = wo.kind == ck && !(ck == Kind::Float && mode.tf32);
     let op = ran!(weight_operand(weight, act_w, scale, bias, fold, ck, stream));
     let out = a.f_conv2d(
         &op.w_eff,
@@ -539,7 +544,16 @@ pub fn forward(
             (None, Some(a)) => a,
             (None, None) => return Err(Error::Internal("weight_operand returned no alpha".into())),
         };
-        out.f_mul(&per_channel(s)?)?
+        if wo.kind == ck {
+            // `out` is this op's own and keeps its dtype: scale it in place.
+            let mut out = out;
+            let _ = out.f_mul_(&per_channel(s)?)?;
+            out
+        } else {
+            // Under autocast: conv_out in ck times s in W's dtype promotes (to float32
+            // for float32 weights), as the libtorch route gives.
+            out.f_mul(&per_channel(s)?)?
+        }
     };
     Ok(Outcome::Ran(Forward {
         y,
@@ -553,7 +567,9 @@ pub fn forward(
 /// The binary convolution's backward on CUDA, the CUDA route of [`conv::backward`]
 /// (which validated what it was handed): the same contract and result, from what
 /// either route's forward saved (`conv_out` is not read). Declines where [`forward`]
-/// does.
+/// does. It always convolves against the folded weight `w_b * s`, so the incoming
+/// gradient needs no pass of its own; under TF32 that rounds `w_b * s` where the
+/// libtorch route rounds `grad_y * s` instead, errors of one size.
 pub fn backward(
     grad_y: &Tensor,
     saved: &Saved<'_>,

@@ -229,34 +229,27 @@ pub fn current_stream(index: usize) -> Result<Stream> {
     .map_err(|e| Error::Unsupported(format!("reading the current CUDA stream: {e}")))
 }
 
-/// The dtype CUDA autocast runs convolutions in, or `None` outside `torch.autocast`
-/// (`torch.is_autocast_enabled("cuda")`, `torch.get_autocast_dtype("cuda")`).
-pub fn autocast_kind() -> Result<Option<Kind>> {
-    if !python_ready() {
-        return Ok(None);
-    }
-    static FNS: GILOnceCell<(PyObject, PyObject)> = GILOnceCell::new();
-    Python::with_gil(|py| {
-        let (is_enabled, get_dtype) = FNS.get_or_try_init(py, || {
-            let torch = py.import("torch")?;
-            Ok::<_, PyErr>((
-                torch.getattr("is_autocast_enabled")?.unbind(),
-                torch.getattr("get_autocast_dtype")?.unbind(),
-            ))
-        })?;
-        if !is_enabled.call1(py, ("cuda",))?.extract::<bool>(py)? {
-            return Ok(None);
-        }
-        let dtype = get_dtype.call1(py, ("cuda",))?;
-        let name: String = dtype.bind(py).str()?.extract()?;
-        Ok::<_, PyErr>(match name.as_str() {
-            "torch.float16" => Some(Kind::Half),
-            "torch.bfloat16" => Some(Kind::BFloat16),
-            "torch.float32" => Some(Kind::Float),
-            _ => None,
-        })
-    })
-    .map_err(|e| Error::Unsupported(format!("reading the autocast state: {e}")))
+/// How libtorch will run a float convolution on CUDA tensors from this thread.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvMode {
+    /// The dtype `torch.autocast("cuda")` casts the operands to; `None` outside it.
+    pub autocast: Option<Kind>,
+    /// Whether cuDNN may run float32 convolutions in TF32
+    /// (`torch.backends.cudnn.conv.fp32_precision`, "tf32" by default).
+    pub tf32: bool,
+}
+
+/// The [`ConvMode`] of this thread, read from libtorch (no Python, no GPU).
+pub fn conv_mode() -> Result<ConvMode> {
+    let (autocast, tf32) = crate::ffi::cuda_conv_mode()?;
+    let autocast = match autocast {
+        Some(code) => Some(
+            crate::tensor::kind_of(code)
+                .ok_or_else(|| Error::Unsupported(format!("autocast runs in dtype code {code}")))?,
+        ),
+        None => None,
+    };
+    Ok(ConvMode { autocast, tf32 })
 }
 
 static WARNED: Once = Once::new();

@@ -114,6 +114,18 @@ fn cuda_enabled() -> PyResult<bool> {
     boundary(|| Ok(super::enabled()))
 }
 
+/// How libtorch will run a float convolution on CUDA tensors from this thread:
+/// `(autocast dtype, tf32)`, the dtype `torch.autocast("cuda")` casts to (`None` outside
+/// it, e.g. `"torch.float16"` inside) and whether cuDNN may run float32 convolutions in
+/// TF32. The CUDA route folds the scale into the weight only where neither rounds it.
+#[pyfunction]
+fn cuda_conv_mode() -> PyResult<(Option<&'static str>, bool)> {
+    boundary(|| {
+        let mode = super::conv_mode()?;
+        Ok((mode.autocast.map(tensor::kind_name), mode.tf32))
+    })
+}
+
 /// How often each of the library's ops ran the fused CUDA kernels, and how often they
 /// declined it (it then ran the libtorch route), since the process started:
 /// `{op: {"fused": n, "declined": n, "last_declined": reason or None}}`.
@@ -269,6 +281,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_set_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_route_counts, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_conv_mode, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_binarize_activation, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_bireal_backward, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_weight_operand, m)?)?;
