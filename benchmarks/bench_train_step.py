@@ -1,6 +1,20 @@
 """One OvSW training step, ovsw (Rust core) against the plain-PyTorch oracle, side by side.
 
     python benchmarks/bench_train_step.py [--steps 10] [--threads 2]
+    python benchmarks/bench_train_step.py --device cuda [--steps 5]
+
+On CUDA (issue 11) it times a user's loop with no syncs inside (forward under autocast
+for AMP, backward, AGS+SAD, SGD; AMP is float16 with GradScaler, whose own inf check is
+the one sync per step, the same for every implementation) for ResNet18_1w1a at batch 256
+and 224x224 and cResNet20_1w1a at batch 128, fp32 and AMP, for three implementations in
+one process: "oracle" (tests/oracle.py, the ops upstream runs), "ovsw" (the package as
+users get it: OvSWConv2d and OvSW on the fused CUDA route) and "libtorch" (the same
+package with its CUDA kernels turned off, ``ovsw.cuda.disabled()``). It checks that
+"ovsw" ran the kernels (``ovsw.cuda.route_counts()``, no op declined) and prints the
+step time, the AGS+SAD time (alone, on real gradients), the peak memory of a step
+(torch.cuda max_memory_allocated above what was allocated before it), ratios to the
+oracle, and the top kernels of one profiled step. Targets on an H100/H200: step <= 0.75x
+the oracle, AGS+SAD <= 0.1x, peak memory <= 0.8x.
 
 For each case, both implementations get the same model (same weights, the oracle's
 binary convs swapped in by tests/oracle.py) and the same batch. A step is forward,
@@ -16,6 +30,7 @@ The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -119,8 +134,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is available")
+        cuda_main(args)
+        return
 
     print(f"torch {torch.__version__}, ovsw {ovsw.__version__}, {args.threads} threads, CPU")
     results = {}
@@ -161,6 +182,183 @@ def main() -> None:
             f"{r['oracle_peak_step_mib']:.0f} MiB",
             flush=True,
         )
+    print(json.dumps(results))
+
+
+# -- CUDA -------------------------------------------------------------------------------
+CUDA_CASES = [
+    # (arch, num_classes, batch, resolution)
+    ("ResNet18_1w1a", 1000, 256, 224),
+    ("cResNet20_1w1a", 10, 128, 32),
+]
+IMPLS = ("oracle", "ovsw", "libtorch")
+
+
+def build_cuda(arch, num_classes, batch, res, impl):
+    torch.manual_seed(0)
+    model = ovsw.models.create(arch, num_classes=num_classes)
+    if impl == "oracle":
+        model = to_oracle(model)
+    model = model.cuda().train()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    wrapper = OracleOvSW if impl == "oracle" else ovsw.OvSW
+    opt = wrapper(sgd, model, **OVSW_ARGS)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, res, res, generator=g).cuda()
+    y = torch.randint(0, num_classes, (batch,), generator=g).cuda()
+    return model, opt, x, y
+
+
+# (fused, declined) of each op with a fused form, over the "ovsw" runs only.
+OVSW_ROUTES: dict[str, list[int]] = {}
+OVSW_DECLINED: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def route(impl):
+    """The context an implementation's steps run in: the library with its CUDA kernels
+    turned off for "libtorch"; for "ovsw", the routes its ops took are tallied."""
+    import ovsw.cuda
+
+    if impl == "libtorch":
+        with ovsw.cuda.disabled():
+            yield
+        return
+    before = ovsw.cuda.route_counts()
+    yield
+    if impl == "ovsw":
+        counts = ovsw.cuda.route_counts()
+        for op, (fused, declined) in ovsw.cuda.route_delta(before).items():
+            tally = OVSW_ROUTES.setdefault(op, [0, 0])
+            tally[0] += fused
+            tally[1] += declined
+            if declined:
+                OVSW_DECLINED[op] = counts[op]["last_declined"]
+
+
+def check_fused() -> str:
+    """What "ovsw" ran: every op with a fused form, always on the fused route."""
+    if OVSW_DECLINED or any(f == 0 for f, _ in OVSW_ROUTES.values()):
+        raise SystemExit(f"ovsw did not take the fused CUDA route: {OVSW_ROUTES} {OVSW_DECLINED}")
+    return ", ".join(f"{op} {f}" for op, (f, _) in OVSW_ROUTES.items())
+
+
+def cuda_step(model, opt, scaler, x, y, amp):
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+
+
+def cuda_times(runs, amp, steps, rounds, warmup):
+    """Median over rounds of the mean step time of `steps` back-to-back steps, the
+    implementations taking turns round by round."""
+    times = {impl: [] for impl in runs}
+    for r in range(rounds + 1):
+        for impl, (model, opt, x, y, scaler) in runs.items():
+            with route(impl):
+                n = warmup if r == 0 else steps
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    cuda_step(model, opt, scaler, x, y, amp)
+                torch.cuda.synchronize()
+                if r > 0:
+                    times[impl].append((time.perf_counter() - t0) / n)
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
+def ags_sad_time(model, opt, x, y, amp, impl, reps=20):
+    """Seconds per AGS+SAD call on the gradients of one real backward, as ``step()``
+    runs it: for ovsw ``OvSW._apply`` (the figures stay on the device; the public
+    ``apply_ags_sad`` also reads them), for the oracle its ``apply_ags_sad`` (which
+    reads a figure per layer, as upstream does)."""
+    apply = opt.apply_ags_sad if impl == "oracle" else opt._apply
+    with route(impl):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        apply()  # warm-up (compiles the kernels on first use)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            apply()
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def peak_memory(model, opt, x, y, scaler, amp, impl):
+    with route(impl):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        cuda_step(model, opt, scaler, x, y, amp)
+        torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def top_kernels(model, opt, x, y, scaler, amp, impl, rows=10):
+    from torch.profiler import ProfilerActivity, profile
+
+    with route(impl):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            cuda_step(model, opt, scaler, x, y, amp)
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return events.table(sort_by=key, row_limit=rows)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return events.table(row_limit=rows)
+
+
+def cuda_main(args) -> None:
+    name = torch.cuda.get_device_name()
+    print(f"torch {torch.__version__}, ovsw {ovsw.__version__}, {name}")
+    results = {}
+    for case in CUDA_CASES:
+        arch, _, batch, res = case
+        for amp in (False, True):
+            runs = {}
+            for impl in IMPLS:
+                model, opt, x, y = build_cuda(*case, impl)
+                runs[impl] = (model, opt, x, y, torch.amp.GradScaler("cuda", enabled=amp))
+            med = cuda_times(runs, amp, args.steps, rounds=2, warmup=args.warmup)
+            ags = {i: ags_sad_time(*runs[i][:4], amp, i) for i in IMPLS}
+            mem = {i: peak_memory(*runs[i], amp, i) for i in IMPLS}
+            key = f"{arch}_b{batch}_{res}_{'amp' if amp else 'fp32'}"
+            r = {f"{i}_step_ms": med[i] * 1e3 for i in IMPLS}
+            r.update({f"{i}_ags_sad_ms": ags[i] * 1e3 for i in IMPLS})
+            r.update({f"{i}_peak_mib": mem[i] / 2**20 for i in IMPLS})
+            for i in ("ovsw", "libtorch"):
+                r[f"{i}_step_ratio"] = med[i] / med["oracle"]
+                r[f"{i}_ags_sad_ratio"] = ags[i] / ags["oracle"]
+                r[f"{i}_peak_ratio"] = mem[i] / max(mem["oracle"], 1)
+            results[key] = r
+            print(f"{key}:", flush=True)
+            for i in IMPLS:
+                line = (
+                    f"  {i:8s} step {r[f'{i}_step_ms']:8.2f} ms  AGS+SAD "
+                    f"{r[f'{i}_ags_sad_ms']:7.3f} ms  peak {r[f'{i}_peak_mib']:8.0f} MiB"
+                )
+                if i != "oracle":
+                    line += (
+                        f"  ratios: step {r[f'{i}_step_ratio']:.3f} AGS+SAD "
+                        f"{r[f'{i}_ags_sad_ratio']:.3f} peak {r[f'{i}_peak_ratio']:.3f}"
+                    )
+                print(line, flush=True)
+            if arch == CUDA_CASES[0][0]:
+                for i in ("ovsw", "oracle"):
+                    print(f"  top kernels of one {i} step ({'AMP' if amp else 'fp32'}):")
+                    print(top_kernels(*runs[i], amp, i), flush=True)
+            del runs
+            torch.cuda.empty_cache()
+    print(f"ovsw ran on the fused CUDA route: {check_fused()}", flush=True)
     print(json.dumps(results))
 
 

@@ -1,4 +1,5 @@
-// C shim over at::convolution_backward, which tch 0.24 does not bind.
+// C shim over at::convolution_backward, which tch 0.24 does not bind, and the state
+// that decides how libtorch runs a CUDA convolution (autocast, cuDNN's TF32).
 //
 // Tensors cross as `at::Tensor*`, the representation tch uses for its C_tensor
 // handles. Results are heap-allocated at::Tensor objects whose ownership passes to
@@ -6,6 +7,7 @@
 // the FFI boundary as C++ exceptions: the message is copied into `err` and 1 returned.
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/ops/convolution_backward.h>
 
 #include <array>
@@ -41,6 +43,28 @@ extern "C" int ovsw_convolution_backward(
     *grad_input = nullptr;
     *grad_weight = nullptr;
     *grad_bias = nullptr;
+    if (err_len > 0) {
+      std::strncpy(err, e.what(), err_len - 1);
+      err[err_len - 1] = '\0';
+    }
+    return 1;
+  }
+}
+
+// How libtorch will run a float convolution on CUDA tensors from the calling thread:
+// the dtype CUDA autocast casts its operands to (`*autocast_dtype`, a c10::ScalarType;
+// -1 outside `torch.autocast("cuda")`), and whether cuDNN may run float32 convolutions in
+// TF32 (`torch.backends.cudnn.conv.fp32_precision == "tf32"`, the default). Neither read
+// touches the GPU. Returns 0, or 1 with the message in `err`.
+extern "C" int ovsw_cuda_conv_mode(int32_t* autocast_dtype, int* tf32, char* err,
+                                   size_t err_len) {
+  try {
+    *autocast_dtype = at::autocast::is_autocast_enabled(at::kCUDA)
+                          ? static_cast<int32_t>(at::autocast::get_autocast_dtype(at::kCUDA))
+                          : -1;
+    *tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::CONV) ? 1 : 0;
+    return 0;
+  } catch (const std::exception& e) {
     if (err_len > 0) {
       std::strncpy(err, e.what(), err_len - 1);
       err[err_len - 1] = '\0';

@@ -51,10 +51,11 @@ static void copy_message(const char* what, char* err, size_t err_len) {
   }
 }
 
-// Fills `out` and, when `dim <= cap`, `sizes[0..dim]`. Returns 0, or 1 with the message
-// in `err`. An undefined tensor returns 0 with `defined == 0` and nothing else set.
-int ovsw_tensor_facts(const at::Tensor* t, OvswTensorFacts* out, int64_t* sizes, int64_t cap,
-                      char* err, size_t err_len) {
+// Fills `out` and, when `dim <= cap`, `sizes[0..dim]` and (for a strided tensor)
+// `strides[0..dim]`. Returns 0, or 1 with the message in `err`. An undefined tensor
+// returns 0 with `defined == 0` and nothing else set.
+int ovsw_tensor_facts(const at::Tensor* t, OvswTensorFacts* out, int64_t* sizes,
+                      int64_t* strides, int64_t cap, char* err, size_t err_len) {
   std::memset(out, 0, sizeof(*out));
   try {
     if (!t->defined()) return 0;
@@ -111,6 +112,10 @@ int ovsw_tensor_facts(const at::Tensor* t, OvswTensorFacts* out, int64_t* sizes,
     if (dim <= cap) {
       const auto s = t->sizes();
       for (int64_t i = 0; i < dim; ++i) sizes[i] = s[i];
+      if (out->strided) {
+        const auto st = t->strides();
+        for (int64_t i = 0; i < dim; ++i) strides[i] = st[i];
+      }
     }
     return 0;
   } catch (const std::exception& e) {

@@ -32,10 +32,18 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
 
+    fn ovsw_cuda_conv_mode(
+        autocast_dtype: *mut i32,
+        tf32: *mut c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+
     fn ovsw_tensor_facts(
         t: *const C_tensor,
         out: *mut RawFacts,
         sizes: *mut i64,
+        strides: *mut i64,
         cap: i64,
         err: *mut c_char,
         err_len: usize,
@@ -94,9 +102,11 @@ pub struct RawFacts {
 /// not read.
 pub const STORAGE_NONE: i32 = 2;
 
-/// The facts of `t` and its sizes (empty when `t` is undefined or has no storage).
-pub fn tensor_facts(t: &Tensor) -> Result<(RawFacts, Vec<i64>)> {
+/// The facts of `t`, its sizes and its strides (empty when `t` is undefined or has no
+/// storage; strides are zeros for a layout other than strided).
+pub fn tensor_facts(t: &Tensor) -> Result<(RawFacts, Vec<i64>, Vec<i64>)> {
     let mut sizes = vec![0i64; 8];
+    let mut strides = vec![0i64; 8];
     loop {
         let mut raw = RawFacts {
             dim: 0,
@@ -112,13 +122,15 @@ pub fn tensor_facts(t: &Tensor) -> Result<(RawFacts, Vec<i64>)> {
             device_name: [0; 32],
         };
         let mut err = [0 as c_char; 512];
-        // SAFETY: `t` is a live tensor borrowed for the call; `raw` and `sizes` are
-        // writable for the lengths passed; the shim catches every C++ exception.
+        // SAFETY: `t` is a live tensor borrowed for the call; `raw`, `sizes` and
+        // `strides` are writable for the lengths passed; the shim catches every C++
+        // exception.
         let rc = unsafe {
             ovsw_tensor_facts(
                 t.as_ptr(),
                 &mut raw,
                 sizes.as_mut_ptr(),
+                strides.as_mut_ptr(),
                 sizes.len() as i64,
                 err.as_mut_ptr(),
                 err.len(),
@@ -129,14 +141,35 @@ pub fn tensor_facts(t: &Tensor) -> Result<(RawFacts, Vec<i64>)> {
         }
         let dim = usize::try_from(raw.dim).unwrap_or(0);
         if raw.defined == 0 || raw.storage == STORAGE_NONE {
-            return Ok((raw, Vec::new()));
+            return Ok((raw, Vec::new(), Vec::new()));
         }
         if dim <= sizes.len() {
             sizes.truncate(dim);
-            return Ok((raw, sizes));
+            strides.truncate(dim);
+            return Ok((raw, sizes, strides));
         }
         sizes = vec![0i64; dim];
+        strides = vec![0i64; dim];
     }
+}
+
+/// How libtorch will run a float convolution on CUDA tensors from this thread: the
+/// c10::ScalarType code CUDA autocast casts to (`None` outside `torch.autocast("cuda")`),
+/// and whether cuDNN may run float32 convolutions in TF32.
+pub fn cuda_conv_mode() -> Result<(Option<i32>, bool)> {
+    let mut dtype = -1i32;
+    let mut tf32: c_int = 0;
+    let mut err = [0 as c_char; 512];
+    // SAFETY: two writable out-values and an error buffer of the length passed; the shim
+    // catches every C++ exception.
+    let rc = unsafe { ovsw_cuda_conv_mode(&mut dtype, &mut tf32, err.as_mut_ptr(), err.len()) };
+    if rc != 0 {
+        return Err(Error::Torch(format!(
+            "reading the autocast and TF32 state: {}",
+            shim_message(&err)
+        )));
+    }
+    Ok(((dtype >= 0).then_some(dtype), tf32 != 0))
 }
 
 /// The device name the shim wrote (`"cpu"`, `"cuda:0"`, `"meta"`, ...).

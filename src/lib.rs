@@ -2,9 +2,11 @@
 //!
 //! The math lives in [`binarize`] (the elementwise parts of a 1-bit layer, SPEC 1.1 to
 //! 1.4), [`conv`] (the binary convolution, SPEC section 1) and [`optim`] (AGS and SAD,
-//! sections 2 and 3); [`deploy`] runs exported networks by XNOR and popcount without
-//! PyTorch. Each family's Python bindings sit beside it (`conv/py.rs`, `optim/py.rs`,
-//! `deploy/py.rs`); this file declares the modules and registers the bindings.
+//! sections 2 and 3); [`cuda`] holds their fused CUDA kernels, compiled at run time by
+//! NVRTC, which those ops choose on CUDA tensors; [`deploy`] runs exported networks by
+//! XNOR and popcount without PyTorch. Each family's Python bindings sit beside it
+//! (`conv/py.rs`, `optim/py.rs`, `cuda/py.rs`, `deploy/py.rs`); this file declares the
+//! modules and registers the bindings.
 
 // No panic outside tests: errors are values (crate::error), and the bindings catch
 // anything else at the boundary (error::boundary).
@@ -15,6 +17,7 @@
 
 pub mod binarize;
 pub mod conv;
+pub mod cuda;
 pub mod deploy;
 pub mod error;
 mod ffi;
@@ -30,6 +33,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     conv::py::register(m)?;
     optim::py::register(m)?;
     deploy::py::register(m)?;
+    cuda::py::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

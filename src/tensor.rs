@@ -50,6 +50,8 @@ pub enum Storage {
 #[derive(Debug)]
 pub struct Facts {
     pub sizes: Vec<i64>,
+    /// Element strides, one per dim (zeros for a layout other than strided).
+    pub strides: Vec<i64>,
     /// `None` for a dtype the core has no use for (complex, quantized, ...).
     pub kind: Option<Kind>,
     pub place: Place,
@@ -85,6 +87,20 @@ impl Facts {
             && self.storage == Storage::Readable
     }
 
+    /// The CUDA device whose fused kernels (`crate::cuda`) could take this tensor: real
+    /// float32, float16 or bfloat16 strided memory on that device, not a Python
+    /// subclass. Its layout is the kernels' own check.
+    pub fn cuda_kernel_device(&self) -> Option<usize> {
+        match (&self.place, self.kind) {
+            (Place::Cuda(i), Some(Kind::Float | Kind::Half | Kind::BFloat16))
+                if *i >= 0 && self.strided && !self.python && self.storage == Storage::Readable =>
+            {
+                Some(*i as usize)
+            }
+            _ => None,
+        }
+    }
+
     /// The dtype in torch's spelling, for messages.
     pub fn dtype_name(&self) -> String {
         match self.kind {
@@ -115,7 +131,7 @@ pub fn kind_name(k: Kind) -> &'static str {
 }
 
 /// c10::ScalarType codes of the dtypes the core names (c10/core/ScalarType.h).
-fn kind_of(scalar_type: i32) -> Option<Kind> {
+pub(crate) fn kind_of(scalar_type: i32) -> Option<Kind> {
     Some(match scalar_type {
         0 => Kind::Uint8,
         1 => Kind::Int8,
@@ -151,7 +167,7 @@ fn no_storage(python: bool) -> Error {
 /// The facts of `t`: a RuntimeError for a tensor without storage (FakeTensor,
 /// FunctionalTensor, ...), a ValueError for an undefined one.
 pub fn facts(t: &Tensor) -> Result<Facts> {
-    let (raw, sizes) = ffi::tensor_facts(t)?;
+    let (raw, sizes, strides) = ffi::tensor_facts(t)?;
     if raw.defined == 0 {
         return Err(Error::Value("got an undefined tensor".into()));
     }
@@ -166,6 +182,7 @@ pub fn facts(t: &Tensor) -> Result<Facts> {
     };
     Ok(Facts {
         sizes,
+        strides,
         kind: kind_of(raw.scalar_type),
         place,
         strided: raw.strided != 0,
@@ -220,6 +237,10 @@ pub fn check_float(f: &Facts, what: &str) -> Result<Kind> {
 pub enum Route {
     /// Every tensor is contiguous float32 memory on the CPU: the fused loops.
     HostF32,
+    /// Every tensor is float32, float16 or bfloat16 memory on CUDA device `.0`: the fused
+    /// CUDA kernels (`crate::cuda`). They may still decline (a layout they do not cover,
+    /// the kernels turned off or unavailable); the op then runs the generic route.
+    Cuda(usize),
     /// Anything else: libtorch ops through the dispatcher (meta tensors included).
     Generic,
 }
@@ -228,10 +249,22 @@ impl Route {
     /// The route for `tensors`; a RuntimeError if one of them has no storage.
     pub fn of(tensors: &[&Tensor]) -> Result<Route> {
         let mut host = true;
+        let mut cuda: Option<Option<usize>> = None;
         for t in tensors {
-            host &= facts(t)?.is_host_f32();
+            let f = facts(t)?;
+            host &= f.is_host_f32();
+            let device = f.cuda_kernel_device();
+            cuda = match cuda {
+                None => Some(device),
+                Some(first) if first == device => Some(first),
+                Some(_) => Some(None),
+            };
         }
-        Ok(if host { Route::HostF32 } else { Route::Generic })
+        Ok(match (host, cuda) {
+            (true, _) => Route::HostF32,
+            (false, Some(Some(index))) => Route::Cuda(index),
+            _ => Route::Generic,
+        })
     }
 }
 
@@ -300,6 +333,7 @@ mod tests {
         let t = Tensor::zeros([2, 3, 4], (Kind::Float, Device::Cpu));
         let f = facts(&t).expect("facts");
         assert_eq!(f.sizes, [2, 3, 4]);
+        assert_eq!(f.strides, [12, 4, 1]);
         assert_eq!((f.kind, f.place.clone()), (Some(Kind::Float), Place::Cpu));
         assert!(f.is_host_f32() && !f.data.is_null());
         assert_eq!(Route::of(&[&t]).expect("route"), Route::HostF32);
@@ -309,7 +343,13 @@ mod tests {
     fn other_tensors_take_the_generic_route() {
         let t = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
         let transposed = t.f_t_copy().expect("t").f_transpose(0, 1).expect("view");
-        assert!(!facts(&transposed).expect("facts").contiguous);
+        let tf = facts(&transposed).expect("facts");
+        assert!(!tf.contiguous);
+        assert_eq!(
+            (tf.sizes.as_slice(), tf.strides.as_slice()),
+            ([2, 3].as_slice(), [1, 2].as_slice())
+        );
+        assert_eq!(tf.cuda_kernel_device(), None);
         let double = Tensor::zeros([2, 3], (Kind::Double, Device::Cpu));
         for other in [&transposed, &double] {
             assert_eq!(Route::of(&[&t, other]).expect("route"), Route::Generic);

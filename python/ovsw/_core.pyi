@@ -27,6 +27,17 @@ __all__ = [
     "deploy_kernels",
     "deploy_cpu_flags",
     "deploy_kernel",
+    "cuda_status",
+    "cuda_compile",
+    "cuda_entry_points",
+    "cuda_set_enabled",
+    "cuda_enabled",
+    "cuda_route_counts",
+    "cuda_conv_mode",
+    "cuda_binarize_activation",
+    "cuda_bireal_backward",
+    "cuda_weight_operand",
+    "cuda_weight_grads",
     "__version__",
 ]
 
@@ -172,7 +183,9 @@ class DeployEngine:
     def __new__(cls, data: bytes, threads: int, kernel: str = "auto") -> Self: ...
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 NCHW in; (N, K) out when the result is 1x1, else NCHW."""
-    def profile(self, x: np.ndarray) -> tuple[np.ndarray, list[tuple[str, str, list[int], float]]]:
+    def profile(
+        self, x: np.ndarray
+    ) -> tuple[np.ndarray, list[tuple[str, str, tuple[int, int, int, int], float]]]:
         """Output and (name, op, output NCHW shape, seconds) per op."""
     def run_op(self, name: str, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """The single op `name` on `x` (and `residual`)."""
@@ -202,3 +215,60 @@ def deploy_kernel(name: str) -> str:
 def deploy_cpu_flags() -> list[str]:
     """The CPU flags the kernels use that this CPU has, as /proc/cpuinfo names them
     (less those OVSW_DISABLE_CPU_FEATURES hides)."""
+
+# -- CUDA kernels (src/cuda/py.rs). The library's ops (binary_conv2d_forward/_backward,
+# ags_sad_step) choose them on CUDA tensors by themselves; the four passes below ask for
+# them explicitly and raise RuntimeError where they do not apply.
+
+def cuda_status() -> dict[str, object]:
+    """Keys: enabled; nvrtc (path or None), nvrtc_version or nvrtc_error; driver_version
+    or driver_error."""
+
+def cuda_compile(arch: int) -> tuple[str, bytes, str, list[str]]:
+    """Compile every kernel for sm_{arch}: (ptx, cubin, nvrtc log, PTX entry points)."""
+
+def cuda_entry_points() -> list[str]: ...
+def cuda_set_enabled(on: bool) -> None: ...
+def cuda_enabled() -> bool: ...
+def cuda_route_counts() -> dict[str, dict[str, int | str | None]]:
+    """Per op with a fused form: {"fused": n, "declined": n, "last_declined": reason}."""
+
+def cuda_conv_mode() -> tuple[str | None, bool]:
+    """(CUDA autocast dtype or None, whether cuDNN may run float32 convs in TF32)."""
+
+def cuda_binarize_activation(
+    x: Tensor,
+    training: bool,
+    out_dtype: str,
+    std: Tensor | None = None,
+    stream: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """(sign(x / std) in out_dtype, per-sample std [N,1,1,1] when computed here)."""
+
+def cuda_bireal_backward(
+    grad_a: Tensor, x: Tensor, std: Tensor | None = None, stream: int | None = None
+) -> Tensor:
+    """grad_a * max(0, 2 - 2|x/std|) / std in x's dtype and layout."""
+
+def cuda_weight_operand(
+    weight: Tensor,
+    act_w: str,
+    scale: Tensor | None,
+    bias: Tensor | None,
+    fold: bool,
+    out_dtype: str,
+    stream: int | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(w_eff, alpha, bias_eff): w_b (times the scale when fold), alpha when no scale."""
+
+def cuda_weight_grads(
+    grad_weff: Tensor | None,
+    grad_beff: Tensor | None,
+    weight: Tensor,
+    act_w: str,
+    s: Tensor,
+    bias: Tensor | None,
+    want: tuple[bool, bool, bool],
+    stream: int | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_weight, grad_scale, grad_bias) from the gradients of the folded operands."""

@@ -3,12 +3,14 @@
 //! weight binarizers and the per-output-channel scale.
 //!
 //! Shared by every binary layer (today [`crate::conv`]). An op picks its [`Kernels`]
-//! once, with [`kernels_for`], from its activation tensors:
+//! once, with [`kernels_for`] (or [`kernels`] for a [`Route`] it already chose), from
+//! its activation tensors:
 //! - [`cpu`]: fused loops over contiguous float32 CPU memory;
 //! - [`generic`]: libtorch ops, any device and floating dtype.
 //!
-//! A further route (fused CUDA kernels) is one more `Kernels` implementation and one
-//! more arm in [`kernels_for`].
+//! On CUDA tensors ([`Route::Cuda`]) the fused kernels of [`crate::cuda`] run the whole
+//! op, for they fuse more than these parts (the std with the sign, the scale into the
+//! weight); where they decline, the op's elementwise parts take [`generic`].
 
 pub mod cpu;
 pub mod generic;
@@ -171,10 +173,16 @@ pub trait Kernels: Sync {
 /// The kernels for an op whose activation-side tensors are `activations`, chosen once
 /// per op (see [`Route`]).
 pub fn kernels_for(activations: &[&Tensor]) -> Result<&'static dyn Kernels> {
-    Ok(match Route::of(activations)? {
+    Ok(kernels(Route::of(activations)?))
+}
+
+/// The kernels of `route`. A [`Route::Cuda`] op gets here only when the fused CUDA
+/// kernels declined it: libtorch ops then.
+pub fn kernels(route: Route) -> &'static dyn Kernels {
+    match route {
         Route::HostF32 => &cpu::Fused,
-        Route::Generic => &generic::Ops,
-    })
+        Route::Cuda(_) | Route::Generic => &generic::Ops,
+    }
 }
 
 /// The binarized weight of SPEC 1.3 (libtorch ops).

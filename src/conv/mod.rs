@@ -1,8 +1,10 @@
 //! The binary convolution of OvSW (SPEC section 1), forward and backward.
 //!
-//! Each op validates its arguments, picks the route of its elementwise parts once
-//! ([`binarize::kernels_for`]) and runs: binarize the activation and the weight, convolve
-//! through libtorch, scale per output channel. The backward is written out by hand: the
+//! Each op validates its arguments ([`validate`]), picks its route once ([`Route::of`]
+//! on the activation) and runs. On CUDA tensors that is the fused CUDA form
+//! ([`crate::cuda::binconv`]); anywhere else, or where the CUDA kernels decline, it is
+//! the form below with the route's [`binarize::Kernels`]: binarize the activation and the
+//! weight, convolve through libtorch, scale per output channel. The backward is written out by hand: the
 //! binarizers' surrogate gradients are elementwise, and the convolution's own gradients
 //! come from `at::convolution_backward` through the C++ shim ([`crate::ffi`]), so
 //! nothing is recomputed twice and no autograd graph is kept alive between forward and
@@ -15,10 +17,11 @@ pub mod py;
 use tch::{Kind, Tensor};
 
 use crate::binarize::{self, ActW};
-use crate::error::{value_err, Error, Result};
+use crate::cuda::{self, Op};
+use crate::error::{value_err, Result};
 use crate::ffi;
 use crate::geometry::Geometry;
-use crate::tensor::{self, check_float, Facts};
+use crate::tensor::{self, check_float, Facts, Route};
 
 /// What the forward keeps for the backward besides the input and weight.
 pub struct Forward {
@@ -29,7 +32,8 @@ pub struct Forward {
     /// The per-channel scale recomputed from W (shape `[O]`); `None` when the layer
     /// owns a learnable `scaling_factor`.
     pub alpha: Option<Tensor>,
-    /// `conv(a, w_b, bias)` before scaling, kept only for a learnable scale's gradient.
+    /// `conv(a, w_b, bias)` before scaling, kept only for a learnable scale's gradient
+    /// on the routes that need it (the CUDA route recomputes what it needs instead).
     pub conv_out: Option<Tensor>,
     /// The dtype the convolution ran in (differs from the input's under autocast).
     pub conv_kind: Kind,
@@ -65,6 +69,44 @@ pub struct Saved<'a> {
     pub conv_kind: Kind,
 }
 
+/// The per-output-channel scale `s` of a layer's output `y = conv(a, w_b, bias) * s`
+/// (SPEC 1.4).
+#[derive(Clone, Copy)]
+pub enum Scale<'a> {
+    /// The layer's learnable `scaling_factor`, which gets a gradient.
+    Learnable(&'a Tensor),
+    /// alpha, recomputed from W by the forward (no gradient of its own).
+    Alpha(&'a Tensor),
+}
+
+impl<'a> Scale<'a> {
+    /// The `[O]` tensor.
+    pub fn tensor(self) -> &'a Tensor {
+        match self {
+            Scale::Learnable(s) | Scale::Alpha(s) => s,
+        }
+    }
+}
+
+impl<'a> Saved<'a> {
+    /// The scale the forward applied.
+    pub fn scale(&self) -> Result<Scale<'a>> {
+        match (self.scale, self.alpha) {
+            (Some(s), _) => Ok(Scale::Learnable(s)),
+            (None, Some(a)) => Ok(Scale::Alpha(a)),
+            (None, None) => value_err!("backward needs either a scaling_factor or alpha"),
+        }
+    }
+}
+
+/// Whether a route may fold the scale into the convolution's operands,
+/// `conv(a, w_b * s, bias * s) == conv(a, w_b, bias) * s`, and so keep no `conv_out`.
+/// Always, except a learnable scale together with a bias: the scale's gradient then
+/// needs the bias's values, which the backward is not handed ([`Saved::has_bias`]).
+pub fn foldable(learnable_scale: bool, has_bias: bool) -> bool {
+    !(learnable_scale && has_bias)
+}
+
 fn check_same_device(t: &Facts, reference: &Facts, what: &str) -> Result<()> {
     if t.place != reference.place {
         return value_err!(
@@ -88,7 +130,7 @@ fn check_channel_vector(t: &Tensor, x: &Facts, o: i64, what: &str) -> Result<()>
 }
 
 /// Checks the arguments of a binary convolution, naming the first thing that is wrong.
-fn validate(
+pub fn validate(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -154,7 +196,14 @@ pub fn forward(
 ) -> Result<Forward> {
     validate(x, weight, bias, scale, geom)?;
     let _guard = ffi::no_grad();
-    let k = binarize::kernels_for(&[x])?;
+    let route = Route::of(&[x])?;
+    let fused = cuda::fused(Op::ConvForward, route, || {
+        cuda::binconv::forward(x, weight, bias, scale, act_w, geom, training)
+    })?;
+    if let Some(f) = fused {
+        return Ok(f);
+    }
+    let k = binarize::kernels(route);
     let std = if training {
         Some(k.sample_std(x)?)
     } else {
@@ -247,50 +296,75 @@ pub fn backward(
     needs: Needs,
 ) -> Result<Grads> {
     let weight_kind = validate_saved(grad_y, saved)?;
+    let scale = saved.scale()?;
     let _guard = ffi::no_grad();
     let (x, weight) = (saved.x, saved.weight);
+    let mut activations = vec![x];
+    activations.extend(saved.std);
+    let route = Route::of(&activations)?;
+    let fused = cuda::fused(Op::ConvBackward, route, || {
+        cuda::binconv::backward(grad_y, saved, act_w, geom, needs)
+    })?;
+    if let Some(g) = fused {
+        return Ok(g);
+    }
+    let k = binarize::kernels(route);
+
+    // Recompute the binarized operands (cheaper than keeping them) in the dtype the
+    // forward convolution ran in, when a gradient needs them.
+    let kind = saved.conv_kind;
+    let needs_conv = needs.input || needs.weight || needs.bias;
+    let learnable = matches!(scale, Scale::Learnable(_));
+    let recompute_conv_out = needs.scale && learnable && saved.conv_out.is_none();
+    let operands = if needs_conv || recompute_conv_out {
+        let a = k.sign(x, saved.std)?.f_to_kind(kind)?;
+        let wb = k.binarize_weight(weight, act_w)?.f_to_kind(kind)?;
+        Some((a, wb))
+    } else {
+        None
+    };
 
     // y = conv_out * s: d/d conv_out = grad_y * s, d/d s = sum(grad_y * conv_out).
-    let (scale, grad_scale) = match (saved.scale, saved.alpha) {
-        (Some(s), _) => {
-            let gs = if needs.scale {
-                let conv_out = saved
-                    .conv_out
-                    .ok_or_else(|| Error::Value("missing conv_out for a learnable scale".into()))?;
-                Some(
-                    grad_y
-                        .f_mul(conv_out)?
-                        .f_sum_dim_intlist([0i64, 2, 3].as_slice(), false, None::<Kind>)?
-                        .f_to_kind(tensor::kind(s)?)?,
-                )
-            } else {
-                None
+    let grad_scale = match scale {
+        Scale::Learnable(s) if needs.scale => {
+            let recomputed;
+            let conv_out = match (saved.conv_out, &operands) {
+                (Some(c), _) => c,
+                // A forward that folded the scale kept no conv_out; without a bias
+                // (see `foldable`) it is conv(a, w_b).
+                (None, Some((a, wb))) if !saved.has_bias => {
+                    recomputed = a.f_conv2d(
+                        wb,
+                        None::<&Tensor>,
+                        geom.stride,
+                        geom.padding,
+                        geom.dilation,
+                        geom.groups,
+                    )?;
+                    &recomputed
+                }
+                _ => return value_err!("missing conv_out for a learnable scale"),
             };
-            (s, gs)
+            Some(
+                grad_y
+                    .f_mul(conv_out)?
+                    .f_sum_dim_intlist([0i64, 2, 3].as_slice(), false, None::<Kind>)?
+                    .f_to_kind(tensor::kind(s)?)?,
+            )
         }
-        (None, Some(a)) => (a, None),
-        (None, None) => return value_err!("backward needs either a scaling_factor or alpha"),
+        Scale::Learnable(_) | Scale::Alpha(_) => None,
     };
-    let grad_conv = grad_y.f_mul(&over_channels(scale)?)?;
-
-    if !(needs.input || needs.weight || needs.bias) {
+    let Some((a, wb)) = operands.filter(|_| needs_conv) else {
         return Ok(Grads {
             input: None,
             weight: None,
             bias: None,
             scale: grad_scale,
         });
-    }
-
-    // Recompute the binarized operands (cheaper than keeping them) in the dtype the
-    // forward convolution ran in.
-    let mut activations = vec![x];
-    activations.extend(saved.std);
-    let k = binarize::kernels_for(&activations)?;
-    let kind = saved.conv_kind;
-    let a = k.sign(x, saved.std)?.f_to_kind(kind)?;
-    let wb = k.binarize_weight(weight, act_w)?.f_to_kind(kind)?;
-    let grad_conv = grad_conv.f_to_kind(kind)?;
+    };
+    let grad_conv = grad_y
+        .f_mul(&over_channels(scale.tensor())?)?
+        .f_to_kind(kind)?;
     let (ga, gwb, gb) = ffi::convolution_backward(
         &grad_conv,
         &a,

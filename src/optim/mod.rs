@@ -6,7 +6,11 @@
 //! - [`cpu`]: fused loops over contiguous float32 CPU tensors; two passes over each
 //!   output channel (norms, then scale + track + decay + copy in one sweep), all
 //!   channels of all layers split across libtorch's intra-op threads, no temporaries;
-//! - [`generic`]: the same formulas through libtorch ops (any device, any dtype).
+//! - the fused CUDA kernels ([`crate::cuda::ags`]) on float32, float16 and bfloat16
+//!   CUDA tensors: one multi-tensor pass over all layers in two launches, figures left
+//!   on the device;
+//! - [`generic`]: the same formulas through libtorch ops (any device, any dtype), also
+//!   where the CUDA kernels decline.
 //!
 //! Tests hold both to a plain-PyTorch oracle written from SPEC.
 
@@ -16,6 +20,7 @@ pub mod py;
 
 use tch::Tensor;
 
+use crate::cuda::{self, Op};
 use crate::error::{value_err, Error, Result};
 use crate::ffi;
 use crate::tensor::{self, Route};
@@ -407,14 +412,24 @@ pub fn step(cfg: &Config, layers: &[Layer<'_>]) -> Result<Tensor> {
     }
     let _guard = ffi::no_grad();
     let all: Vec<&Tensor> = layers.iter().flat_map(|l| l.tensors(cfg)).collect();
-    let plan = match Route::of(&all)? {
-        Route::HostF32 => cpu::plan(cfg, layers)?,
-        Route::Generic => None,
-    };
-    match plan {
-        Some(raw) => cpu::run(cfg, &raw),
-        None => generic::run(cfg, layers),
+    let route = Route::of(&all)?;
+    match route {
+        Route::HostF32 => {
+            if let Some(raw) = cpu::plan(cfg, layers)? {
+                return cpu::run(cfg, &raw);
+            }
+        }
+        Route::Cuda(_) => {
+            let fused = cuda::fused(Op::AgsSadStep, route, || {
+                cuda::ags::ags_sad_step(cfg, layers)
+            })?;
+            if let Some(figures) = fused {
+                return Ok(figures);
+            }
+        }
+        Route::Generic => {}
     }
+    generic::run(cfg, layers)
 }
 
 #[cfg(test)]

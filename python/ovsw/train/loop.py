@@ -4,6 +4,11 @@ the learning rate set once per epoch, checkpoints, TensorBoard scalars and progr
 Per training step (SPEC section 5): autocast forward (fp16 on CUDA), loss, ``zero_grad``,
 (scaled) backward, unscale, ``OvSW.step`` (AGS and SAD, then the wrapped update), scaler
 update; top-1 and top-5 meters, summed over the ranks under ``--distributed``.
+
+Nothing in a step copies to the host: the loss and accuracy meters add up on the
+device and are read every ``--print-freq`` batches and at the end of a pass, and the
+per-layer AGS/SAD figures (``OvSW.stats``) once per epoch. (Under AMP, GradScaler's own
+inf check still reads one value per step.)
 """
 
 from __future__ import annotations
@@ -28,27 +33,47 @@ BEST_KEYS = ("best_acc1", "best_acc5", "best_train_acc1", "best_train_acc5")
 
 
 class Meter:
-    """A running average weighted by batch size."""
+    """A running average weighted by batch size.
+
+    ``update`` takes a number or a 0-d float64 tensor; tensors add up where they are
+    (no copy to the host per update), in the same float64 arithmetic a number would
+    get, and are read once when ``sum`` or ``avg`` is asked for."""
 
     def __init__(self) -> None:
-        self.sum = 0.0
+        self._sum: float | torch.Tensor = 0.0
         self.n = 0
 
-    def update(self, value: float, n: int) -> None:
-        self.sum += value * n
+    def update(self, value: float | torch.Tensor, n: int) -> None:
+        self._sum = self._sum + value * n
         self.n += n
+
+    @property
+    def sum(self) -> float:
+        if isinstance(self._sum, torch.Tensor):
+            self._sum = self._sum.item()  # the one read of everything added so far
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: float) -> None:
+        self._sum = value
 
     @property
     def avg(self) -> float:
         return self.sum / max(1, self.n)
 
 
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
-    """Top-k accuracies in percent (k capped at the number of classes)."""
+def accuracy_tensors(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list:
+    """Top-k accuracies in percent (k capped at the number of classes), as float64 0-d
+    tensors on ``output``'s device: computing them reads nothing back to the host."""
     maxk = min(max(topk), output.shape[1])
     pred = output.topk(maxk, 1, True, True).indices
     correct = pred.eq(target.view(-1, 1))
-    return [100.0 * correct[:, : min(k, maxk)].any(1).float().mean().item() for k in topk]
+    return [correct[:, : min(k, maxk)].any(1).float().mean().double() * 100.0 for k in topk]
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)) -> list[float]:
+    """Top-k accuracies in percent (k capped at the number of classes)."""
+    return [a.item() for a in accuracy_tensors(output, target, topk)]
 
 
 def _is_main() -> bool:
@@ -101,8 +126,9 @@ def iterate(
             loss = criterion(out, y)
         if step is not None:
             step(loss)
-        a1, a5 = accuracy(out.detach().float(), y)
-        loss_m.update(loss.item(), len(y))
+        # Added up on the device; read at the print interval below and at the end.
+        a1, a5 = accuracy_tensors(out.detach().float(), y)
+        loss_m.update(loss.detach().double(), len(y))
         top1.update(a1, len(y))
         top5.update(a5, len(y))
         bar.update(1)

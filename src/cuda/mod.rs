@@ -1,0 +1,292 @@
+//! Fused CUDA kernels for the binary convolution's elementwise work and for AGS+SAD.
+//!
+//! The kernels are CUDA C held in the crate (`kernels/*.cu`), compiled at run time by
+//! NVRTC for the GPU present ([`compile`]) and loaded into PyTorch's own (primary)
+//! context ([`device`]); they launch on PyTorch's current stream of the tensors' device.
+//! Nothing CUDA is linked: the driver (`libcuda`) and NVRTC are opened with `dlopen`
+//! (cudarc's dynamic loading) the first time a CUDA tensor reaches an entry point, NVRTC
+//! from the torch wheel's `nvidia/cu13/lib` (or `nvidia/cuda_nvrtc/lib`) folder or the
+//! system library path ([`loader`]). The crate builds, and its CPU paths run, with no
+//! CUDA toolkit, driver or GPU.
+//!
+//! # How the library gets here
+//! [`crate::conv::forward`], [`crate::conv::backward`] and [`crate::optim::step`] choose
+//! their route once ([`Route::of`]); for [`Route::Cuda`] they hand the op to [`fused`]
+//! with its entry point here, and take the generic libtorch route where it declines.
+//!
+//! # Entry points
+//! Each takes tch tensors, checks dtype, device, shape and layout (from
+//! [`crate::tensor::facts`]), and returns `Ok(Outcome::Ran(..))` when it ran or
+//! `Ok(Outcome::Declined(why))` when it does not apply (CPU tensors, float64, a layout
+//! it does not cover, kernels disabled or unavailable); the caller then takes the
+//! libtorch path. `Err` is a real failure (a launch or allocation error). When NVRTC or
+//! the driver cannot be loaded the first decline of the process also raises one Python
+//! `RuntimeWarning`.
+//!
+//! - [`binconv::forward`] / [`binconv::backward`]: the whole binary conv on CUDA, the
+//!   CUDA route of `conv::forward` / `conv::backward` (same `Forward`, `Saved`, `Grads`;
+//!   arguments validated there).
+//! - [`binconv::binarize_activation`], [`binconv::bireal_backward`],
+//!   [`binconv::weight_operand`], [`binconv::weight_grads`]: the four fused passes the
+//!   two ops above are made of (also bound as `_core.cuda_*` for kernel-level checks).
+//! - [`ags::ags_sad_step`]: AGS then SAD on all layers in two launches, figures in a
+//!   float64 `[L, 2]` device tensor: the CUDA route of `optim::step`.
+//!
+//! The ops launch on PyTorch's current stream of the tensors' device, [`current_stream`]
+//! (read through `torch._C`, so the extension never links `libtorch_cuda`).
+
+pub mod ags;
+pub mod binconv;
+pub mod compile;
+pub mod device;
+pub mod loader;
+pub mod py;
+mod tensor;
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use tch::Kind;
+
+use crate::error::{Error, Result};
+use crate::tensor::Route;
+
+/// What an entry point did.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    /// The kernels ran; here is the result.
+    Ran(T),
+    /// The kernels do not apply (the reason says why); take the libtorch path.
+    Declined(String),
+}
+
+impl<T> Outcome<T> {
+    /// The result, or a `RuntimeError` naming why the kernels did not run (for callers
+    /// that asked for the kernels explicitly).
+    pub fn required(self, what: &str) -> Result<T> {
+        match self {
+            Outcome::Ran(t) => Ok(t),
+            Outcome::Declined(why) => Err(Error::Unsupported(format!(
+                "{what}: the CUDA kernels do not apply here: {why}"
+            ))),
+        }
+    }
+}
+
+/// The library's ops that have a fused CUDA form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    ConvForward,
+    ConvBackward,
+    AgsSadStep,
+}
+
+impl Op {
+    pub const ALL: [Op; 3] = [Op::ConvForward, Op::ConvBackward, Op::AgsSadStep];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::ConvForward => "conv_forward",
+            Op::ConvBackward => "conv_backward",
+            Op::AgsSadStep => "ags_sad_step",
+        }
+    }
+}
+
+/// How often each op ran the kernels or was declined by them, and the last reason.
+struct Counts {
+    fused: AtomicU64,
+    declined: AtomicU64,
+    last_declined: Mutex<Option<String>>,
+}
+
+static COUNTS: [Counts; 3] = [const {
+    Counts {
+        fused: AtomicU64::new(0),
+        declined: AtomicU64::new(0),
+        last_declined: Mutex::new(None),
+    }
+}; 3];
+
+/// What happened to the ops on the CUDA route so far in this process, per op:
+/// `(name, times fused, times declined, the last decline's reason)`.
+pub fn route_counts() -> Vec<(&'static str, u64, u64, Option<String>)> {
+    Op::ALL
+        .iter()
+        .zip(&COUNTS)
+        .map(|(op, c)| {
+            let last = c
+                .last_declined
+                .lock()
+                .map_or_else(|p| p.into_inner().clone(), |g| g.clone());
+            (
+                op.name(),
+                c.fused.load(Ordering::Relaxed),
+                c.declined.load(Ordering::Relaxed),
+                last,
+            )
+        })
+        .collect()
+}
+
+/// The fused CUDA form of `op`, when the op's `route` is [`Route::Cuda`]: `Some(result)`
+/// when the kernels ran, `None` when the route is another or the kernels declined (the
+/// caller then runs the generic route). Both outcomes are counted ([`route_counts`]).
+pub fn fused<T>(
+    op: Op,
+    route: Route,
+    run: impl FnOnce() -> Result<Outcome<T>>,
+) -> Result<Option<T>> {
+    if !matches!(route, Route::Cuda(_)) {
+        return Ok(None);
+    }
+    let counts = &COUNTS[op as usize];
+    match run()? {
+        Outcome::Ran(t) => {
+            counts.fused.fetch_add(1, Ordering::Relaxed);
+            Ok(Some(t))
+        }
+        Outcome::Declined(why) => {
+            counts.declined.fetch_add(1, Ordering::Relaxed);
+            match counts.last_declined.lock() {
+                Ok(mut g) => *g = Some(why),
+                Err(p) => *p.into_inner() = Some(why),
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// `return Ok(Outcome::Declined(..))` from a format string.
+macro_rules! decline {
+    ($($arg:tt)*) => { return Ok($crate::cuda::Outcome::Declined(format!($($arg)*))) };
+}
+pub(crate) use decline;
+
+/// Unwraps a `Result<Outcome<T>>` inside a function returning `Result<Outcome<U>>`.
+macro_rules! ran {
+    ($e:expr) => {
+        match $e? {
+            $crate::cuda::Outcome::Ran(v) => v,
+            $crate::cuda::Outcome::Declined(why) => return Ok($crate::cuda::Outcome::Declined(why)),
+        }
+    };
+}
+pub(crate) use ran;
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+static ENV_READ: Once = Once::new();
+
+/// Whether the kernels may be used (`set_enabled`, or `OVSW_CUDA_KERNELS=0` in the
+/// environment at first use, turns them off; the libtorch path then runs).
+pub fn enabled() -> bool {
+    ENV_READ.call_once(|| {
+        if std::env::var("OVSW_CUDA_KERNELS").is_ok_and(|v| v.trim() == "0") {
+            DISABLED.store(true, Ordering::Relaxed);
+        }
+    });
+    !DISABLED.load(Ordering::Relaxed)
+}
+
+/// Turns the kernels on or off for the whole process.
+pub fn set_enabled(on: bool) {
+    enabled(); // read the environment first so that it cannot override this later
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+/// A CUDA stream handle (`CUstream` / `cudaStream_t`; 0 is the legacy default stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stream(pub u64);
+
+fn python_ready() -> bool {
+    // SAFETY: a plain query of the interpreter's state.
+    unsafe { pyo3::ffi::Py_IsInitialized() != 0 }
+}
+
+/// PyTorch's current stream of CUDA device `index` on this thread
+/// (`torch._C._cuda_getCurrentRawStream`).
+pub fn current_stream(index: usize) -> Result<Stream> {
+    if !python_ready() {
+        return Err(Error::Unsupported(
+            "the current CUDA stream is read through Python, which is not running".into(),
+        ));
+    }
+    static GET: GILOnceCell<PyObject> = GILOnceCell::new();
+    Python::with_gil(|py| {
+        let f = GET.get_or_try_init(py, || {
+            Ok::<_, PyErr>(
+                py.import("torch._C")?
+                    .getattr("_cuda_getCurrentRawStream")?
+                    .unbind(),
+            )
+        })?;
+        let raw: u64 = f.call1(py, (index,))?.extract(py)?;
+        Ok::<_, PyErr>(Stream(raw))
+    })
+    .map_err(|e| Error::Unsupported(format!("reading the current CUDA stream: {e}")))
+}
+
+/// How libtorch will run a float convolution on CUDA tensors from this thread.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvMode {
+    /// The dtype `torch.autocast("cuda")` casts the operands to; `None` outside it.
+    pub autocast: Option<Kind>,
+    /// Whether cuDNN may run float32 convolutions in TF32
+    /// (`torch.backends.cudnn.conv.fp32_precision`, "tf32" by default).
+    pub tf32: bool,
+}
+
+/// The [`ConvMode`] of this thread, read from libtorch (no Python, no GPU).
+pub fn conv_mode() -> Result<ConvMode> {
+    let (autocast, tf32) = crate::ffi::cuda_conv_mode()?;
+    let autocast = match autocast {
+        Some(code) => Some(
+            crate::tensor::kind_of(code)
+                .ok_or_else(|| Error::Unsupported(format!("autocast runs in dtype code {code}")))?,
+        ),
+        None => None,
+    };
+    Ok(ConvMode { autocast, tf32 })
+}
+
+static WARNED: Once = Once::new();
+
+/// Raises the one `RuntimeWarning` saying that the kernels are unavailable (once per
+/// process; later calls do nothing).
+pub(crate) fn warn_unavailable(reason: &str) {
+    WARNED.call_once(|| {
+        if !python_ready() {
+            return;
+        }
+        let msg = format!(
+            "ovsw: the fused CUDA kernels are unavailable ({reason}); using the slower \
+             libtorch path. `python -m ovsw.cuda check` tells more."
+        );
+        Python::with_gil(|py| {
+            let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+            if let Ok(c) = CString::new(msg) {
+                // A filter that turns warnings into errors must not break the fallback.
+                if let Err(e) = PyErr::warn(py, &category, &c, 1) {
+                    e.write_unraisable(py, None);
+                }
+            }
+        });
+    });
+}
+
+/// The device state for CUDA device `index` when the kernels may run there.
+pub(crate) fn ready(index: usize) -> Outcome<&'static device::DeviceState> {
+    if !enabled() {
+        return Outcome::Declined("the CUDA kernels are turned off".into());
+    }
+    match device::get(index) {
+        Ok(d) => Outcome::Ran(d),
+        Err(why) => {
+            warn_unavailable(&why);
+            Outcome::Declined(why)
+        }
+    }
+}

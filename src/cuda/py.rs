@@ -1,0 +1,290 @@
+//! Python bindings of the CUDA kernels (`ovsw._core.cuda_*`), for `ovsw.cuda`, the
+//! tests and the GPU check: where NVRTC and the driver are, compiling the kernels, the
+//! switch, how often the library's ops took the fused route, and the four fused passes
+//! of the binary conv one by one. The passes ask for the kernels explicitly: where they
+//! do not apply they raise `RuntimeError` with the reason instead of falling back. (The
+//! library's own ops, `binary_conv2d_forward`/`_backward` and `ags_sad_step`, choose the
+//! CUDA route by themselves; see `crate::cuda`.)
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use pyo3_tch::PyTensor;
+use tch::{Kind, Tensor};
+
+use super::binconv::{self, Std, WantGrads};
+use super::{compile, current_stream, loader, Stream};
+use crate::binarize::ActW;
+use crate::error::{boundary, Error, Result};
+use crate::tensor;
+
+fn parse_kind(name: &str) -> Result<Kind> {
+    match name {
+        "float32" => Ok(Kind::Float),
+        "float16" => Ok(Kind::Half),
+        "bfloat16" => Ok(Kind::BFloat16),
+        other => Err(Error::Value(format!(
+            "dtype must be 'float32', 'float16' or 'bfloat16', got {other:?}"
+        ))),
+    }
+}
+
+/// The stream given, or PyTorch's current stream of `t`'s CUDA device.
+fn stream_for(t: &Tensor, stream: Option<u64>) -> Result<Stream> {
+    if let Some(s) = stream {
+        return Ok(Stream(s));
+    }
+    let f = tensor::facts(t)?;
+    match f.place {
+        tensor::Place::Cuda(i) if i >= 0 => current_stream(i as usize),
+        other => Err(Error::Value(format!(
+            "expected a CUDA tensor, got one on {other}"
+        ))),
+    }
+}
+
+/// Where NVRTC and the driver were found (or why not), and whether the kernels are on.
+#[pyfunction]
+fn cuda_status(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    boundary(|| {
+        let d = PyDict::new(py);
+        d.set_item("enabled", super::enabled())?;
+        match loader::nvrtc() {
+            Ok(info) => {
+                d.set_item("nvrtc", &info.path)?;
+                d.set_item("nvrtc_version", info.version)?;
+            }
+            Err(e) => {
+                d.set_item("nvrtc", py.None())?;
+                d.set_item("nvrtc_error", e)?;
+            }
+        }
+        match py.allow_threads(loader::driver) {
+            Ok(v) => d.set_item("driver_version", v)?,
+            Err(e) => d.set_item("driver_error", e)?,
+        }
+        Ok(d)
+    })
+}
+
+/// Compiles every kernel for `sm_{arch}` (cached per process). Returns
+/// `(ptx, cubin, log, entries)`: the PTX text, the SASS image, NVRTC's log, and the
+/// entry points the PTX declares. No GPU needed.
+#[pyfunction]
+fn cuda_compile(
+    py: Python<'_>,
+    arch: u32,
+) -> PyResult<(String, Bound<'_, PyBytes>, String, Vec<String>)> {
+    boundary(|| {
+        if !(50..=200).contains(&arch) {
+            return Err(Error::Value(format!(
+                "arch is sm_XY as the number XY (80, 90), got {arch}"
+            ))
+            .into());
+        }
+        let img = py
+            .allow_threads(|| compile::compiled(arch))
+            .map_err(|e| Error::Unsupported(format!("NVRTC: {e}")))?;
+        Ok((
+            img.ptx.clone(),
+            PyBytes::new(py, &img.cubin),
+            img.log.clone(),
+            compile::ptx_entries(&img),
+        ))
+    })
+}
+
+/// Names of every kernel in the source.
+#[pyfunction]
+fn cuda_entry_points() -> PyResult<Vec<String>> {
+    boundary(|| Ok(compile::entry_points()))
+}
+
+/// Turns the CUDA kernels on or off for the process (off: the libtorch path runs).
+#[pyfunction]
+fn cuda_set_enabled(on: bool) -> PyResult<()> {
+    boundary(|| {
+        super::set_enabled(on);
+        Ok(())
+    })
+}
+
+/// Whether the CUDA kernels may be used.
+#[pyfunction]
+fn cuda_enabled() -> PyResult<bool> {
+    boundary(|| Ok(super::enabled()))
+}
+
+/// How libtorch will run a float convolution on CUDA tensors from this thread:
+/// `(autocast dtype, tf32)`, the dtype `torch.autocast("cuda")` casts to (`None` outside
+/// it, e.g. `"torch.float16"` inside) and whether cuDNN may run float32 convolutions in
+/// TF32. The CUDA route folds the scale into the weight only where neither rounds it.
+#[pyfunction]
+fn cuda_conv_mode() -> PyResult<(Option<&'static str>, bool)> {
+    boundary(|| {
+        let mode = super::conv_mode()?;
+        Ok((mode.autocast.map(tensor::kind_name), mode.tf32))
+    })
+}
+
+/// How often each of the library's ops ran the fused CUDA kernels, and how often they
+/// declined it (it then ran the libtorch route), since the process started:
+/// `{op: {"fused": n, "declined": n, "last_declined": reason or None}}`.
+#[pyfunction]
+fn cuda_route_counts(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    boundary(|| {
+        let d = PyDict::new(py);
+        for (name, fused, declined, last) in super::route_counts() {
+            let c = PyDict::new(py);
+            c.set_item("fused", fused)?;
+            c.set_item("declined", declined)?;
+            c.set_item("last_declined", last)?;
+            d.set_item(name, c)?;
+        }
+        Ok(d)
+    })
+}
+
+/// `(a, std)`: `sign(x / std)` in `out_dtype` and the per-sample std (training without
+/// `std`); with `std` given, `sign(x / std)` only; with `training=False`, `sign(x)`.
+#[pyfunction]
+#[pyo3(signature = (x, training, out_dtype, std = None, stream = None))]
+fn cuda_binarize_activation(
+    py: Python<'_>,
+    x: PyTensor,
+    training: bool,
+    out_dtype: &str,
+    std: Option<PyTensor>,
+    stream: Option<u64>,
+) -> PyResult<(PyTensor, Option<PyTensor>)> {
+    boundary(|| {
+        let kind = parse_kind(out_dtype)?;
+        let stream = stream_for(&x, stream)?;
+        let (a, s) = py.allow_threads(move || {
+            let mode = match (&std, training) {
+                (Some(s), _) => Std::Given(s),
+                (None, true) => Std::Compute,
+                (None, false) => Std::None,
+            };
+            binconv::binarize_activation(&x, mode, kind, stream)?.required("binarize_activation")
+        })?;
+        Ok((PyTensor(a), s.map(PyTensor)))
+    })
+}
+
+/// `grad_a * max(0, 2 - 2|x / std|) / std` in x's dtype and layout.
+#[pyfunction]
+#[pyo3(signature = (grad_a, x, std = None, stream = None))]
+fn cuda_bireal_backward(
+    py: Python<'_>,
+    grad_a: PyTensor,
+    x: PyTensor,
+    std: Option<PyTensor>,
+    stream: Option<u64>,
+) -> PyResult<PyTensor> {
+    boundary(|| {
+        let stream = stream_for(&x, stream)?;
+        let out = py.allow_threads(move || {
+            binconv::bireal_backward(&grad_a, &x, std.as_deref(), stream)?
+                .required("bireal_backward")
+        })?;
+        Ok(PyTensor(out))
+    })
+}
+
+/// `(w_eff, alpha, bias_eff)`: see `cuda::binconv::weight_operand`.
+#[pyfunction]
+#[pyo3(signature = (weight, act_w, scale, bias, fold, out_dtype, stream = None))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_weight_operand(
+    py: Python<'_>,
+    weight: PyTensor,
+    act_w: &str,
+    scale: Option<PyTensor>,
+    bias: Option<PyTensor>,
+    fold: bool,
+    out_dtype: &str,
+    stream: Option<u64>,
+) -> PyResult<(PyTensor, Option<PyTensor>, Option<PyTensor>)> {
+    boundary(|| {
+        let act_w = ActW::parse(act_w)?;
+        let kind = parse_kind(out_dtype)?;
+        let stream = stream_for(&weight, stream)?;
+        let op = py.allow_threads(move || {
+            binconv::weight_operand(
+                &weight,
+                act_w,
+                scale.as_deref(),
+                bias.as_deref(),
+                fold,
+                kind,
+                stream,
+            )?
+            .required("weight_operand")
+        })?;
+        Ok((
+            PyTensor(op.w_eff),
+            op.alpha.map(PyTensor),
+            op.bias_eff.map(PyTensor),
+        ))
+    })
+}
+
+/// `(grad_weight, grad_scale, grad_bias)`: see `cuda::binconv::weight_grads`.
+#[pyfunction]
+#[pyo3(signature = (grad_weff, grad_beff, weight, act_w, s, bias, want, stream = None))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_weight_grads(
+    py: Python<'_>,
+    grad_weff: Option<PyTensor>,
+    grad_beff: Option<PyTensor>,
+    weight: PyTensor,
+    act_w: &str,
+    s: PyTensor,
+    bias: Option<PyTensor>,
+    want: (bool, bool, bool),
+    stream: Option<u64>,
+) -> PyResult<(Option<PyTensor>, Option<PyTensor>, Option<PyTensor>)> {
+    boundary(|| {
+        let act_w = ActW::parse(act_w)?;
+        let stream = stream_for(&weight, stream)?;
+        let want = WantGrads {
+            weight: want.0,
+            scale: want.1,
+            bias: want.2,
+        };
+        let g = py.allow_threads(move || {
+            binconv::weight_grads(
+                grad_weff.as_deref(),
+                grad_beff.as_deref(),
+                &weight,
+                act_w,
+                &s,
+                bias.as_deref(),
+                want,
+                stream,
+            )?
+            .required("weight_grads")
+        })?;
+        Ok((
+            g.weight.map(PyTensor),
+            g.scale.map(PyTensor),
+            g.bias.map(PyTensor),
+        ))
+    })
+}
+
+/// Adds the `cuda_*` functions to `ovsw._core`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_entry_points, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_set_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_route_counts, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_conv_mode, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_binarize_activation, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_bireal_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_weight_operand, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_weight_grads, m)?)?;
+    Ok(())
+}
