@@ -66,11 +66,14 @@ CONFIGS = {
     "ResNet34_1w1a": {"act_w": "hardtanhv2", "zeros": True, "fp_bias": False},
 }
 
-#: SHA-256 of each file, recorded from the exporter before the lowering moved to Rust.
+#: SHA-256 of each file, recorded from the numpy exporter before the lowering moved to
+#: Rust. The two ste_v2 models were recorded again after one fix to that exporter: it
+#: scaled a binary conv's bias by ``alpha * mean|W|`` instead of ``alpha`` (SPEC 1.5);
+#: only their ``shift`` tensors changed (see test_folded_scale_and_shift_follow_spec).
 EXPECTED = {
-    "cResNet20_1w1a": "8089d6ba09cc3cd06e5e20c9bed32b06b2fa19bfe1049e12f39e3fca0c51affe",
+    "cResNet20_1w1a": "b77b51356f7e941b08cf6ff094f8a40b0c1552cf092e03431e4e63726ab617dc",
     "cResNet18_1w1a": "4d9c14d9dd3ed4fd449f5d85c03bd49e8c56a5147a8db02caffb45b0dc5984ef",
-    "VGGSmall_1w1a": "c72c5d18d3a556a06c36e261c28dac4f23ff7361b2c4d8f67b999dc12a7fb597",
+    "VGGSmall_1w1a": "8a6ab6e86202d9843e34a5233aceb1ed24e1e6fabb56afdb1f65956e812626ec",
     "ResNet18_1w1a": "cb963a18a44460d7c9a4643016cbfea27568f21da83ebcec4f67f5e0582cf1d3",
     "ResNet34_1w1a": "4a70d13efce4a8d921823c0335184b970c67a8cbd9ef465140c01d2e1cda3028",
 }
@@ -213,6 +216,80 @@ def test_the_pinned_models_cover_every_fold(arch, tmp_path):
         for conv in binary.values():
             a = conv.weight.detach().abs().flatten(1)
             assert torch.equal(a, a[:, :1].expand_as(a))
+
+
+# -- the pinned bytes are right, not only unchanged ------------------------------------
+
+
+def _file_tensor(raw: bytes, header: dict, name: str) -> np.ndarray:
+    entry = header["tensors"][name]
+    data = 32 + struct.unpack("<Q", raw[16:24])[0]
+    data += -data % 64
+    start = data + entry["offset"]
+    dtype = {"f32": "<f4", "u64": "<u8"}[entry["dtype"]]
+    flat = np.frombuffer(raw[start : start + entry["nbytes"]], dtype=dtype)
+    return flat.reshape(entry["shape"])
+
+
+@pytest.mark.parametrize("arch", ["cResNet20_1w1a", "ResNet18_1w1a"])
+def test_folded_scale_and_shift_follow_spec(arch, tmp_path):
+    """Each binary conv's stored scale/shift equal SPEC 1.3-1.5 in eval mode followed
+    by its BatchNorm, written out here in float64 from the layer's tensors:
+    ``bn(alpha * (m * dot + bias))`` with ``m = mean_o|W|`` for ste_v2 (else 1), that
+    is scale ``alpha * m * k`` and shift ``(alpha * bias - mean) * k + beta``."""
+    raw = export_bytes(arch, tmp_path)
+    header = header_of(raw)
+    model = build(arch)
+    modules = dict(model.named_modules())
+    checked = 0
+    for op in header["ops"]:
+        if op["op"] != "bconv2d":
+            continue
+        conv = modules[op["name"]]
+        parent, _, leaf = op["name"].rpartition(".")
+        bn = modules[f"{parent}.{ {'conv1': 'bn1', 'conv2': 'bn2'}[leaf] }"]
+        alpha = conv.scaling_factor.detach().double()
+        m = conv.weight.detach().double().abs().flatten(1).mean(1)
+        if conv.act_w != "ste_v2":
+            m = torch.ones_like(m)
+        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(m)
+        k = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        scale = alpha * m * k
+        shift = (alpha * bias - bn.running_mean.double()) * k + bn.bias.detach().double()
+        got_scale = _file_tensor(raw, header, op["scale"])
+        got_shift = _file_tensor(raw, header, op["shift"])
+        np.testing.assert_allclose(got_scale, scale.numpy(), rtol=1e-6, err_msg=op["name"])
+        np.testing.assert_allclose(got_shift, shift.numpy(), rtol=1e-6, atol=1e-6)
+        checked += 1
+    assert checked == len(dict(ovsw.binary_convs(model))) > 0
+
+
+def test_binary_convs_with_bias_match_their_layers(tmp_path):
+    """End to end through the engine, on the pinned cResNet20 (ste_v2, every other
+    binary conv with a bias): each ``bconv2d`` op equals its layer, BatchNorm, residual
+    and Hardtanh in PyTorch's eval mode."""
+    arch = "cResNet20_1w1a"
+    raw = export_bytes(arch, tmp_path)
+    engine = deploy.load(tmp_path / f"{arch}.ovsw", threads=2)
+    model = build(arch)
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(3)
+    checked = 0
+    for op in header_of(raw)["ops"]:
+        if op["op"] != "bconv2d" or modules[op["name"]].bias is None:
+            continue
+        conv = modules[op["name"]]
+        block, _, leaf = op["name"].rpartition(".")
+        bn = modules[f"{block}.{ {'conv1': 'bn1', 'conv2': 'bn2'}[leaf] }"]
+        x = torch.randn(2, conv.in_channels, 8, 8, generator=gen)
+        with torch.no_grad():
+            out = bn(conv(x))
+            residual = torch.randn(out.shape, generator=gen)
+            want = nn.functional.hardtanh(out + residual).numpy()
+        got = engine.run_op(op["name"], x.numpy(), residual.numpy())
+        assert np.abs(got - want).max() <= 1e-5, op["name"]
+        checked += 1
+    assert checked == 9
 
 
 @pytest.mark.parametrize("capability", [None, "avx2", "default"])

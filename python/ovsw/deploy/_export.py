@@ -218,9 +218,11 @@ def _bconv(g, x, name, conv, bn=None, act=None, residual=None) -> int:
         alpha = _f64(conv.scaling_factor)
     else:
         alpha = _f64(_core.channel_alpha(weight))
-    if conv.act_w == "ste_v2":
-        alpha = alpha * _f64(_core.channel_abs_mean(weight))
+    # y = conv(sign(x), w_b, bias) * alpha with w_b = sign(W) * mean|W| for ste_v2:
+    # the dot product is scaled by alpha * mean|W|, the bias by alpha alone.
     scale = alpha
+    if conv.act_w == "ste_v2":
+        scale = alpha * _f64(_core.channel_abs_mean(weight))
     shift = _f64(conv.bias) * alpha if conv.bias is not None else np.zeros_like(alpha)
     if bn is not None:
         k, c = _bn_fold(bn)
