@@ -14,7 +14,7 @@ pub mod py;
 
 use tch::{Kind, Tensor};
 
-use crate::binarize::{self, ActW};
+use crate::binarize::{self, ActW, Alpha};
 use crate::error::{value_err, Error, Result};
 use crate::ffi;
 use crate::geometry::Geometry;
@@ -171,10 +171,9 @@ pub fn forward(
         geom.groups,
     )?;
     let conv_kind = tensor::kind(&conv_out)?;
-    let (y, alpha, conv_out) = match scale {
-        Some(s) => (conv_out.f_mul(&over_channels(s)?)?, None, Some(conv_out)),
-        None => {
-            let alpha = k.channel_alpha(weight)?;
+    let (y, alpha, conv_out) = match Alpha::of(k, weight, scale)? {
+        Alpha::Learnable(s) => (conv_out.f_mul(&over_channels(s)?)?, None, Some(conv_out)),
+        Alpha::FromWeight(alpha) => {
             let y = conv_out.f_mul(&over_channels(&alpha)?)?;
             (y, Some(alpha), None)
         }
