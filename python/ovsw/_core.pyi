@@ -38,6 +38,10 @@ __all__ = [
     "cuda_bireal_backward",
     "cuda_weight_operand",
     "cuda_weight_grads",
+    "deploy_pack_signs",
+    "deploy_fold_batchnorm",
+    "deploy_fold_conv2d",
+    "deploy_fold_bconv2d",
     "__version__",
 ]
 
@@ -272,3 +276,45 @@ def cuda_weight_grads(
     stream: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad_weight, grad_scale, grad_bias) from the gradients of the folded operands."""
+
+# -- export lowering (src/deploy/lower.rs, called by ovsw.deploy.export) ------------------
+
+def deploy_pack_signs(weight: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sign bits of a conv weight [O, C, kh, kw] (read as float32) as uint64
+    [O, kh, kw, ceil(C/64)], bit c % 64 of word c // 64 set where the weight is negative,
+    and the non-zero mask alike, or None when no weight is zero.
+
+    Raises TypeError for a non-floating weight, ValueError for one that is not 4-D.
+    """
+
+def deploy_fold_batchnorm(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (k, c) with bn(x) == k * x + c per channel for a BatchNorm in eval mode.
+
+    Raises ValueError when the tensors are not 1-D of one length.
+    """
+
+def deploy_fold_conv2d(
+    weight: Tensor, bias: Tensor | None, bn: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A float conv's float32 weight [O, kh, kw, C/groups] and bias [O] with the
+    BatchNorm fold bn = (k, c) applied (bias None without a bias or bn)."""
+
+def deploy_fold_bconv2d(
+    weight: Tensor,
+    scaling_factor: Tensor | None,
+    bias: Tensor | None,
+    act_w: str,
+    bn: tuple[np.ndarray, np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A binary conv's float32 (scale, shift) [O]: scale alpha (scaling_factor or the
+    W-derived alpha, SPEC 1.4) times mean|W| for ste_v2, shift alpha * bias, then the
+    BatchNorm fold bn = (k, c) applied.
+
+    Raises ValueError for an unknown act_w or vectors whose length is not O.
+    """

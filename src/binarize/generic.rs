@@ -51,7 +51,7 @@ impl Kernels for Ops {
 
 /// `(O, dims)` of a floating weight `[O, ...]` with at least two dims, or the error
 /// naming what is wrong.
-fn weight_shape(weight: &Tensor) -> Result<(i64, usize)> {
+pub(super) fn weight_shape(weight: &Tensor) -> Result<(i64, usize)> {
     let facts = tensor::facts(weight)?;
     match facts.dim0() {
         Some(o) if facts.dim() >= 2 => {
@@ -96,16 +96,23 @@ fn over_weight(v: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(v.f_reshape(shape.as_slice())?)
 }
 
+/// The per-output-channel magnitude `m` of the binarized weight, `w_b = sign(W) * m`
+/// (SPEC 1.3): `mean_o |W|` for `ste_v2`, `None` (m = 1) for the sign-only binarizers.
+/// Shape `[O]`.
+pub fn weight_factor(weight: &Tensor, act_w: ActW) -> Result<Option<Tensor>> {
+    Ok(match act_w {
+        ActW::SteV2 => Some(channel_abs_mean(weight)?),
+        ActW::Ste | ActW::Hardtanh | ActW::HardtanhV2 => None,
+    })
+}
+
 /// The binarized weight `w_b` of SPEC 1.3.
 pub fn binarize_weight(weight: &Tensor, act_w: ActW) -> Result<Tensor> {
     let (_, dim) = weight_shape(weight)?;
     let sign = weight.f_sign()?;
-    Ok(match act_w {
-        ActW::SteV2 => {
-            let scale = over_weight(&channel_abs_mean(weight)?, dim)?;
-            sign.f_mul(&scale)?
-        }
-        ActW::Ste | ActW::Hardtanh | ActW::HardtanhV2 => sign,
+    Ok(match weight_factor(weight, act_w)? {
+        Some(m) => sign.f_mul(&over_weight(&m, dim)?)?,
+        None => sign,
     })
 }
 

@@ -16,7 +16,7 @@ pub mod py;
 
 use tch::{Kind, Tensor};
 
-use crate::binarize::{self, ActW};
+use crate::binarize::{self, ActW, Alpha};
 use crate::cuda::{self, Op};
 use crate::error::{value_err, Result};
 use crate::ffi;
@@ -220,10 +220,9 @@ pub fn forward(
         geom.groups,
     )?;
     let conv_kind = tensor::kind(&conv_out)?;
-    let (y, alpha, conv_out) = match scale {
-        Some(s) => (conv_out.f_mul(&over_channels(s)?)?, None, Some(conv_out)),
-        None => {
-            let alpha = k.channel_alpha(weight)?;
+    let (y, alpha, conv_out) = match Alpha::of(k, weight, scale)? {
+        Alpha::Learnable(s) => (conv_out.f_mul(&over_channels(s)?)?, None, Some(conv_out)),
+        Alpha::FromWeight(alpha) => {
             let y = conv_out.f_mul(&over_channels(&alpha)?)?;
             (y, Some(alpha), None)
         }

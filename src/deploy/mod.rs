@@ -3,13 +3,17 @@
 //! [`format`] reads the file, [`Engine::from_bytes`] builds the graph of ops from its
 //! header, and [`Engine::run`] executes it on NHWC float32 tensors: binary convolutions
 //! by XNOR + popcount ([`bitconv`]), full-precision layers in [`float`]. Work inside each
-//! op is split over a rayon pool whose size the user sets. [`py`] holds the Python
-//! bindings (`ovsw._core.DeployEngine`).
+//! op is split over a rayon pool whose size the user sets. [`lower`] makes what the
+//! file stores from a trained model's layers (sign bits, folded scales and shifts), in
+//! the bit layout of [`bits`] that the engine packs activations in. [`py`] holds the
+//! Python bindings (`ovsw._core.DeployEngine` and the lowering functions).
 
 pub mod bitconv;
+pub mod bits;
 pub mod float;
 pub mod format;
 pub mod geom;
+pub mod lower;
 pub mod py;
 pub mod tensor;
 

@@ -4,15 +4,18 @@
 //! [`boundary`] (a panic reaches Python as a RuntimeError).
 
 use numpy::{
-    PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
+    PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArray1, PyUntypedArray,
     PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
 
 use super::bitconv::{cpu_flags, Kernel};
+use super::lower::{self, ChannelAffine};
 use super::tensor::Tensor4;
 use super::Engine;
+use crate::binarize::ActW;
 use crate::error::boundary;
 
 /// A bit-packed network loaded from an `ovsw.deploy.export` file (see `ovsw.deploy`).
@@ -183,11 +186,140 @@ fn deploy_cpu_flags() -> PyResult<Vec<&'static str>> {
     boundary(|| Ok(cpu_flags()?))
 }
 
+// -- export lowering (super::lower) -------------------------------------------------
+
+/// A BatchNorm's `(k, c)` as `ovsw.deploy` passes it between the folds.
+type Fold<'py> = (PyReadonlyArray1<'py, f64>, PyReadonlyArray1<'py, f64>);
+
+/// Two per-channel vectors (`(k, c)`, `(scale, shift)`) as numpy arrays.
+type Vectors<'py, T> = (Bound<'py, PyArray1<T>>, Bound<'py, PyArray1<T>>);
+
+/// A float conv's weight and optional bias as numpy arrays.
+type ConvArrays<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyArray1<f32>>>);
+
+fn fold_of(fold: Option<Fold<'_>>) -> PyResult<Option<ChannelAffine>> {
+    Ok(match fold {
+        Some((k, c)) => Some(ChannelAffine::new(k.to_vec()?, c.to_vec()?)?),
+        None => None,
+    })
+}
+
+/// A flat vector as a numpy array of `shape`.
+fn array<'py, T: numpy::Element>(
+    py: Python<'py>,
+    data: Vec<T>,
+    shape: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
+    Ok(PyArray1::from_vec(py, data).reshape(shape)?.into_any())
+}
+
+/// Sign bits of a conv weight `[O, C, kh, kw]` as `[O, kh, kw, ceil(C/64)]` uint64 (bit
+/// `c % 64` of word `c // 64` set where the weight is negative), and the non-zero mask
+/// alike, or `None` when no weight is zero.
+#[pyfunction]
+fn deploy_pack_signs<'py>(
+    py: Python<'py>,
+    weight: PyTensor,
+) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+    boundary(|| {
+        let packed = py.allow_threads(move || lower::pack_signs_of(&weight))?;
+        let bits = array(py, packed.bits, &packed.shape)?;
+        let mask = packed
+            .mask
+            .map(|m| array(py, m, &packed.shape))
+            .transpose()?;
+        Ok((bits, mask))
+    })
+}
+
+/// `(k, c)`, float64, with `bn(x) == k * x + c` per channel for a BatchNorm in eval mode.
+#[pyfunction]
+#[pyo3(signature = (running_mean, running_var, weight, bias, eps))]
+fn deploy_fold_batchnorm<'py>(
+    py: Python<'py>,
+    running_mean: PyTensor,
+    running_var: PyTensor,
+    weight: Option<PyTensor>,
+    bias: Option<PyTensor>,
+    eps: f64,
+) -> PyResult<Vectors<'py, f64>> {
+    boundary(|| {
+        let bn = py.allow_threads(move || {
+            lower::batchnorm_of(
+                &running_mean,
+                &running_var,
+                weight.as_deref(),
+                bias.as_deref(),
+                eps,
+            )
+        })?;
+        Ok((
+            PyArray1::from_vec(py, bn.scale),
+            PyArray1::from_vec(py, bn.shift),
+        ))
+    })
+}
+
+/// A float conv's `conv2d` tensors with the BatchNorm fold `bn` (`(k, c)`) applied:
+/// float32 weight `[O, kh, kw, C/groups]` and bias `[O]` (`None` without a bias or
+/// `bn`).
+#[pyfunction]
+#[pyo3(signature = (weight, bias, bn))]
+fn deploy_fold_conv2d<'py>(
+    py: Python<'py>,
+    weight: PyTensor,
+    bias: Option<PyTensor>,
+    bn: Option<Fold<'py>>,
+) -> PyResult<ConvArrays<'py>> {
+    boundary(|| {
+        let bn = fold_of(bn)?;
+        let conv =
+            py.allow_threads(move || lower::float_conv_of(&weight, bias.as_deref(), bn.as_ref()))?;
+        Ok((
+            array(py, conv.weight, &conv.shape)?,
+            conv.bias.map(|b| PyArray1::from_vec(py, b)),
+        ))
+    })
+}
+
+/// A binary conv's float32 `(scale, shift)` `[O]`: its eval-mode scale (learnable
+/// `scaling_factor` or the W-derived alpha, times `mean|W|` for `ste_v2`) and bias,
+/// then the BatchNorm fold `bn` (`(k, c)`).
+#[pyfunction]
+#[pyo3(signature = (weight, scaling_factor, bias, act_w, bn))]
+fn deploy_fold_bconv2d<'py>(
+    py: Python<'py>,
+    weight: PyTensor,
+    scaling_factor: Option<PyTensor>,
+    bias: Option<PyTensor>,
+    act_w: &str,
+    bn: Option<Fold<'py>>,
+) -> PyResult<Vectors<'py, f32>> {
+    boundary(|| {
+        let act_w = ActW::parse(act_w)?;
+        let bn = fold_of(bn)?;
+        let (scale, shift) = py.allow_threads(move || {
+            lower::binary_conv_of(
+                &weight,
+                scaling_factor.as_deref(),
+                bias.as_deref(),
+                act_w,
+                bn.as_ref(),
+            )
+        })?;
+        Ok((PyArray1::from_vec(py, scale), PyArray1::from_vec(py, shift)))
+    })
+}
+
 /// Adds the deploy engine's classes and functions to `ovsw._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DeployEngine>()?;
     m.add_function(wrap_pyfunction!(deploy_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(deploy_cpu_flags, m)?)?;
     m.add_function(wrap_pyfunction!(deploy_kernel, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_pack_signs, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_fold_batchnorm, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_fold_conv2d, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_fold_bconv2d, m)?)?;
     Ok(())
 }

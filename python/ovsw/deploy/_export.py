@@ -127,7 +127,7 @@ def _f64(t: torch.Tensor) -> np.ndarray:
 
 
 def _bn_fold(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
-    """(k, c) with ``bn(x) == k * x + c`` per channel in eval mode."""
+    """(k, c) with ``bn(x) == k * x + c`` per channel in eval mode (float64)."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected a BatchNorm layer, got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
@@ -135,13 +135,9 @@ def _bn_fold(bn: nn.Module) -> tuple[np.ndarray, np.ndarray]:
             "BatchNorm without running statistics (track_running_stats=False) normalises "
             "with batch statistics even in eval mode and cannot be deployed"
         )
-    k = 1.0 / np.sqrt(_f64(bn.running_var) + bn.eps)
-    if bn.weight is not None:
-        k = k * _f64(bn.weight)
-    c = -_f64(bn.running_mean) * k
-    if bn.bias is not None:
-        c = c + _f64(bn.bias)
-    return k, c
+    return _core.deploy_fold_batchnorm(
+        bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps)
+    )
 
 
 def _act_fields(g: _Graph, name: str, act: nn.Module | None) -> dict:
@@ -172,19 +168,14 @@ def _fp_conv(g, x, name, conv, bn=None, act=None) -> int:
     """A float ``conv2d`` op with the following BatchNorm folded into it."""
     if isinstance(conv, OvSWConv2d) or not isinstance(conv, nn.Conv2d):
         raise TypeError(f"{name}: expected a full-precision nn.Conv2d")
-    w = _f64(conv.weight)  # [O, C/g, kh, kw]
-    b = _f64(conv.bias) if conv.bias is not None else np.zeros(w.shape[0])
-    if bn is not None:
-        k, c = _bn_fold(bn)
-        w = w * k[:, None, None, None]
-        b = b * k + c
-    has_bias = conv.bias is not None or bn is not None
+    fold = _bn_fold(bn) if bn is not None else None
+    w, b = _core.deploy_fold_conv2d(conv.weight, conv.bias, fold)  # w: [O, kh, kw, C/g]
     return g.op(
         "conv2d",
         name,
         x,
-        weight=g.tensor(name + ".weight", w.transpose(0, 2, 3, 1)),
-        bias=g.tensor(name + ".bias", b) if has_bias else None,
+        weight=g.tensor(name + ".weight", w),
+        bias=g.tensor(name + ".bias", b) if b is not None else None,
         **_geometry(conv),
         **_act_fields(g, name, act),
     )
@@ -193,19 +184,9 @@ def _fp_conv(g, x, name, conv, bn=None, act=None) -> int:
 def pack_signs(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
     """Sign bits of a conv weight ``[O, C, kh, kw]`` as ``[O, kh, kw, ceil(C/64)]``
     uint64 words (bit ``c % 64`` of word ``c // 64`` set where the weight is negative),
-    and the non-zero mask in the same layout, or ``None`` when no weight is zero."""
-    w = weight.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
-    channels = w.shape[-1]
-    padded = -(-channels // 64) * 64
-
-    def pack(bits: np.ndarray) -> np.ndarray:
-        full = np.zeros(bits.shape[:-1] + (padded,), dtype=bool)
-        full[..., :channels] = bits
-        packed = np.packbits(full, axis=-1, bitorder="little")
-        return np.ascontiguousarray(packed).view("<u8")
-
-    nonzero = w != 0
-    return pack(w < 0), (None if nonzero.all() else pack(nonzero))
+    and the non-zero mask in the same layout, or ``None`` when no weight is zero.
+    The weight is read as float32 first."""
+    return _core.deploy_pack_signs(weight.detach())
 
 
 def _bconv(g, x, name, conv, bn=None, act=None, residual=None) -> int:
@@ -213,18 +194,11 @@ def _bconv(g, x, name, conv, bn=None, act=None, residual=None) -> int:
     into one per-channel ``scale``/``shift`` (SPEC 1.3-1.5 in eval mode)."""
     if not isinstance(conv, OvSWConv2d):
         raise TypeError(f"{name}: expected an OvSWConv2d")
-    weight = conv.weight.detach().float().cpu()
-    if conv.scaling_factor is not None:
-        alpha = _f64(conv.scaling_factor)
-    else:
-        alpha = _f64(_core.channel_alpha(weight))
-    if conv.act_w == "ste_v2":
-        alpha = alpha * _f64(_core.channel_abs_mean(weight))
-    scale = alpha
-    shift = _f64(conv.bias) * alpha if conv.bias is not None else np.zeros_like(alpha)
-    if bn is not None:
-        k, c = _bn_fold(bn)
-        scale, shift = scale * k, shift * k + c
+    weight = conv.weight.detach()
+    fold = _bn_fold(bn) if bn is not None else None
+    scale, shift = _core.deploy_fold_bconv2d(
+        weight, conv.scaling_factor, conv.bias, conv.act_w, fold
+    )
     bits, mask = pack_signs(weight)
     return g.op(
         "bconv2d",

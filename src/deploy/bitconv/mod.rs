@@ -1,13 +1,14 @@
 //! Binary convolution by XNOR and popcount (SPEC 1 in eval mode, bit-packed): the conv
 //! driver. The popcount kernels, one per instruction set, are in [`kernels`].
 //!
-//! Activations arrive as float NHWC. Each pixel's channels are binarized and packed,
-//! 64 per `u64` word, bit set where the value is negative (sign -1); weights were packed
-//! the same way at export. For a pixel and an output channel the binary dot product over
-//! the valid taps is `n_valid - 2 * popcount(a XOR w)`, summed over words, where
-//! `n_valid = taps inside the image * channels per group`. Taps that fall into the zero
-//! padding are skipped, so they contribute 0 exactly as in training (not -1). Unused bits
-//! of a group's last word are 0 in both operands and never count.
+//! Activations arrive as float NHWC. Each pixel's channels are binarized and packed in
+//! the layout of [`super::bits`], 64 per `u64` word, bit set where the value is negative
+//! (sign -1), as the weights were at export ([`super::lower`]). For a pixel and an
+//! output channel the binary dot product over the valid taps is
+//! `n_valid - 2 * popcount(a XOR w)`, summed over words, where `n_valid = taps inside
+//! the image * channels per group`. Taps that fall into the zero padding are skipped,
+//! so they contribute 0 exactly as in training (not -1). Unused bits of a group's last
+//! word are 0 in both operands and never count.
 //!
 //! `torch.sign(0) == 0`: a zero activation or weight contributes 0. When the packed input
 //! (or the layer's weight) holds an exact zero, the layer runs the masked kernel, which
@@ -32,6 +33,8 @@ use rayon::prelude::*;
 
 pub use self::kernels::{cpu_flags, Kernel, DISABLE_ENV};
 use self::kernels::{Isa, Job, Run, Runs, Tile};
+use super::bits::pack_channels;
+pub use super::bits::{words_for, BITS};
 use super::geom::ConvGeom;
 use super::tensor::{hardtanh, prelu, Act, Tensor4};
 use crate::error::{value_err, Result};
@@ -39,16 +42,10 @@ use crate::error::{value_err, Result};
 /// Output channels computed together by the kernels (weights are stored blocked so
 /// that one step of 8 channels is 64 contiguous bytes).
 pub const LANES: usize = 8;
-/// Channels per `u64` word.
-pub const BITS: usize = 64;
 /// Output pixels per register tile of the kernels (the least per kernel call).
 pub const TILE: usize = 4;
 /// Pixels packed per parallel task.
 const PACK_CHUNK: usize = 64;
-
-pub fn words_for(channels: usize) -> usize {
-    channels.div_ceil(BITS)
-}
 
 /// Bits of word `j` that hold one of `cg` channels.
 fn valid_bits(cg: usize, j: usize) -> u64 {
@@ -223,14 +220,8 @@ impl BinaryConv {
         mask.par_chunks_mut(pw)
             .zip(x.data.par_chunks(c))
             .for_each(|(out, px)| {
-                for (gi, ch) in px.chunks_exact(self.cg).enumerate() {
-                    for (j, part) in ch.chunks(BITS).enumerate() {
-                        let mut word = 0u64;
-                        for (b, &v) in part.iter().enumerate() {
-                            word |= u64::from(v != 0.0) << b;
-                        }
-                        out[gi * self.wpg + j] = word;
-                    }
+                for (ch, words) in px.chunks_exact(self.cg).zip(out.chunks_exact_mut(self.wpg)) {
+                    pack_channels(ch, words, |v| v != 0.0);
                 }
             });
         // A negative zero has its sign bit set: clear it, its weight is 0 anyway.

@@ -10,6 +10,7 @@
 
 use super::kernels::{Isa, Job, Run, Runs, Tile};
 use super::*;
+use crate::deploy::lower::{pack_signs, PackedSigns};
 
 /// A small xorshift generator (no dependency for test data).
 fn words(n: usize, mut seed: u64) -> Vec<u64> {
@@ -214,19 +215,9 @@ fn check_pack(name: &str) {
                 out: &mut out,
             });
             assert_eq!(zero, has_zero, "kernel {name}, {len} channels: zero flag");
-            for (c, v) in values.iter().enumerate() {
-                assert_eq!(
-                    bit(out[c / 64], c % 64),
-                    v.is_sign_negative(),
-                    "kernel {name}, {len} channels: channel {c} ({v})"
-                );
-            }
-            for c in len..out.len() * 64 {
-                assert!(
-                    !bit(out[c / 64], c % 64),
-                    "kernel {name}: bit {c} past the channels"
-                );
-            }
+            let mut want = vec![0u64; out.len()];
+            pack_channels(&values, &mut want, f32::is_sign_negative);
+            assert_eq!(out, want, "kernel {name}, {len} channels: {values:?}");
         }
     }
 }
@@ -242,24 +233,9 @@ fn sign(v: f32) -> f32 {
     }
 }
 
-/// Packs a float weight `[O][C/g][kh][kw]` as the exporter does: `[O][kh][kw][wpg]`.
-fn pack_weight(w: &[f32], o: usize, cg: usize, kh: usize, kw: usize) -> (Vec<u64>, Vec<u64>) {
-    let wpg = words_for(cg);
-    let mut bits = vec![0u64; o * kh * kw * wpg];
-    let mut nonzero = vec![0u64; o * kh * kw * wpg];
-    for oi in 0..o {
-        for c in 0..cg {
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let v = w[((oi * cg + c) * kh + ky) * kw + kx];
-                    let i = ((oi * kh + ky) * kw + kx) * wpg + c / 64;
-                    bits[i] |= u64::from(v < 0.0) << (c % 64);
-                    nonzero[i] |= u64::from(v != 0.0) << (c % 64);
-                }
-            }
-        }
-    }
-    (bits, nonzero)
+/// Packs a float weight `[O][C/g][kh][kw]` as the exporter does.
+fn pack_weight(w: &[f32], o: usize, cg: usize, kh: usize, kw: usize) -> PackedSigns {
+    pack_signs(w, [o, cg, kh, kw]).unwrap()
 }
 
 /// One convolution case: `(cin, cout, k, stride, padding, dilation, groups, h, w)`.
@@ -398,11 +374,12 @@ fn check_conv(name: &str) {
                 let last = wf.len() - 1;
                 wf[last] = -0.0;
             }
-            let (bits, mask) = pack_weight(&wf, cout, cg, k, k);
+            let packed = pack_weight(&wf, cout, cg, k, k);
+            assert_eq!(packed.mask.is_some(), zeros == "weight" || zeros == "both");
             let conv = BinaryConv::new(
                 geom.clone(),
-                bits,
-                Some(mask),
+                packed.bits,
+                packed.mask,
                 scale.clone(),
                 shift.clone(),
                 act.clone(),
@@ -593,7 +570,7 @@ fn conv_throughput() {
                 groups: 1,
             };
             let (oh, ow) = geom.out_hw(hw, hw, "t").expect("fits");
-            let (bits, _) = pack_weight(&floats(cout * cin * 9, 1), cout, cin, 3, 3);
+            let bits = pack_weight(&floats(cout * cin * 9, 1), cout, cin, 3, 3).bits;
             let conv = BinaryConv::new(
                 geom,
                 bits,

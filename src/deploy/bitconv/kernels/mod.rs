@@ -316,10 +316,11 @@ mod sealed {
 /// What an instruction set provides to the conv driver. Implemented only by the tokens
 /// of this module's children; a value of one proves the CPU runs its code.
 pub trait Isa: Copy + sealed::Sealed {
-    /// Packs the signs of `ch` (one group's channels of one pixel) into `out`, 64 per
-    /// word: bit `c % 64` of word `c / 64` is set where `ch[c]` has its sign bit set
-    /// (negative, or -0.0, which the caller clears with the zero mask); bits past the
-    /// last channel are 0. Returns whether any value is exactly zero.
+    /// Packs the signs of `ch` (one group's channels of one pixel) into `out` in the
+    /// layout of [`crate::deploy::bits`], bit set where `ch[c]` has its sign bit set
+    /// (negative, or -0.0, which the caller clears with the zero mask): what
+    /// [`bits::pack_channels`](crate::deploy::bits::pack_channels) gives with
+    /// `f32::is_sign_negative`. Returns whether any value is exactly zero.
     fn pack(self, ch: &[f32], out: &mut [u64]) -> bool;
 
     /// The fast kernel (see the module docs) on a checked tile.

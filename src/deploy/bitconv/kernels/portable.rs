@@ -2,8 +2,9 @@
 //! target has it (see `x86_popcnt`) and to NEON `CNT` on aarch64. Its loops are also the
 //! masked kernel of the instruction sets without one of their own.
 
-use super::super::{BITS, LANES};
+use super::super::LANES;
 use super::{sealed, Isa, Tile};
+use crate::deploy::bits::pack_channels;
 
 /// Every CPU runs the portable kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,16 +32,11 @@ impl Isa for Portable {
 /// See [`Isa::pack`].
 #[inline(always)]
 pub fn pack(ch: &[f32], out: &mut [u64]) -> bool {
-    assert_eq!(out.len(), ch.len().div_ceil(BITS));
     let mut zero = false;
-    for (part, word) in ch.chunks(BITS).zip(out.iter_mut()) {
-        let mut bits = 0u64;
-        for (b, &v) in part.iter().enumerate() {
-            bits |= u64::from(v.to_bits() >> 31) << b;
-            zero |= v == 0.0;
-        }
-        *word = bits;
-    }
+    pack_channels(ch, out, |v| {
+        zero |= v == 0.0;
+        v.is_sign_negative()
+    });
     zero
 }
 
