@@ -305,3 +305,47 @@ def test_summary_counts_shared_parameters_once():
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, nn.ReLU(), lin)
     assert ovsw.summary(model, print_fn=None).params == 20
+
+
+def test_deploy_runs_binary_linear_layers_exactly(tmp_path):
+    """OvSWLinear layers (an fx-lowered model: flatten, binary linear with BatchNorm1d and
+    a residual, ReLU zeros in its input, a float head) run as XNOR-popcount rows."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc1 = OvSWLinear(4 * 6 * 6, 70, scaling_factor=True, act_w="ste_v2")
+            self.bn1 = nn.BatchNorm1d(70)
+            self.fc2 = OvSWLinear(70, 70, bias=True)
+            self.bn2 = nn.BatchNorm1d(70)
+            self.head = nn.Linear(70, 3)
+
+        def forward(self, x):
+            x = torch.flatten(torch.relu(self.stem(x)), 1)
+            x = torch.relu(self.bn1(self.fc1(x)))
+            x = torch.relu(self.bn2(self.fc2(x)) + x)
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.fc2.weight[0, :5] = 0.0  # exact zeros: the masked kernel
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    engine = deploy.load(deploy.export(model, tmp_path / "m.ovsw", input_size=6), threads=2)
+    assert engine._engine.ops == [
+        ("stem", "conv2d"),
+        ("flatten", "flatten"),
+        ("fc1", "bconv2d"),
+        ("fc2", "bconv2d"),
+        ("head", "linear"),
+    ]
+    x = torch.randn(9, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    y = engine(x.numpy())
+    rel = np.abs(y - ref).max(1) / np.abs(ref).max(1)
+    assert rel.max() < 1e-4, rel

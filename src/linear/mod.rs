@@ -244,3 +244,82 @@ pub fn backward(grad_y: &Tensor, saved: &Saved<'_>, act_w: ActW, needs: Needs) -
         scale: grad_scale,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn t(values: &[f32], shape: &[i64]) -> Tensor {
+        Tensor::from_slice(values).reshape(shape)
+    }
+
+    #[test]
+    fn eval_forward_is_the_scaled_sign_product() {
+        let x = t(&[0.5, -2.0, 0.0, 3.0, -1.0, 1.0], &[2, 3]);
+        let w = t(&[1.0, -1.0, 2.0, -0.5, -0.5, 0.25], &[2, 3]);
+        let s = t(&[2.0, 0.5], &[2]);
+        let bias = t(&[1.0, -1.0], &[2]);
+        let f = forward(&x, &w, Some(&bias), Some(&s), ActW::Ste, false).expect("forward");
+        // sign(x) = [[1, -1, 0], [1, -1, 1]], sign(W) = [[1, -1, 1], [-1, -1, 1]]
+        // products [[2, 0], [3, 1]], + bias [[3, -1], [4, 0]], * s
+        let expected = t(&[6.0, -0.5, 8.0, 0.0], &[2, 2]);
+        assert!(f.y.allclose(&expected, 0.0, 0.0, false), "{}", f.y);
+        assert!(f.std.is_none() && f.alpha.is_none());
+        assert_eq!(f.product.expect("kept for the scale").size(), [2, 2]);
+        assert_eq!(f.product_kind, Kind::Float);
+    }
+
+    #[test]
+    fn backward_matches_the_chain_rule() {
+        // eval mode, learnable scale: grad_x = (g * s) sign(W) * max(0, 2 - 2|x|)
+        let x = t(&[0.25, -2.0, 0.5, 0.75], &[2, 2]);
+        let w = t(&[1.0, -1.0, 0.5, 2.0], &[2, 2]);
+        let s = t(&[2.0, 3.0], &[2]);
+        let f = forward(&x, &w, None, Some(&s), ActW::Ste, false).expect("forward");
+        let g = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
+        let saved = Saved {
+            x: &x,
+            weight: &w,
+            has_bias: false,
+            scale: Some(&s),
+            std: None,
+            alpha: None,
+            product: f.product.as_ref(),
+            product_kind: f.product_kind,
+        };
+        let needs = Needs {
+            input: true,
+            weight: true,
+            bias: false,
+            scale: true,
+        };
+        let grads = backward(&g, &saved, ActW::Ste, needs).expect("backward");
+        // g*s = [[2, 3], [2, 3]], sign(W) = [[1, -1], [1, 1]]: (g*s) sign(W) has rows
+        // [2 + 3, -2 + 3] = [5, 1]; the surrogate max(0, 2 - 2|x|) is [[1.5, 0], [1, 0.5]]
+        let gx = t(&[7.5, 0.0, 5.0, 0.5], &[2, 2]);
+        let input = grads.input.expect("input grad");
+        assert!(input.allclose(&gx, 0.0, 0.0, false), "{input}");
+        // grad_W = (g*s)^T sign(x): sign(x) = [[1, -1], [1, 1]] -> [[4, 0], [6, 0]]
+        let gw = t(&[4.0, 0.0, 6.0, 0.0], &[2, 2]);
+        let weight = grads.weight.expect("weight grad");
+        assert!(weight.allclose(&gw, 0.0, 0.0, false), "{weight}");
+        // grad_s = sum over rows of g * product
+        let product = f.product.expect("product");
+        let gs = product.sum_dim_intlist([0i64].as_slice(), false, None::<Kind>);
+        let scale = grads.scale.expect("scale grad");
+        assert!(scale.allclose(&gs, 0.0, 0.0, false), "{scale}");
+        assert!(grads.bias.is_none());
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        let x = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        let w = Tensor::ones([4, 5], (Kind::Float, Device::Cpu));
+        let r = forward(&x, &w, None, None, ActW::Ste, true);
+        assert!(matches!(r, Err(Error::Value(m)) if m.contains("in_features=5")));
+        let x1 = Tensor::ones([5], (Kind::Float, Device::Cpu));
+        let r = forward(&x1, &w, None, None, ActW::Ste, true);
+        assert!(matches!(r, Err(Error::Value(m)) if m.contains("batch dim")));
+    }
+}
