@@ -173,3 +173,37 @@ class _Pair(torch.nn.Module):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = self.conv(x)
             return y, self.lin(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act_w, scale, bias, training, dtype", CASES[:3])
+def test_opcheck_on_cuda(act_w, scale, bias, training, dtype):
+    def cuda(args):
+        return tuple(
+            a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+
+    torch.library.opcheck(
+        torch.ops.ovsw.binary_conv2d.default, cuda(_conv_args(act_w, scale, bias, training, dtype))
+    )
+    torch.library.opcheck(
+        torch.ops.ovsw.binary_linear.default,
+        cuda(_linear_args(act_w, scale, bias, training, dtype)),
+    )
+
+
+@pytest.mark.cuda
+def test_binary_linear_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    cpu = ovsw.OvSWLinear(40, 6, bias=True, act_w="hardtanhv2", scaling_factor=True)
+    gpu = ovsw.OvSWLinear(40, 6, bias=True, act_w="hardtanhv2", scaling_factor=True).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(8, 3, 40)
+    xc, xg = x.clone().requires_grad_(), x.cuda().requires_grad_()
+    yc, yg = cpu(xc), gpu(xg)
+    torch.testing.assert_close(yg.cpu(), yc, rtol=1e-5, atol=1e-5)
+    yc.sum().backward()
+    yg.sum().backward()
+    torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, rtol=1e-5, atol=1e-4)
