@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py [--steps 10] [--threads 2]
     python benchmarks/bench_train_step.py --device cuda [--steps 5]
+    python benchmarks/bench_train_step.py --compile [--steps 10] [--threads 2]
 
 On CUDA (issue 11) it times a user's loop with no syncs inside (forward under autocast
 for AMP, backward, AGS+SAD, SGD; AMP is float16 with GradScaler, whose own inf check is
@@ -16,7 +17,13 @@ step time, the AGS+SAD time (alone, on real gradients), the peak memory of a ste
 oracle, and the top kernels of one profiled step. Targets on an H100/H200: step <= 0.75x
 the oracle, AGS+SAD <= 0.1x, peak memory <= 0.8x.
 
-For each case, both implementations get the same model (same weights, the oracle's
+With ``--compile`` it measures instead what ``torch.compile`` gains or costs: ovsw in
+eager mode against the same model compiled with ``torch.compile(model, fullgraph=True)``
+(step eager) and with ``torch.compile(opt.step)`` too, interleaved; it reports each
+one's first step (which compiles) and the median step after the warmup, and the ratio
+compiled / eager (on the CPU).
+
+Otherwise, for each case, both implementations get the same model (same weights, the oracle's
 binary convs swapped in by tests/oracle.py) and the same batch. A step is forward,
 backward, AGS+SAD, SGD. Steps of the two are interleaved so that machine noise hits both
 alike; the median over steps is reported. Peak memory of a step is measured in a fresh
@@ -92,6 +99,56 @@ def timed_step(model, opt, x, y):
     return t3 - t0, t2 - t1
 
 
+def build_compile(arch, num_classes, batch, res, impl):
+    """ovsw eager ("eager"), model compiled ("compiled"), model and step compiled
+    ("compiled_step"): (forward, opt, step, x, y)."""
+    model, opt, x, y = build(arch, num_classes, batch, res, "ovsw")
+    forward = model if impl == "eager" else torch.compile(model, fullgraph=True)
+    step = torch.compile(opt.step) if impl == "compiled_step" else opt.step
+    return forward, opt, step, x, y
+
+
+def plain_step(forward, opt, step, x, y) -> float:
+    t0 = time.perf_counter()
+    loss = F.cross_entropy(forward(x), y)
+    opt.zero_grad()
+    loss.backward()
+    step()
+    return time.perf_counter() - t0
+
+
+def run_compile(args) -> None:
+    results = {}
+    impls = ("eager", "compiled", "compiled_step")
+    for case in CASES:
+        arch, _, batch, res = case
+        runs = {impl: build_compile(*case, impl) for impl in impls}
+        first = {impl: plain_step(*run) for impl, run in runs.items()}
+        times = {impl: [] for impl in impls}
+        for i in range(args.warmup + args.steps):
+            for impl, run in runs.items():
+                t = plain_step(*run)
+                if i >= args.warmup:
+                    times[impl].append(t)
+        med = {impl: statistics.median(ts) for impl, ts in times.items()}
+        key = f"{arch}_b{batch}_{res}"
+        r = {f"{impl}_first_step_s": first[impl] for impl in impls}
+        r.update({f"{impl}_step_ms": med[impl] * 1e3 for impl in impls})
+        r["compiled_ratio"] = med["compiled"] / med["eager"]
+        r["compiled_step_ratio"] = med["compiled_step"] / med["eager"]
+        results[key] = r
+        print(
+            f"{key:28s} step eager {r['eager_step_ms']:8.1f} ms, compiled "
+            f"{r['compiled_step_ms']:8.1f} ms (ratio {r['compiled_ratio']:.3f}), compiled "
+            f"+ step {r['compiled_step_step_ms']:8.1f} ms (ratio "
+            f"{r['compiled_step_ratio']:.3f}); first step eager "
+            f"{r['eager_first_step_s']:.1f} s, compiled {r['compiled_first_step_s']:.1f} s, "
+            f"compiled + step {r['compiled_step_first_step_s']:.1f} s",
+            flush=True,
+        )
+    print(json.dumps(results))
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -135,6 +192,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="measure torch.compile (model, and model + step) against eager ovsw",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
@@ -144,6 +206,9 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, ovsw {ovsw.__version__}, {args.threads} threads, CPU")
+    if args.compile:
+        run_compile(args)
+        return
     results = {}
     for case in CASES:
         arch, _, batch, res = case

@@ -180,7 +180,14 @@ pub fn device_name(raw: &RawFacts) -> String {
 /// A float64 tensor of `sizes` filled with `value` on `like`'s device (any device,
 /// meta included: tch can name only some).
 pub fn new_full_f64(like: &Tensor, sizes: &[i64], value: f64) -> Result<Tensor> {
-    const DOUBLE: i32 = 7; // c10::ScalarType::Double
+    new_full(like, sizes, value, tch::Kind::Double)
+}
+
+/// A tensor of `kind` and `sizes` filled with `value` on `like`'s device (any device,
+/// meta included).
+pub fn new_full(like: &Tensor, sizes: &[i64], value: f64, kind: tch::Kind) -> Result<Tensor> {
+    let scalar_type = crate::tensor::scalar_type(kind)
+        .ok_or_else(|| Error::Internal(format!("new_full: no ScalarType for {kind:?}")))?;
     let mut err = [0 as c_char; 512];
     // SAFETY: `like` is a live tensor borrowed for the call; `sizes` has the length
     // passed; the shim catches every C++ exception.
@@ -190,7 +197,7 @@ pub fn new_full_f64(like: &Tensor, sizes: &[i64], value: f64) -> Result<Tensor> 
             sizes.as_ptr(),
             sizes.len() as i64,
             value,
-            DOUBLE,
+            scalar_type,
             err.as_mut_ptr(),
             err.len(),
         )

@@ -1,12 +1,15 @@
 //! `ovsw._core`: the compute core of the ovsw package.
 //!
 //! The math lives in [`binarize`] (the elementwise parts of a 1-bit layer, SPEC 1.1 to
-//! 1.4), [`conv`] (the binary convolution, SPEC section 1) and [`optim`] (AGS and SAD,
-//! sections 2 and 3); [`cuda`] holds their fused CUDA kernels, compiled at run time by
-//! NVRTC, which those ops choose on CUDA tensors; [`deploy`] runs exported networks by
-//! XNOR and popcount without PyTorch. Each family's Python bindings sit beside it
-//! (`conv/py.rs`, `optim/py.rs`, `cuda/py.rs`, `deploy/py.rs`); this file declares the
-//! modules and registers the bindings.
+//! 1.4), [`conv`] (the binary convolution, SPEC section 1), [`linear`] (the binary
+//! fully connected layer, the same math around a matrix product) and [`optim`] (AGS
+//! and SAD, sections 2 and 3); [`cuda`] holds fused CUDA kernels, compiled at run time
+//! by NVRTC, which conv and optim choose on CUDA tensors; [`deploy`] runs exported
+//! networks by XNOR and popcount without PyTorch. Each family's Python bindings sit
+//! beside it (`conv/py.rs`, `linear/py.rs`, `optim/py.rs`, `cuda/py.rs`,
+//! `deploy/py.rs`); the layers' and the optimizer's are the bodies of the
+//! `torch.ops.ovsw` custom ops (`python/ovsw/ops.py`, conventions in [`op_args`]). This
+//! file declares the modules and registers the bindings.
 
 // No panic outside tests: errors are values (crate::error), and the bindings catch
 // anything else at the boundary (error::boundary).
@@ -22,6 +25,8 @@ pub mod deploy;
 pub mod error;
 mod ffi;
 pub mod geometry;
+pub mod linear;
+mod op_args;
 pub mod optim;
 mod parallel;
 pub mod tensor;
@@ -31,6 +36,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     conv::py::register(m)?;
+    linear::py::register(m)?;
     optim::py::register(m)?;
     deploy::py::register(m)?;
     cuda::py::register(m)?;

@@ -150,6 +150,11 @@ pub(crate) fn kind_of(scalar_type: i32) -> Option<Kind> {
     })
 }
 
+/// The c10::ScalarType code of a dtype the core names (the inverse of `kind_of`).
+pub fn scalar_type(kind: Kind) -> Option<i32> {
+    (0..16).find(|&code| kind_of(code) == Some(kind))
+}
+
 /// The refusal of a tensor without storage, naming the likely cause.
 fn no_storage(python: bool) -> Error {
     let kind = if python {
@@ -158,9 +163,10 @@ fn no_storage(python: bool) -> Error {
         "a tensor without storage (a functional or batched tensor)"
     };
     Error::Unsupported(format!(
-        "ovsw got {kind}, as torch.export, torch.compile tracing, torch.func and \
-         FakeTensorMode create: the ovsw ops are not registered with torch.library yet, so \
-         they cannot be traced or run on such tensors; call them on real tensors"
+        "ovsw._core got {kind}, as torch.export, torch.compile tracing, torch.func and \
+         FakeTensorMode create: _core computes on real tensors only; trace the \
+         torch.library ops in torch.ops.ovsw (what ovsw's modules call), whose fake \
+         implementations handle such tensors"
     ))
 }
 

@@ -5,8 +5,12 @@ Nothing here calls ``ovsw._core``: the binary convolution is built from torch op
 ops, so tests (``tests/test_op_oracle.py``) and benchmarks can hold the Rust core to it.
 
 - :func:`oracle_binary_conv2d` / :class:`OracleConv2d`: SPEC 1 (forward type "xnor").
+- :func:`oracle_binary_linear` / :class:`OracleLinear`: the same layer around a matrix
+  product (``ovsw.OvSWLinear``): per-sample normalisation over all non-batch dims,
+  alpha per output feature.
 - :func:`to_oracle`: a deep copy of a model with every ``ovsw.OvSWConv2d`` replaced by
-  an :class:`OracleConv2d` holding the same parameters and buffers.
+  an :class:`OracleConv2d` and every ``ovsw.OvSWLinear`` by an :class:`OracleLinear`
+  holding the same parameters and buffers.
 - :func:`oracle_ags_sad`: SPEC 2 and 3 on one layer, in place.
 - :class:`OracleOvSW`: a minimal stand-in for ``ovsw.OvSW`` built on the above.
 """
@@ -31,6 +35,8 @@ __all__ = [
     "binarize_weight",
     "oracle_binary_conv2d",
     "OracleConv2d",
+    "oracle_binary_linear",
+    "OracleLinear",
     "to_oracle",
     "oracle_ags_sad",
     "OracleOvSW",
@@ -272,6 +278,70 @@ class OracleConv2d(nn.Conv2d):
         )
 
 
+def oracle_binary_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    act_w: str,
+    training: bool = True,
+) -> Tensor:
+    """SPEC 1.1-1.5 with ``F.linear`` for the convolution: ``x`` is ``[N, *, in]``,
+    normalised per sample over every dim but the first; alpha is per output feature."""
+    if training:
+        dims = tuple(range(1, x.dim()))
+        std = torch.sqrt(x.detach().var(dim=dims, keepdim=True, unbiased=True) + EPS)
+        x_hat = x / std
+    else:
+        x_hat = x
+    a = binarize_activation(x_hat)
+    w_b = binarize_weight(weight, act_w)
+    alpha = scale if scale is not None else channel_alpha(weight)
+    return F.linear(a, w_b, bias) * alpha
+
+
+class OracleLinear(nn.Linear):
+    """Same constructor (and parameter/buffer names) as ``ovsw.OvSWLinear``; the forward
+    is :func:`oracle_binary_linear`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        act_a: str = "binary",
+        act_w: str = "ste",
+        scaling_factor: bool = False,
+        forward_type: str = "xnor",
+    ) -> None:
+        if act_a != "binary":
+            raise ValueError(f"unknown act_a {act_a!r}; expected 'binary'")
+        if act_w not in ACT_W:
+            raise ValueError(f"unknown act_w {act_w!r}; expected one of {ACT_W}")
+        if forward_type != "xnor":
+            raise ValueError(f"unknown forward_type {forward_type!r}; expected 'xnor'")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.act_a = act_a
+        self.act_w = act_w
+        self.forward_type = forward_type
+        self.register_parameter("scaling_factor", None)
+        self.register_buffer("weight_prev", None)
+        self.register_buffer("tracker", None)
+        if scaling_factor:
+            self.init_scaling_factor()
+
+    init_scaling_factor = OracleConv2d.init_scaling_factor
+    setup_sad = OracleConv2d.setup_sad
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Linear's name)
+        return oracle_binary_linear(
+            input, self.weight, self.bias, self.scaling_factor, self.act_w, self.training
+        )
+
+
 def _is_ovsw_conv(m: nn.Module) -> bool:
     try:
         from ovsw import OvSWConv2d
@@ -280,12 +350,44 @@ def _is_ovsw_conv(m: nn.Module) -> bool:
     return isinstance(m, OvSWConv2d)
 
 
+def _is_ovsw_linear(m: nn.Module) -> bool:
+    try:
+        from ovsw import OvSWLinear
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(m, OvSWLinear)
+
+
+def _move_tensors(old: nn.Module, new: nn.Module) -> nn.Module:
+    """The copy's own tensors (already deep-copied) move over unchanged."""
+    new.weight = old.weight
+    new.bias = old.bias
+    new.scaling_factor = old.scaling_factor
+    new.tracker = old.tracker
+    new.weight_prev = old.weight_prev
+    new.train(old.training)
+    return new
+
+
 def to_oracle(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` in which every ``ovsw.OvSWConv2d`` (the model itself
-    included) is an :class:`OracleConv2d` with the same parameters and buffers
-    (weight, bias, scaling_factor, tracker, weight_prev) and training mode."""
+    included) is an :class:`OracleConv2d`, and every ``ovsw.OvSWLinear`` an
+    :class:`OracleLinear`, with the same parameters and buffers (weight, bias,
+    scaling_factor, tracker, weight_prev) and training mode."""
 
-    def convert(conv: nn.Module) -> OracleConv2d:
+    def convert(conv: nn.Module) -> nn.Module:
+        if _is_ovsw_linear(conv):
+            new = OracleLinear(
+                conv.in_features,
+                conv.out_features,
+                bias=conv.bias is not None,
+                device=conv.weight.device,
+                dtype=conv.weight.dtype,
+                act_a=conv.act_a,
+                act_w=conv.act_w,
+                forward_type=conv.forward_type,
+            )
+            return _move_tensors(conv, new)
         new = OracleConv2d(
             conv.in_channels,
             conv.out_channels,
@@ -301,19 +403,12 @@ def to_oracle(model: nn.Module) -> nn.Module:
             act_w=conv.act_w,
             forward_type=conv.forward_type,
         )
-        # The copy's own tensors (already deep-copied) move over unchanged.
-        new.weight = conv.weight
-        new.bias = conv.bias
-        new.scaling_factor = conv.scaling_factor
-        new.tracker = conv.tracker
-        new.weight_prev = conv.weight_prev
-        new.train(conv.training)
-        return new
+        return _move_tensors(conv, new)
 
     copied = copy.deepcopy(model)
-    if _is_ovsw_conv(copied):
+    if _is_ovsw_conv(copied) or _is_ovsw_linear(copied):
         return convert(copied)
-    targets = [name for name, m in copied.named_modules() if _is_ovsw_conv(m)]
+    targets = [name for name, m in copied.named_modules() if _is_ovsw_conv(m) or _is_ovsw_linear(m)]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
@@ -363,16 +458,18 @@ def oracle_ags_sad(
     return ags_ratio, silent_ratio
 
 
-def _binary_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _binary_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
-        (n, m) for n, m in model.named_modules() if isinstance(m, OracleConv2d) or _is_ovsw_conv(m)
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (OracleConv2d, OracleLinear)) or _is_ovsw_conv(m) or _is_ovsw_linear(m)
     ]
 
 
 class OracleOvSW:
     """A minimal ``ovsw.OvSW``: ``step()`` applies :func:`oracle_ags_sad` to the weight
-    gradient of every binary conv (``OvSWConv2d`` or :class:`OracleConv2d`), then steps
-    the wrapped optimizer."""
+    gradient of every binary layer (``OvSWConv2d``, ``OvSWLinear``, :class:`OracleConv2d`
+    or :class:`OracleLinear`), then steps the wrapped optimizer."""
 
     def __init__(
         self,
@@ -395,7 +492,7 @@ class OracleOvSW:
         self.track_momentum = track_momentum
         self.track_threshold = track_threshold
         self.track_ones = track_ones
-        self.layers = _binary_convs(model)
+        self.layers = _binary_layers(model)
         self._stats: list[dict[str, Any]] = []
         if enable_dampen:
             for _, layer in self.layers:

@@ -79,7 +79,7 @@ def test_bad_hyperparameters(kw, match):
 
 def test_model_without_binary_conv():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    with pytest.raises(ValueError, match="no OvSWConv2d"):
+    with pytest.raises(ValueError, match="no binary layer"):
         ovsw.OvSW(sgd(model), model)
 
 

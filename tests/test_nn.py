@@ -70,3 +70,59 @@ def test_scaling_factor_parameter():
     torch.testing.assert_close(layer.scaling_factor.detach(), expected)
     layer(torch.randn(2, 3, 5, 5)).sum().backward()
     assert layer.scaling_factor.grad is not None and layer.scaling_factor.grad.abs().sum() > 0
+
+
+# -- OvSWLinear ----------------------------------------------------------------------------------
+def test_linear_sad_buffers_and_state_dict():
+    """The conv's state_dict semantics: SAD buffers optional on both sides."""
+    layer = ovsw.OvSWLinear(6, 4, bias=True)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    layer.setup_sad()
+    assert list(layer.state_dict()) == ["weight", "bias", "weight_prev", "tracker"]
+    assert layer.tracker.shape == layer.weight.shape and not layer.tracker.any()
+    fresh = ovsw.OvSWLinear(6, 4, bias=True)
+    fresh.load_state_dict(layer.state_dict())  # buffers taken though SAD is not set up
+    assert torch.equal(fresh.weight_prev, layer.weight_prev)
+    with torch.no_grad():
+        layer.tracker.fill_(0.5)
+    plain = {k: v for k, v in ovsw.OvSWLinear(6, 4, bias=True).state_dict().items()}
+    layer.load_state_dict(plain)  # a checkpoint without them: SAD restarts
+    assert not layer.tracker.any() and torch.equal(layer.weight_prev, plain["weight"])
+
+
+def test_linear_options_repr_and_pickle():
+    layer = ovsw.OvSWLinear(5, 3, act_w="ste_v2", scaling_factor=True)
+    assert (layer.act_a, layer.act_w, layer.forward_type) == ("binary", "ste_v2", "xnor")
+    assert "act_w='ste_v2'" in repr(layer) and "scaling_factor=True" in repr(layer)
+    assert layer.bias is None  # as OvSWConv2d, bias defaults to False
+    clone = pickle.loads(pickle.dumps(layer))
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="unknown act_w 'sgn'"):
+        ovsw.OvSWLinear(5, 3, act_w="sgn")
+    with pytest.raises(TypeError, match="scaling_factor must be a bool"):
+        ovsw.OvSWLinear(5, 3, scaling_factor="yes")
+
+
+def test_linear_input_errors():
+    layer = ovsw.OvSWLinear(5, 3)
+    with pytest.raises(ValueError, match="batch dim"):
+        layer(torch.randn(5))
+    with pytest.raises(ValueError, match="has 4 features .* in_features=5"):
+        layer(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="expects a torch.Tensor"):
+        layer([1.0] * 5)
+
+
+def test_ovsw_acts_on_linear_layers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        ovsw.OvSWConv2d(3, 4, 3), torch.nn.Flatten(), ovsw.OvSWLinear(4 * 4 * 4, 2)
+    )
+    opt = ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, enable_dampen=True)
+    assert [n for n, _ in opt.layers] == ["0", "2"]
+    assert model[2].tracker is not None
+    model(torch.randn(3, 3, 6, 6)).sum().backward()
+    opt.step()
+    assert [s["name"] for s in opt.stats()] == ["0", "2"]
+    assert ovsw.binary_convs(model) == [("0", model[0])]

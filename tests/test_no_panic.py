@@ -1,6 +1,8 @@
-"""No Rust panic reaches Python (issue 9): tensors without storage give a clear
-RuntimeError or take the generic route, and `_core` called directly with bad shapes
-gives ValueError (or TypeError for a wrong dtype).
+"""No Rust panic reaches Python (issue 9): the layers trace through their
+``torch.library`` ops (issue 13: torch.export and FakeTensorMode run the fake
+implementations, never Rust), ``_core`` called directly with tensors without storage
+gives a clear RuntimeError, meta tensors take the generic route, and ``_core`` called
+directly with bad shapes gives ValueError (or TypeError for a wrong dtype).
 
 A Rust panic surfaces as ``pyo3_runtime.PanicException``, a ``BaseException``: neither
 ``pytest.raises(RuntimeError)`` nor ``pytest.raises(ValueError)`` would catch it, so
@@ -27,11 +29,14 @@ def spec(act_w="ste"):
 
 
 def geometry():
-    return ((1, 1), (1, 1), (1, 1), 1)
+    return ([1, 1], [1, 1], [1, 1], 1)
 
 
 def forward(x, weight, bias=None, scale=None, training=True, act_w="ste"):
-    return _core.binary_conv2d_forward(x, weight, bias, scale, spec(act_w), *geometry(), training)
+    return _core.binary_conv2d_forward(x, weight, bias, scale, act_w, *geometry(), training)
+
+
+ABSENT = torch.empty(0)
 
 
 def good_forward(n=2, c=3, o=4, training=True, scale=False):
@@ -39,7 +44,7 @@ def good_forward(n=2, c=3, o=4, training=True, scale=False):
     x = torch.randn(n, c, 5, 5)
     w = torch.randn(o, c, 3, 3)
     s = torch.rand(o) + 0.5 if scale else None
-    y, std, alpha, conv_out, code = forward(x, w, scale=s, training=training)
+    y, std, alpha, conv_out = forward(x, w, scale=s, training=training)
     return dict(
         grad_y=torch.randn_like(y),
         x=x,
@@ -49,7 +54,6 @@ def good_forward(n=2, c=3, o=4, training=True, scale=False):
         std=std,
         alpha=alpha,
         conv_out=conv_out,
-        conv_dtype=code,
     )
 
 
@@ -63,54 +67,59 @@ def backward(saved, needs=(True, True, False, True), act_w="ste"):
         saved["std"],
         saved["alpha"],
         saved["conv_out"],
-        saved["conv_dtype"],
-        spec(act_w),
+        act_w,
         *geometry(),
         needs,
     )
 
 
 # -- tensors without storage ---------------------------------------------------------------
-def test_torch_export_gives_a_runtime_error_naming_the_cause():
-    layer = ovsw.OvSWConv2d(4, 4, 3)
-    with pytest.raises(RuntimeError, match=NO_STORAGE) as info:
-        torch.export.export(layer, (torch.randn(1, 4, 8, 8),))
-    assert isinstance(info.value, Exception)  # what `except Exception` catches
-    assert "torch.library" in str(info.value)
-
-
-def test_export_error_is_caught_by_except_exception():
-    layer = ovsw.OvSWConv2d(4, 4, 3)
-    caught = None
-    try:
-        torch.export.export(layer, (torch.randn(1, 4, 8, 8),))
-    except Exception as e:  # noqa: BLE001 (the point of the test)
-        caught = e
-    assert type(caught).__name__ != "PanicException" and isinstance(caught, RuntimeError)
+def test_torch_export_of_a_layer_works():
+    """What gave a RuntimeError before the ops were registered (and a Rust panic before
+    that) now exports: the program calls the op, and runs like the layer."""
+    torch.manual_seed(0)
+    layer = ovsw.OvSWConv2d(4, 4, 3).eval()
+    x = torch.randn(1, 4, 8, 8)
+    program = torch.export.export(layer, (x,))
+    targets = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert torch.ops.ovsw.binary_conv2d.default in targets
+    torch.testing.assert_close(program.module()(x), layer(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_fake_tensor_mode_forward(training):
+def test_fake_tensor_mode_forward_and_backward(training):
     with FakeTensorMode():
         layer = ovsw.OvSWConv2d(4, 4, 3).train(training)
+        x = torch.randn(2, 4, 8, 8, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+    assert y.shape == (2, 4, 6, 6) and x.grad.shape == x.shape
+    assert layer.weight.grad.shape == layer.weight.shape
+
+
+def test_direct_core_call_with_a_fake_tensor_is_a_runtime_error():
+    with FakeTensorMode():
         x = torch.randn(2, 4, 8, 8)
-        with pytest.raises(RuntimeError, match=NO_STORAGE):
-            layer(x)
+        w = torch.randn(4, 4, 3, 3)
+        with pytest.raises(RuntimeError, match=NO_STORAGE) as info:
+            forward(x, w)
+    assert isinstance(info.value, Exception)  # what `except Exception` catches
+    assert "torch.ops.ovsw" in str(info.value)
 
 
 def test_fake_tensor_error_after_an_earlier_torch_warning():
-    """torch re-raises C++ warnings when the autograd function returns; one raised by
-    the core while it refuses a FakeTensor turned the RuntimeError into a SystemError
-    once the process had shown a warning before (as here)."""
+    """torch re-raises C++ warnings when a call returns; one raised by the core while it
+    refuses a FakeTensor turned the RuntimeError into a SystemError once the process
+    had shown a warning before (as here)."""
     conv = ovsw.OvSWConv2d(2, 4, 1, groups=2)  # one weight per channel: var() warns
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         conv(torch.randn(2, 2, 4, 4))
         assert any("degrees of freedom" in str(w.message) for w in seen)
         with FakeTensorMode():
-            layer = ovsw.OvSWConv2d(4, 4, 3)
+            x, w = torch.randn(2, 4, 8, 8), torch.randn(4, 4, 3, 3)
             with pytest.raises(RuntimeError, match=NO_STORAGE):
-                layer(torch.randn(2, 4, 8, 8))
+                forward(x, w)
 
 
 def test_fake_tensor_mode_direct_core_calls():
@@ -140,8 +149,9 @@ def test_fake_tensors_made_by_a_mode_outside_it():
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("scaling_factor", [False, True])
-def test_meta_tensors_take_the_generic_route(training, scaling_factor):
-    """Meta tensors have shapes but no elements: every op runs on shapes only."""
+def test_meta_tensors_run_on_shapes(training, scaling_factor):
+    """Meta tensors have shapes but no elements: a layer on them runs the ops' meta
+    (fake) implementations; the core called directly takes its generic route."""
     layer = ovsw.OvSWConv2d(4, 6, 3, padding=1, device="meta", scaling_factor=False)
     if scaling_factor:
         layer.scaling_factor = torch.nn.Parameter(torch.ones(6, device="meta"))
@@ -154,6 +164,30 @@ def test_meta_tensors_take_the_generic_route(training, scaling_factor):
     assert layer.weight.grad.shape == layer.weight.shape
     if scaling_factor:
         assert layer.scaling_factor.grad.shape == (6,)
+    scale = layer.scaling_factor.detach() if scaling_factor else None
+    x = x.detach()
+    y, std, alpha, conv_out = _core.binary_conv2d_forward(
+        x, layer.weight.detach(), None, scale, "ste", [1, 1], [1, 1], [1, 1], 1, training
+    )
+    assert y.device.type == "meta" and y.shape == (2, 6, 7, 7)
+    assert std.shape == ((2, 1, 1, 1) if training else (0,))
+    grads = _core.binary_conv2d_backward(
+        torch.ones_like(y),
+        x,
+        layer.weight.detach(),
+        False,
+        scale,
+        std,
+        alpha,
+        conv_out,
+        "ste",
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        1,
+        [True, True, False, scaling_factor],
+    )
+    assert grads[0].shape == x.shape and grads[1].shape == layer.weight.shape
 
 
 # -- _core called directly with bad shapes --------------------------------------------------
@@ -189,6 +223,15 @@ def test_forward_with_an_empty_batch():
     assert y.shape == (0, 4, 5, 5) and std.shape == (0, 1, 1, 1)
 
 
+def test_absent_markers_and_a_bad_act_w():
+    y, std, alpha, conv_out = forward(
+        torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), training=False
+    )
+    assert std.shape == (0,) and alpha.shape == (4,) and conv_out.shape == (0,)
+    with pytest.raises(ValueError, match="unknown act_w 'sgn'"):
+        forward(torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), act_w="sgn")
+
+
 def test_a_libtorch_refusal_is_a_runtime_error():
     # a 3x3 kernel on a 1x1 input without padding: libtorch's own error
     with pytest.raises(RuntimeError, match="libtorch"):
@@ -197,10 +240,10 @@ def test_a_libtorch_refusal_is_a_runtime_error():
             torch.randn(4, 3, 3, 3),
             None,
             None,
-            spec(),
-            (1, 1),
-            (0, 0),
-            (1, 1),
+            "ste",
+            [1, 1],
+            [0, 0],
+            [1, 1],
             1,
             True,
         )
@@ -225,6 +268,7 @@ def test_backward_sanity():
         ("std", torch.ones(3, 1, 1, 1), "std must have shape"),
         ("alpha", torch.tensor(1.0), r"alpha must have shape \[4\]"),
         ("alpha", torch.ones(5), r"alpha must have shape \[4\]"),
+        ("alpha", torch.ones(1, 0), r"alpha must have shape \[4\]"),
     ],
 )
 def test_backward_with_bad_shapes(field, value, match):
@@ -251,7 +295,7 @@ def test_backward_with_a_bad_learnable_scale(field, value, match):
 
 def test_backward_without_any_scale():
     saved = good_forward()
-    saved["alpha"] = None
+    saved["alpha"] = ABSENT
     with pytest.raises(ValueError, match="scaling_factor or alpha"):
         backward(saved)
 

@@ -2,6 +2,7 @@
 
 - the binary convolution (OvSWConv2d forward and backward) over random geometries,
   binarizers, scale options, modes and dtypes;
+- the binary linear layer (OvSWLinear) likewise, over input ranks and feature counts;
 - AGS + SAD (``ovsw._core.ags_sad_step``) on its fused float32 path and its generic
   libtorch path (float64, non-contiguous tensors);
 - a whole model trained a few steps with ``ovsw.OvSW`` and with the oracle.
@@ -22,10 +23,12 @@ import ovsw
 from oracle import (
     ACT_W,
     OracleConv2d,
+    OracleLinear,
     OracleOvSW,
     channel_abs_mean,
     oracle_ags_sad,
     oracle_binary_conv2d,
+    oracle_binary_linear,
     to_oracle,
 )
 from ovsw import _core
@@ -250,6 +253,148 @@ def test_conv_single_weight_per_channel_is_nan_in_both(dtype):
         y_core, y_orac = conv(x), orac(x)
     assert torch.isnan(y_orac).all()
     assert torch.equal(torch.isnan(y_core), torch.isnan(y_orac))
+
+
+# ---------------------------------------------------------------------------------------
+# The binary linear layer
+# ---------------------------------------------------------------------------------------
+@st.composite
+def linear_cases(draw):
+    scaling_factor = draw(st.booleans())
+    # Two features or more: the unbiased Var of a single value (a one-feature sample, a
+    # one-weight alpha) is NaN, a degenerate case the conv tests check separately.
+    in_features = draw(st.integers(2, 70))
+    lead = draw(st.sampled_from([(), (), (3,), (2, 2)]))
+    return dict(
+        n=draw(st.integers(1, 4)),
+        lead=lead,
+        in_features=in_features,
+        out_features=draw(st.integers(1, 9)),
+        bias=draw(st.booleans()),
+        act_w=draw(st.sampled_from(ACT_W)),
+        scaling_factor=scaling_factor,
+        training=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        layout=draw(st.sampled_from(["contiguous", "contiguous", "transposed"])),
+        x_scale=draw(st.sampled_from([0.3, 1.0, 3.0])),
+        w_scale=draw(st.sampled_from([0.05, 0.5, 1.5])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _make_linear_pair(case):
+    dtype = case["dtype"]
+    gen = torch.Generator().manual_seed(case["seed"])
+    layer = ovsw.OvSWLinear(
+        case["in_features"],
+        case["out_features"],
+        bias=case["bias"],
+        dtype=dtype,
+        act_w=case["act_w"],
+    )
+    with torch.no_grad():
+        layer.weight.copy_(nonzero_randn(layer.weight.shape, gen, dtype) * case["w_scale"])
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=dtype))
+    if case["scaling_factor"]:
+        layer.init_scaling_factor()
+        with torch.no_grad():
+            layer.scaling_factor.mul_(
+                torch.rand(layer.scaling_factor.shape, generator=gen, dtype=dtype) + 0.5
+            )
+    layer.train(case["training"])
+    oracle = to_oracle(layer)
+    assert isinstance(oracle, OracleLinear) and oracle.training == case["training"]
+    return layer, oracle, gen
+
+
+def _check_linear(case):
+    dtype = case["dtype"]
+    layer, oracle, gen = _make_linear_pair(case)
+    shape = (case["n"], *case["lead"], case["in_features"])
+    x = nonzero_randn(shape, gen, dtype) * case["x_scale"]
+    if case["layout"] == "transposed":  # a non-contiguous input: the generic route
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    x_core = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+    x_orac = x.clone().requires_grad_(True)
+    y_core, y_orac = layer(x_core), oracle(x_orac)
+    rtol = RTOL[dtype]
+    assert_rel_close(y_core, y_orac, rtol, "y")
+    upstream = torch.randn(y_orac.shape, generator=gen, dtype=dtype)
+    y_core.backward(upstream)
+    y_orac.backward(upstream)
+    assert_rel_close(x_core.grad, x_orac.grad, rtol, "grad x")
+    assert_rel_close(layer.weight.grad, oracle.weight.grad, rtol, "grad weight")
+    if case["bias"]:
+        assert_rel_close(layer.bias.grad, oracle.bias.grad, rtol, "grad bias")
+    if case["scaling_factor"]:
+        assert_rel_close(
+            layer.scaling_factor.grad, oracle.scaling_factor.grad, rtol, "grad scaling_factor"
+        )
+    return x_orac.grad
+
+
+@SETTINGS
+@given(case=linear_cases())
+def test_linear_matches_oracle(case):
+    _check_linear(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("scaling_factor", [False, True])
+@pytest.mark.parametrize("act_w", ACT_W)
+def test_linear_binarizers_match_oracle(act_w, scaling_factor, training, dtype):
+    """Every binarizer on a layer whose weights straddle both hardtanh bounds and whose
+    normalised inputs straddle the Bi-Real cut-off, on a [N, T, in] input."""
+    case = dict(
+        n=4,
+        lead=(3,),
+        in_features=40,
+        out_features=6,
+        bias=True,
+        act_w=act_w,
+        scaling_factor=scaling_factor,
+        training=training,
+        dtype=dtype,
+        layout="contiguous",
+        x_scale=1.0,
+        w_scale=1.0,
+        seed=11,
+    )
+    layer, _, _ = _make_linear_pair(case)
+    w = layer.weight.detach()
+    assert 0.2 < (w.abs() < 1).double().mean() < 0.8
+    assert 0.2 < (w.abs() < channel_abs_mean(w).view(-1, 1)).double().mean() < 0.8
+    grad_x = _check_linear(case)
+    assert (grad_x == 0).any() and (grad_x != 0).any()
+
+
+def test_linear_normalises_each_sample_over_all_its_dims():
+    """The per-sample std spans every non-batch dim: scaling one sample's whole input
+    leaves the training-mode output unchanged, scaling one position of it does not."""
+    torch.manual_seed(0)
+    layer = ovsw.OvSWLinear(16, 4)
+    x = torch.randn(2, 3, 16)
+    y = layer(x)
+    scaled = x.clone()
+    scaled[0] *= 7.0
+    torch.testing.assert_close(layer(scaled), y, rtol=0, atol=0)
+    y_fn = oracle_binary_linear(x, layer.weight, None, None, "ste", training=True)
+    assert_rel_close(y, y_fn, 1e-5, "functional oracle")
+
+
+def test_linear_product_is_exact_in_float32():
+    """With +-1 operands the product is an integer: the core's float32 result equals the
+    float64 one exactly before scaling (4096 features, well below 2^24)."""
+    torch.manual_seed(0)
+    layer = ovsw.OvSWLinear(4096, 8, scaling_factor=True).eval()
+    with torch.no_grad():
+        layer.scaling_factor.fill_(1.0)
+    x = torch.randn(5, 4096)
+    y = layer(x)
+    exact = torch.sign(x).double() @ torch.sign(layer.weight).double().t()
+    assert torch.equal(y.double(), exact)
 
 
 # ---------------------------------------------------------------------------------------
@@ -488,11 +633,13 @@ class TinyNet(nn.Module):
             ovsw.OvSWConv2d(16, 16, 1, groups=2, bias=True, act_w=act_w),
             nn.BatchNorm2d(16),
         )
-        self.head = nn.Linear(16, 5)
+        self.hidden = ovsw.OvSWLinear(16, 12, bias=True, act_w=act_w, scaling_factor=scaling_factor)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 5)
 
     def forward(self, x):
         x = self.body(self.bn0(self.stem(x)))
-        return self.head(x.mean(dim=(2, 3)))
+        return self.head(self.bn1(self.hidden(x.mean(dim=(2, 3)))))
 
 
 @pytest.mark.parametrize(
@@ -512,8 +659,9 @@ def test_model_training_matches_oracle(
     torch.manual_seed(0)
     model = TinyNet(act_w, scaling_factor)
     oracle = to_oracle(model)
-    assert not any(isinstance(m, ovsw.OvSWConv2d) for m in oracle.modules())
+    assert not any(isinstance(m, ovsw.nn.BinaryLayer) for m in oracle.modules())
     assert sum(isinstance(m, OracleConv2d) for m in oracle.modules()) == 3
+    assert sum(isinstance(m, OracleLinear) for m in oracle.modules()) == 1
     assert model.state_dict().keys() == oracle.state_dict().keys()
 
     kw = dict(

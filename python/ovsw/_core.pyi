@@ -1,6 +1,7 @@
 """Type stubs for ovsw._core, the Rust core (src/lib.rs; checked against the compiled
 module by tests/test_stubs.py)."""
 
+from collections.abc import Sequence
 from typing import Literal, TypedDict, final
 
 import numpy as np
@@ -16,6 +17,8 @@ __all__ = [
     "forward_type_names",
     "binary_conv2d_forward",
     "binary_conv2d_backward",
+    "binary_linear_forward",
+    "binary_linear_backward",
     "binarize_weight",
     "channel_abs_mean",
     "channel_alpha",
@@ -45,11 +48,13 @@ __all__ = [
     "__version__",
 ]
 
-_Pair = tuple[int, int]
+_Pair = Sequence[int]  # two entries
+_Four = tuple[Tensor, Tensor, Tensor, Tensor]
 
 @final
 class ConvSpec:
-    """Options of a binary convolution, validated once (unknown names raise ValueError)."""
+    """Options of a binary layer (conv or linear), validated once (unknown names raise
+    ValueError)."""
 
     def __new__(
         cls, act_a: str = "binary", act_w: str = "ste", forward_type: str = "xnor"
@@ -118,19 +123,23 @@ def act_a_names() -> list[str]:
 def forward_type_names() -> list[str]:
     """The forward types (``forward_type``)."""
 
+# The bodies of the torch.ops.ovsw custom ops (python/ovsw/ops.py documents the
+# schemas). An absent tensor is an "absent marker": a 1-D tensor of zero elements.
+
 def binary_conv2d_forward(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     scale: Tensor | None,
-    spec: ConvSpec,
+    act_w: str,
     stride: _Pair,
     padding: _Pair,
     dilation: _Pair,
     groups: int,
     training: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
-    """Returns (y, std, alpha, conv_out, conv_dtype) for the autograd glue to save."""
+) -> _Four:
+    """(y, std, alpha, conv_out): std absent in eval mode, alpha with a learnable scale;
+    conv_out kept only with one, else absent in the dtype the convolution ran in."""
 
 def binary_conv2d_backward(
     grad_y: Tensor,
@@ -138,18 +147,41 @@ def binary_conv2d_backward(
     weight: Tensor,
     has_bias: bool,
     scale: Tensor | None,
-    std: Tensor | None,
-    alpha: Tensor | None,
-    conv_out: Tensor | None,
-    conv_dtype: int,
-    spec: ConvSpec,
+    std: Tensor,
+    alpha: Tensor,
+    conv_out: Tensor,
+    act_w: str,
     stride: _Pair,
     padding: _Pair,
     dilation: _Pair,
     groups: int,
-    needs: tuple[bool, bool, bool, bool],
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of (x, weight, bias, scale); None where not needed."""
+    needs: Sequence[bool],
+) -> _Four:
+    """Gradients of (x, weight, bias, scale); absent where ``needs`` is false."""
+
+def binary_linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    act_w: str,
+    training: bool,
+) -> _Four:
+    """(y, std, alpha, product) of the binary linear layer, as binary_conv2d_forward."""
+
+def binary_linear_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    scale: Tensor | None,
+    std: Tensor,
+    alpha: Tensor,
+    product: Tensor,
+    act_w: str,
+    needs: Sequence[bool],
+) -> _Four:
+    """Gradients of (x, weight, bias, scale); absent where ``needs`` is false."""
 
 def binarize_weight(weight: Tensor, spec: ConvSpec) -> Tensor:
     """w_b, the binarized weight (SPEC 1.3)."""

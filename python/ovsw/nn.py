@@ -1,7 +1,8 @@
-"""OvSWConv2d: the 1-bit convolution of OvSW (SPEC section 1).
+"""The 1-bit layers of OvSW: ``OvSWConv2d`` (SPEC section 1) and ``OvSWLinear``.
 
-The module is a shell: it holds parameters and buffers like ``torch.nn.Conv2d`` and
-hands the math (forward and backward) to the Rust core, ``ovsw._core``.
+The modules are shells: they hold parameters and buffers like ``torch.nn.Conv2d`` and
+``torch.nn.Linear`` and call the ``torch.ops.ovsw`` custom ops (:mod:`ovsw.ops`), whose
+forward and backward run in the Rust core, ``ovsw._core``.
 """
 
 from __future__ import annotations
@@ -10,46 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from . import _core
+from . import ops as _ops  # registers torch.ops.ovsw
 
-__all__ = ["OvSWConv2d", "binary_convs"]
+__all__ = ["OvSWConv2d", "OvSWLinear", "BinaryLayer", "binary_layers", "binary_convs"]
 
 _SAD_BUFFERS = ("weight_prev", "tracker")
-
-
-class _BinaryConv2dFunction(torch.autograd.Function):
-    """Autograd glue: forward and backward both run in ``_core``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, scale, spec, geometry, training):
-        y, std, alpha, conv_out, conv_dtype = _core.binary_conv2d_forward(
-            x, weight, bias, scale, spec, *geometry, training
-        )
-        ctx.save_for_backward(x, weight, scale, std, alpha, conv_out)
-        ctx.spec = spec
-        ctx.geometry = geometry
-        ctx.conv_dtype = conv_dtype
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, scale, std, alpha, conv_out = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        gx, gw, gb, gs = _core.binary_conv2d_backward(
-            grad_y,
-            x,
-            weight,
-            ctx.has_bias,
-            scale,
-            std,
-            alpha,
-            conv_out,
-            ctx.conv_dtype,
-            ctx.spec,
-            *ctx.geometry,
-            (needs[0], needs[1], needs[2], needs[3]),
-        )
-        return gx, gw, gb, gs, None, None, None
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -72,68 +38,32 @@ def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return (int(padding[0]), int(padding[1]))
 
 
-class OvSWConv2d(nn.Conv2d):
-    """A binary (1-bit weight, 1-bit activation) ``nn.Conv2d``.
+class BinaryLayer(nn.Module):
+    """What every 1-bit layer of ovsw shares (:class:`OvSWConv2d`, :class:`OvSWLinear`):
+    the binarizer options, the learnable scale and the SAD state.
 
-    Same constructor as :class:`torch.nn.Conv2d` (``bias`` defaults to ``False``), plus:
-
-    Args:
-        act_a: activation binarizer: {act_a} (sign, Bi-Real backward).
-        act_w: weight binarizer: {act_w} (SPEC 1.3).
-        scaling_factor: own a learnable per-channel scale (Parameter ``scaling_factor``,
-            initialised to ``mean_o |W|``) instead of the scale derived from W.
-        forward_type: {forward_type} (the one type upstream has).
-
-    In training mode each sample is normalised by its standard deviation before
-    binarization. SAD buffers (``weight_prev`` and ``tracker``) appear once
-    :meth:`setup_sad` runs (the :class:`ovsw.OvSW` optimizer calls it) or when a
-    state_dict carrying them is loaded.
+    A subclass also derives from the ``torch.nn`` layer it binarizes, whose ``weight``
+    ``[O, ...]`` (dim 0 the output channel or feature) it reuses.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        *,
-        act_a: str = "binary",
-        act_w: str = "ste",
-        scaling_factor: bool = False,
-        forward_type: str = "xnor",
-    ) -> None:
-        spec = _core.ConvSpec(act_a=act_a, act_w=act_w, forward_type=forward_type)
-        if padding_mode != "zeros":
-            raise ValueError(
-                f"OvSWConv2d pads the binarized activation with zeros; padding_mode="
-                f"{padding_mode!r} is not supported"
-            )
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        _explicit_padding(self)  # reject unsupported 'same' windows now, not at forward
+    weight: nn.Parameter
+    scaling_factor: nn.Parameter | None
+    tracker: Tensor | None
+    weight_prev: Tensor | None
+
+    def _init_binary(
+        self, spec: _core.ConvSpec, scaling_factor: bool
+    ) -> None:  # after the torch.nn layer's __init__
         self.spec = spec
+        # The one option the math reads, as a plain str: torch.compile traces it as a
+        # constant (spec is immutable).
+        self._act_w = spec.act_w
         self.register_parameter("scaling_factor", None)
         for name in _SAD_BUFFERS:
             self.register_buffer(name, None)
         self._track_ones = False
+        if not isinstance(scaling_factor, bool):
+            raise TypeError(f"scaling_factor must be a bool, got {type(scaling_factor).__name__}")
         if scaling_factor:
             self.init_scaling_factor()
 
@@ -209,25 +139,141 @@ class OvSWConv2d(nn.Conv2d):
             if prefix + "weight" in state_dict:
                 self.reset_sad()
 
-    # -- forward ---------------------------------------------------------------------
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_act_w" not in self.__dict__ and "spec" in self.__dict__:  # pickled before it
+            self._act_w = self.spec.act_w
+
+
+class OvSWConv2d(BinaryLayer, nn.Conv2d):
+    """A binary (1-bit weight, 1-bit activation) ``nn.Conv2d``.
+
+    Same constructor as :class:`torch.nn.Conv2d` (``bias`` defaults to ``False``), plus:
+
+    Args:
+        act_a: activation binarizer: {act_a} (sign, Bi-Real backward).
+        act_w: weight binarizer: {act_w} (SPEC 1.3).
+        scaling_factor: own a learnable per-channel scale (Parameter ``scaling_factor``,
+            initialised to ``mean_o |W|``) instead of the scale derived from W.
+        forward_type: {forward_type} (the one type upstream has).
+
+    In training mode each sample is normalised by its standard deviation before
+    binarization. SAD buffers (``weight_prev`` and ``tracker``) appear once
+    :meth:`setup_sad` runs (the :class:`ovsw.OvSW` optimizer calls it) or when a
+    state_dict carrying them is loaded. The forward is the ``torch.ops.ovsw.binary_conv2d``
+    custom op (:mod:`ovsw.ops`).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        act_a: str = "binary",
+        act_w: str = "ste",
+        scaling_factor: bool = False,
+        forward_type: str = "xnor",
+    ) -> None:
+        spec = _core.ConvSpec(act_a=act_a, act_w=act_w, forward_type=forward_type)
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"OvSWConv2d pads the binarized activation with zeros; padding_mode="
+                f"{padding_mode!r} is not supported"
+            )
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        _explicit_padding(self)  # reject unsupported 'same' windows now, not at forward
+        self._init_binary(spec, scaling_factor)
+
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Conv2d's name)
         if not isinstance(input, Tensor):
             raise TypeError(f"OvSWConv2d expects a torch.Tensor, got {type(input).__name__}")
-        geometry = (
-            tuple(self.stride),
-            _explicit_padding(self),
-            tuple(self.dilation),
-            self.groups,
-        )
-        return _BinaryConv2dFunction.apply(
+        return torch.ops.ovsw.binary_conv2d(
             input,
             self.weight,
             self.bias,
             self.scaling_factor,
-            self.spec,
-            geometry,
+            self._act_w,
+            list(self.stride),
+            list(_explicit_padding(self)),
+            list(self.dilation),
+            self.groups,
             self.training,
-        )
+            _ops.autocast_dtype(input),
+        )[0]
+
+
+class OvSWLinear(BinaryLayer, nn.Linear):
+    """A binary (1-bit weight, 1-bit activation) ``nn.Linear``.
+
+    Same constructor as :class:`torch.nn.Linear`, except that ``bias`` defaults to
+    ``False`` (as for :class:`OvSWConv2d`), plus the same options as OvSWConv2d:
+
+    Args:
+        act_a: activation binarizer: {act_a} (sign, Bi-Real backward).
+        act_w: weight binarizer: {act_w} (SPEC 1.3, per output feature).
+        scaling_factor: own a learnable per-feature scale (Parameter ``scaling_factor``,
+            initialised to ``mean_o |W|``) instead of the scale derived from W.
+        forward_type: {forward_type}.
+
+    ``y = (sign(x_hat) sign(W)^T + bias) * alpha``: the input ``[N, *, in_features]`` is
+    normalised per sample over all its non-batch dims in training mode, as the conv's
+    is; alpha (SPEC 1.4) has one value per output feature. AGS and SAD act on it as on
+    the convs (``tracker`` and ``weight_prev`` buffers, the same ``state_dict``
+    semantics), and the deploy engine runs it as an XNOR-popcount product. The forward
+    is the ``torch.ops.ovsw.binary_linear`` custom op.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        act_a: str = "binary",
+        act_w: str = "ste",
+        scaling_factor: bool = False,
+        forward_type: str = "xnor",
+    ) -> None:
+        spec = _core.ConvSpec(act_a=act_a, act_w=act_w, forward_type=forward_type)
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_binary(spec, scaling_factor)
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Linear's name)
+        if not isinstance(input, Tensor):
+            raise TypeError(f"OvSWLinear expects a torch.Tensor, got {type(input).__name__}")
+        return torch.ops.ovsw.binary_linear(
+            input,
+            self.weight,
+            self.bias,
+            self.scaling_factor,
+            self._act_w,
+            self.training,
+            _ops.autocast_dtype(input),
+        )[0]
 
 
 def _choices(names: list[str]) -> str:
@@ -236,13 +282,22 @@ def _choices(names: list[str]) -> str:
 
 
 # The option names as the Rust core defines them (ConvSpec validates against the same).
-OvSWConv2d.__doc__ = (OvSWConv2d.__doc__ or "").format(
-    act_a=_choices(_core.act_a_names()),
-    act_w=_choices(_core.act_w_names()),
-    forward_type=_choices(_core.forward_type_names()),
-)
+for _cls in (OvSWConv2d, OvSWLinear):
+    _cls.__doc__ = (_cls.__doc__ or "").format(
+        act_a=_choices(_core.act_a_names()),
+        act_w=_choices(_core.act_w_names()),
+        forward_type=_choices(_core.forward_type_names()),
+    )
+
+
+def binary_layers(model: nn.Module) -> list[tuple[str, BinaryLayer]]:
+    """``(name, module)`` of every binary layer (:class:`OvSWConv2d` and
+    :class:`OvSWLinear`) in ``model``, in model order: the layers :class:`ovsw.OvSW`
+    acts on."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BinaryLayer)]
 
 
 def binary_convs(model: nn.Module) -> list[tuple[str, OvSWConv2d]]:
-    """``(name, module)`` of every :class:`OvSWConv2d` in ``model``, in model order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, OvSWConv2d)]
+    """``(name, module)`` of every :class:`OvSWConv2d` in ``model``, in model order (the
+    binary convs only; :func:`binary_layers` adds the linear layers)."""
+    return [(n, m) for n, m in binary_layers(model) if isinstance(m, OvSWConv2d)]

@@ -1,7 +1,8 @@
 """OvSW: an optimizer wrapper that applies AGS and SAD before the wrapped update.
 
-SPEC sections 2 and 3. The math runs in ``ovsw._core.ags_sad_step``; this class holds
-the settings, finds the binary convs, and behaves as a ``torch.optim.Optimizer``
+SPEC sections 2 and 3. The math runs in the ``torch.ops.ovsw.ags_sad_step`` custom op
+(``ovsw._core`` underneath), so ``torch.compile`` can trace a step; this class holds the
+settings, finds the binary layers, and behaves as a ``torch.optim.Optimizer``
 (param_groups, state, zero_grad, state_dict, LR schedulers, ``torch.amp.GradScaler``).
 """
 
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from . import _core
-from .nn import binary_convs
+from . import ops as _ops  # noqa: F401  (registers torch.ops.ovsw)
+from .nn import binary_layers
 
 __all__ = ["OvSW"]
 
@@ -51,8 +53,9 @@ def _options_doc() -> str:
 
 class OvSW(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that every ``step()`` first applies Adaptive Gradient Scaling
-        and Silence Awareness Decaying to the weight gradients of the model's
-        :class:`~ovsw.OvSWConv2d` layers, then steps ``optimizer``.
+        and Silence Awareness Decaying to the weight gradients of the model's binary
+        layers (:class:`~ovsw.OvSWConv2d` and :class:`~ovsw.OvSWLinear`, as
+        :func:`ovsw.binary_layers` lists them), then steps ``optimizer``.
 
         The transformed gradients stay in ``.grad`` (as upstream leaves them). SAD state
         lives in each layer's ``tracker`` and ``weight_prev`` buffers, so
@@ -89,11 +92,24 @@ class OvSW(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = _core.OvSWConfig(**options)
-        self.layers = binary_convs(model)
+        self.layers = binary_layers(model)
         if not self.layers:
             raise ValueError(
-                f"the model ({type(model).__name__}) has no OvSWConv2d layer for OvSW to act on"
+                f"the model ({type(model).__name__}) has no binary layer (OvSWConv2d or "
+                "OvSWLinear) for OvSW to act on; ovsw.binarize(model) converts one"
             )
+        # The options the op takes, as plain Python values (torch.compile reads them as
+        # constants).
+        cfg = self.config
+        self._op_options = (
+            cfg.enable_ags,
+            cfg.delta,
+            cfg.enable_dampen,
+            cfg.dampen_weight,
+            cfg.track_momentum,
+            cfg.track_threshold,
+        )
+        self._dampen = cfg.enable_dampen
         self.optimizer = optimizer
         # The hook tables torch.optim.Optimizer.__init__ would create; parameters, groups
         # and state stay the wrapped optimizer's (see the properties below).
@@ -104,10 +120,11 @@ class OvSW(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
-        # The last step's figures: on the device, and as dicts once read.
-        self._figures: torch.Tensor | None = None
-        self._figure_names: list[str] = []
-        self._stats: list[dict[str, Any]] | None = None
+        # The last step's figures: "figures" on the device with their layer "names", and
+        # "stats" as dicts once read. A dict updated in place, not attributes set on self:
+        # torch.compile traces a step that updates it (not one that sets attributes on
+        # an optimizer).
+        self._last: dict[str, Any] = {"figures": None, "names": [], "stats": None}
         if self.config.enable_dampen:
             for _, layer in self.layers:
                 layer.setup_sad(self.config.track_ones)
@@ -162,22 +179,29 @@ class OvSW(torch.optim.Optimizer):
     # -- the OvSW step --------------------------------------------------------------
     @torch.no_grad()
     def _apply(self) -> None:
-        """AGS then SAD on the binary convs' gradients, in place. The per-layer figures
+        """AGS then SAD on the binary layers' gradients, in place. The per-layer figures
         stay on the weights' device (a float64 ``[L, 2]`` tensor) until someone asks."""
         active = [(n, m) for n, m in self.layers if m.weight.grad is not None]
-        cfg = self.config
-        self._figures = _core.ags_sad_step(
-            cfg,
+        sad = self._dampen
+        if sad:
+            for n, m in active:
+                if not m.has_sad_state:
+                    raise ValueError(
+                        f"layer {n!r} has no SAD buffers (tracker, weight_prev) but SAD is "
+                        "enabled; call its setup_sad() (OvSW does for the layers it finds)"
+                    )
+        self._last["figures"] = torch.ops.ovsw.ags_sad_step(
             [m.weight.grad for _, m in active],
             [m.weight for _, m in active],
-            [m.tracker if cfg.enable_dampen else None for _, m in active],
-            [m.weight_prev if cfg.enable_dampen else None for _, m in active],
+            [m.tracker for _, m in active] if sad else [],
+            [m.weight_prev for _, m in active] if sad else [],
+            *self._op_options,
         )
-        self._figure_names = [n for n, _ in active]
-        self._stats = None
+        self._last["names"] = [n for n, _ in active]
+        self._last["stats"] = None
 
     def apply_ags_sad(self) -> list[dict[str, Any]]:
-        """Apply AGS then SAD to the binary convs' gradients in place (``step()`` does
+        """Apply AGS then SAD to the binary layers' gradients in place (``step()`` does
         this before the wrapped update) and return the per-layer figures, as
         :meth:`stats` does."""
         self._apply()
@@ -198,20 +222,21 @@ class OvSW(torch.optim.Optimizer):
 
     def _converted(self) -> list[dict[str, Any]]:
         """The last step's figures as dicts, read from the device once per step."""
-        if self._stats is None:
-            if self._figures is None:
-                self._stats = []
+        last = self._last
+        if last["stats"] is None:
+            if last["figures"] is None:
+                last["stats"] = []
             else:
                 cfg = self.config
-                rows = self._figures.tolist()  # the one device-to-host copy
+                rows = last["figures"].tolist()  # the one device-to-host copy
                 by_name = {
                     name: (
                         row[0] if cfg.enable_ags else None,
                         row[1] if cfg.enable_dampen else None,
                     )
-                    for name, row in zip(self._figure_names, rows)
+                    for name, row in zip(last["names"], rows)
                 }
-                self._stats = [
+                last["stats"] = [
                     {
                         "name": n,
                         "ags_ratio": by_name.get(n, (None, None))[0],
@@ -219,15 +244,15 @@ class OvSW(torch.optim.Optimizer):
                     }
                     for n, _ in self.layers
                 ]
-        return self._stats
+        return last["stats"]
 
     def stats(self) -> list[dict[str, Any]]:
-        """One entry per binary conv, in model order, from the last step:
+        """One entry per binary layer, in model order, from the last step:
         ``{"name", "ags_ratio", "silent_ratio"}`` (``None`` where disabled)."""
         return [dict(s) for s in self._converted()]
 
     def mean_silent_ratio(self) -> float | None:
-        """Mean silent fraction over the binary convs at the last step."""
+        """Mean silent fraction over the binary layers at the last step."""
         vals = [s["silent_ratio"] for s in self._converted() if s["silent_ratio"] is not None]
         return sum(vals) / len(vals) if vals else None
 

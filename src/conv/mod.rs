@@ -107,7 +107,7 @@ pub fn foldable(learnable_scale: bool, has_bias: bool) -> bool {
     !(learnable_scale && has_bias)
 }
 
-fn check_same_device(t: &Facts, reference: &Facts, what: &str) -> Result<()> {
+pub(crate) fn check_same_device(t: &Facts, reference: &Facts, what: &str) -> Result<()> {
     if t.place != reference.place {
         return value_err!(
             "{what} is on {} but the input is on {}; move them to one device",
@@ -119,7 +119,7 @@ fn check_same_device(t: &Facts, reference: &Facts, what: &str) -> Result<()> {
 }
 
 /// A per-output-channel vector `[o]` of a learnable scale or bias, checked.
-fn check_channel_vector(t: &Tensor, x: &Facts, o: i64, what: &str) -> Result<()> {
+pub(crate) fn check_channel_vector(t: &Tensor, x: &Facts, o: i64, what: &str) -> Result<()> {
     let f = tensor::facts(t)?;
     check_float(&f, what)?;
     check_same_device(&f, x, what)?;

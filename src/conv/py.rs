@@ -1,18 +1,18 @@
-//! Python bindings of the binary convolution: `ConvSpec` and the functions the
-//! autograd glue in `ovsw/nn.py` calls. They convert arguments, release the GIL around
-//! the work and map errors to Python exceptions.
-
-use pyo3::prelude::*;
-use pyo3_tch::PyTensor;
-use tch::{Kind, Tensor};
+//! Python bindings of the binary convolution: `ConvSpec` (the options of a binary
+//! layer, the linear one's too) and the bodies of the `ovsw::binary_conv2d` custom ops
+//! that `ovsw/ops.py` registers. They convert arguments, release the GIL around the
+//! work and map errors to Python exceptions; absent tensors follow [`op_args`].
 
 use crate::binarize::{self, ActA, ActW, ForwardType};
 use crate::conv;
 use crate::error::{boundary, Error};
 use crate::ffi;
 use crate::geometry::Geometry;
+use crate::{op_args, tensor};
+use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
 
-/// Options of a binary convolution (`act_a`, `act_w`, `forward_type`), validated once.
+/// Options of a binary layer (`act_a`, `act_w`, `forward_type`), validated once.
 #[pyclass(frozen, module = "ovsw._core")]
 #[derive(Clone)]
 pub struct ConvSpec {
@@ -82,60 +82,22 @@ impl ConvSpec {
     }
 }
 
-/// The conv dtype crosses to Python and back as a small integer.
-fn kind_code(k: Kind) -> i32 {
-    match k {
-        Kind::Half => 1,
-        Kind::BFloat16 => 2,
-        Kind::Double => 3,
-        _ => 0,
-    }
-}
-
-fn kind_from_code(c: i32) -> PyResult<Kind> {
-    match c {
-        0 => Ok(Kind::Float),
-        1 => Ok(Kind::Half),
-        2 => Ok(Kind::BFloat16),
-        3 => Ok(Kind::Double),
-        _ => Err(Error::Value(format!("invalid conv dtype code {c}")).into()),
-    }
-}
-
-type Pair = (i64, i64);
-/// `(y, std, alpha, conv_out, conv_dtype)`.
-type ForwardOut = (
-    PyTensor,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    i32,
-);
-/// Gradients of `(x, weight, bias, scale)`.
-type BackwardOut = (
-    Option<PyTensor>,
-    Option<PyTensor>,
-    Option<PyTensor>,
-    Option<PyTensor>,
-);
+type Pair = [i64; 2];
+/// Four tensors: `(y, std, alpha, conv_out)` forward, the gradients of
+/// `(x, weight, bias, scale)` backward; absent ones as [`op_args`] markers.
+type Four = (PyTensor, PyTensor, PyTensor, PyTensor);
 
 fn geometry(stride: Pair, padding: Pair, dilation: Pair, groups: i64) -> PyResult<Geometry> {
-    Ok(Geometry::new(
-        [stride.0, stride.1],
-        [padding.0, padding.1],
-        [dilation.0, dilation.1],
-        groups,
-    )?)
+    Ok(Geometry::new(stride, padding, dilation, groups)?)
 }
 
-fn opt(t: Option<Tensor>) -> Option<PyTensor> {
-    t.map(PyTensor)
-}
-
-/// Forward of the binary convolution. Returns `(y, std, alpha, conv_out, conv_dtype)`:
-/// what the autograd glue saves for [`binary_conv2d_backward`].
+/// Forward of the binary convolution, the body of the `ovsw::binary_conv2d` custom op.
+/// Returns `(y, std, alpha, conv_out)`, what the autograd formula saves for
+/// [`binary_conv2d_backward`]. `std` is absent in eval mode, `alpha` when `scale` is
+/// given; `conv_out` (the output before scaling) is kept only with a learnable
+/// `scale`, and otherwise is an absent marker in the dtype the convolution ran in.
 #[pyfunction]
-#[pyo3(signature = (x, weight, bias, scale, spec, stride, padding, dilation, groups, training))]
+#[pyo3(signature = (x, weight, bias, scale, act_w, stride, padding, dilation, groups, training))]
 #[allow(clippy::too_many_arguments)]
 fn binary_conv2d_forward(
     py: Python<'_>,
@@ -143,18 +105,18 @@ fn binary_conv2d_forward(
     weight: PyTensor,
     bias: Option<PyTensor>,
     scale: Option<PyTensor>,
-    spec: &ConvSpec,
+    act_w: &str,
     stride: Pair,
     padding: Pair,
     dilation: Pair,
     groups: i64,
     training: bool,
-) -> PyResult<ForwardOut> {
+) -> PyResult<Four> {
     boundary(|| {
         let geom = geometry(stride, padding, dilation, groups)?;
-        let act_w = spec.act_w;
-        let f = py.allow_threads(move || {
-            conv::forward(
+        let act_w = ActW::parse(act_w)?;
+        let out = py.allow_threads(move || {
+            let f = conv::forward(
                 &x,
                 &weight,
                 bias.as_deref(),
@@ -162,22 +124,23 @@ fn binary_conv2d_forward(
                 act_w,
                 &geom,
                 training,
-            )
+            )?;
+            Ok::<_, Error>((
+                PyTensor(f.y),
+                op_args::or_absent_like(f.std, &x)?,
+                op_args::or_absent_like(f.alpha, &weight)?,
+                op_args::or_absent(f.conv_out, &x, f.conv_kind)?,
+            ))
         })?;
-        Ok((
-            PyTensor(f.y),
-            opt(f.std),
-            opt(f.alpha),
-            opt(f.conv_out),
-            kind_code(f.conv_kind),
-        ))
+        Ok(out)
     })
 }
 
-/// Backward of the binary convolution. Returns the gradients of
-/// `(x, weight, bias, scale)`, `None` where `needs` is false.
+/// Backward of the binary convolution, the body of `ovsw::binary_conv2d_backward`:
+/// the gradients of `(x, weight, bias, scale)`, absent where `needs` is false. `std`,
+/// `alpha` and `conv_out` are the forward's outputs as it returned them.
 #[pyfunction]
-#[pyo3(signature = (grad_y, x, weight, has_bias, scale, std, alpha, conv_out, conv_dtype, spec, stride, padding, dilation, groups, needs))]
+#[pyo3(signature = (grad_y, x, weight, has_bias, scale, std, alpha, conv_out, act_w, stride, padding, dilation, groups, needs))]
 #[allow(clippy::too_many_arguments)]
 fn binary_conv2d_backward(
     py: Python<'_>,
@@ -186,41 +149,45 @@ fn binary_conv2d_backward(
     weight: PyTensor,
     has_bias: bool,
     scale: Option<PyTensor>,
-    std: Option<PyTensor>,
-    alpha: Option<PyTensor>,
-    conv_out: Option<PyTensor>,
-    conv_dtype: i32,
-    spec: &ConvSpec,
+    std: PyTensor,
+    alpha: PyTensor,
+    conv_out: PyTensor,
+    act_w: &str,
     stride: Pair,
     padding: Pair,
     dilation: Pair,
     groups: i64,
-    needs: (bool, bool, bool, bool),
-) -> PyResult<BackwardOut> {
+    needs: [bool; 4],
+) -> PyResult<Four> {
     boundary(|| {
         let geom = geometry(stride, padding, dilation, groups)?;
-        let conv_kind = kind_from_code(conv_dtype)?;
-        let act_w = spec.act_w;
+        let act_w = ActW::parse(act_w)?;
         let needs = conv::Needs {
-            input: needs.0,
-            weight: needs.1,
-            bias: needs.2,
-            scale: needs.3,
+            input: needs[0],
+            weight: needs[1],
+            bias: needs[2],
+            scale: needs[3],
         };
-        let g = py.allow_threads(move || {
+        let out = py.allow_threads(move || {
             let saved = conv::Saved {
                 x: &x,
                 weight: &weight,
                 has_bias,
                 scale: scale.as_deref(),
-                std: std.as_deref(),
-                alpha: alpha.as_deref(),
-                conv_out: conv_out.as_deref(),
-                conv_kind,
+                std: op_args::present(&std)?,
+                alpha: op_args::present(&alpha)?,
+                conv_out: op_args::present(&conv_out)?,
+                conv_kind: tensor::kind(&conv_out)?,
             };
-            conv::backward(&grad_y, &saved, act_w, &geom, needs)
+            let g = conv::backward(&grad_y, &saved, act_w, &geom, needs)?;
+            Ok::<_, Error>((
+                op_args::or_absent_like(g.input, &x)?,
+                op_args::or_absent_like(g.weight, &weight)?,
+                op_args::or_absent_like(g.bias, &weight)?,
+                op_args::or_absent_like(g.scale, &weight)?,
+            ))
         })?;
-        Ok((opt(g.input), opt(g.weight), opt(g.bias), opt(g.scale)))
+        Ok(out)
     })
 }
 

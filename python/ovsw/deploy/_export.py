@@ -22,7 +22,8 @@ the input, NCHW at the API and NHWC inside the engine) and writes the next value
   BatchNorm folded in, optional ``bias`` [O], geometry (``in_channels``,
   ``out_channels``, ``kernel``, ``stride``, ``padding``, ``dilation``, ``groups``),
   optional ``act``.
-- ``bconv2d``: binary convolution, same geometry; ``weight`` ``[O, kh, kw,
+- ``bconv2d``: binary convolution, same geometry (an ``OvSWLinear`` is one with a 1x1
+  kernel on the ``[N, 1, 1, in]`` features: XNOR-popcount rows of a GEMM); ``weight`` ``[O, kh, kw,
   ceil(C/groups / 64)]`` u64, bit ``c % 64`` of word ``c // 64`` set where
   ``W[o, c, ky, kx] < 0``; ``weight_mask`` (same shape, set where the weight is non-zero)
   only when some weight is exactly 0. Output ``scale[o] * dot + shift[o]``, where dot is
@@ -38,7 +39,12 @@ the input, NCHW at the API and NHWC inside the engine) and writes the next value
   ``flatten`` (``torch.flatten(x, 1)`` order), ``linear`` (``weight`` [out, in], ``bias``).
 
 ``act`` is ``"none"``, ``"hardtanh"`` (with ``act_range`` [min, max]) or ``"prelu"``
-(with tensor ``prelu``, 1 or C slopes).
+(with tensor ``prelu``, 1 or C slopes); ReLU is stored as a PReLU of slope 0, ReLU6 as
+hardtanh [0, 6].
+
+ovsw's own architectures are lowered by hand (below); any other model, for instance
+one :func:`ovsw.binarize` converted, through its ``torch.fx`` graph
+(:mod:`ovsw.deploy._fx`).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from .. import _core
 from ..models.cifar_resnet import CifarResNetA, CifarResNetB, PadShortcut
 from ..models.resnet import ResNet
 from ..models.vgg import VGGSmall
-from ..nn import OvSWConv2d, _explicit_padding
+from ..nn import BinaryLayer, OvSWConv2d, OvSWLinear, _explicit_padding
 
 __all__ = ["export", "FORMAT_VERSION", "MAGIC"]
 
@@ -147,6 +153,10 @@ def _act_fields(g: _Graph, name: str, act: nn.Module | None) -> dict:
         return {"act": "hardtanh", "act_range": [float(act.min_val), float(act.max_val)]}
     if isinstance(act, nn.PReLU):
         return {"act": "prelu", "prelu": g.tensor(name + ".prelu", _f64(act.weight))}
+    if isinstance(act, nn.ReLU):
+        return {"act": "prelu", "prelu": g.tensor(name + ".prelu", np.zeros(1))}
+    if isinstance(act, nn.ReLU6):
+        return {"act": "hardtanh", "act_range": [0.0, 6.0]}
     raise TypeError(f"no deploy lowering for activation {type(act).__name__}")
 
 
@@ -189,17 +199,24 @@ def pack_signs(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
     return _core.deploy_pack_signs(weight.detach())
 
 
+def _binary_affine(layer: BinaryLayer, bn) -> tuple[np.ndarray, np.ndarray]:
+    """A binary layer's scale, bias and following BatchNorm as one per-channel
+    ``(scale, shift)`` of its +-1 dot products (SPEC 1.3-1.5 in eval mode, folded by the
+    Rust core). A linear layer's weight is read as a 1x1 conv's."""
+    weight = layer.weight.detach()
+    if weight.dim() == 2:
+        weight = weight[:, :, None, None]
+    fold = _bn_fold(bn) if bn is not None else None
+    return _core.deploy_fold_bconv2d(weight, layer.scaling_factor, layer.bias, layer.act_w, fold)
+
+
 def _bconv(g, x, name, conv, bn=None, act=None, residual=None) -> int:
     """A ``bconv2d`` op: sign bits, and the layer's scale, bias and BatchNorm folded
     into one per-channel ``scale``/``shift`` (SPEC 1.3-1.5 in eval mode)."""
     if not isinstance(conv, OvSWConv2d):
         raise TypeError(f"{name}: expected an OvSWConv2d")
-    weight = conv.weight.detach()
-    fold = _bn_fold(bn) if bn is not None else None
-    scale, shift = _core.deploy_fold_bconv2d(
-        weight, conv.scaling_factor, conv.bias, conv.act_w, fold
-    )
-    bits, mask = pack_signs(weight)
+    scale, shift = _binary_affine(conv, bn)
+    bits, mask = pack_signs(conv.weight.detach())
     return g.op(
         "bconv2d",
         name,
@@ -210,6 +227,37 @@ def _bconv(g, x, name, conv, bn=None, act=None, residual=None) -> int:
         shift=g.tensor(name + ".shift", shift),
         residual=residual,
         **_geometry(conv),
+        **_act_fields(g, name, act),
+    )
+
+
+def _blinear(g, x, name, layer, bn=None, act=None, residual=None) -> int:
+    """An :class:`~ovsw.OvSWLinear` as a ``bconv2d`` op with a 1x1 kernel over the
+    ``[N, 1, 1, in]`` features: the engine's XNOR-popcount rows, exact like the convs."""
+    if not isinstance(layer, OvSWLinear):
+        raise TypeError(f"{name}: expected an OvSWLinear")
+    scale, shift = _binary_affine(layer, bn)
+    weight = layer.weight.detach().float().cpu()
+    bits, mask = pack_signs(weight[:, :, None, None])
+    geometry = {
+        "in_channels": layer.in_features,
+        "out_channels": layer.out_features,
+        "kernel": [1, 1],
+        "stride": [1, 1],
+        "padding": [0, 0],
+        "dilation": [1, 1],
+        "groups": 1,
+    }
+    return g.op(
+        "bconv2d",
+        name,
+        x,
+        weight=g.tensor(name + ".weight", bits),
+        weight_mask=g.tensor(name + ".weight_mask", mask) if mask is not None else None,
+        scale=g.tensor(name + ".scale", scale),
+        shift=g.tensor(name + ".shift", shift),
+        residual=residual,
+        **geometry,
         **_act_fields(g, name, act),
     )
 
@@ -376,15 +424,24 @@ def export(
     temporary file renamed into place). Read it back with :func:`ovsw.deploy.load`.
 
     Args:
-        model: one of ovsw's architectures (``ovsw.models``), possibly wrapped in
-            DistributedDataParallel; it must be in eval mode (``model.eval()``).
+        model: one of ovsw's architectures (``ovsw.models``), or any network whose
+            ``torch.fx`` graph the engine's ops cover (:mod:`ovsw.deploy._fx`; for
+            instance a torchvision ResNet, VGG or MobileNetV2 that :func:`ovsw.binarize`
+            converted), possibly wrapped in DistributedDataParallel; it must be in eval
+            mode (``model.eval()``).
         path: the file to write (conventionally ``*.ovsw``).
         input_size: the input height and width the model is meant for, recorded in the
-            header (default 224 for the ImageNet ResNets, 32 for the CIFAR models).
+            header (default 224 for the ImageNet ResNets and other models, 32 for the
+            CIFAR models); a model lowered through torch.fx is traced at this size.
         metadata: extra JSON-serialisable entries for the header (under ``"user"``).
 
     Returns:
         The path written.
+
+    Raises:
+        TypeError: the model (or the first op of its graph that has none) has no deploy
+            lowering, naming it.
+        ValueError: the model is in training mode, or a layer cannot be deployed.
     """
     model = getattr(model, "module", model)  # DDP / DataParallel
     if not isinstance(model, nn.Module):
@@ -395,16 +452,20 @@ def export(
             "call model.eval() first"
         )
     lowering = next((v for k, v in _LOWERINGS.items() if type(model) is k), None)
-    if lowering is None:
-        names = ", ".join(k.__name__ for k in _LOWERINGS)
-        raise TypeError(f"no deploy lowering for {type(model).__name__}; supported: {names}")
-    lower, default_size = lowering
+    default_size = lowering[1] if lowering is not None else 224
     size = input_size if input_size is not None else default_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     g = _Graph()
     with torch.no_grad():
-        lower(g, model)
-    num_classes = g.ops[-1].get("out_features")
+        if lowering is not None:
+            lowering[0](g, model)
+            channels = g.ops[0]["in_channels"]
+        else:
+            from . import _fx
+
+            channels = _fx.lower(g, model, int(h), int(w))
+    last = g.ops[-1]
+    num_classes = last.get("out_features", last.get("out_channels"))
     from .. import __version__
 
     header = {
@@ -413,7 +474,7 @@ def export(
         "producer": f"ovsw {__version__}",
         "torch": torch.__version__,
         "arch": type(model).__name__,
-        "input": {"channels": g.ops[0]["in_channels"], "height": int(h), "width": int(w)},
+        "input": {"channels": channels, "height": int(h), "width": int(w)},
         "num_classes": num_classes,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
