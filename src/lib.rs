@@ -188,6 +188,7 @@ fn deploy_kernels() -> Vec<&'static str> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     conv::py::register(m)?;
     optim::py::register(m)?;
+    optim::monitor::py::register(m)?;
     m.add_class::<DeployEngine>()?;
     m.add_function(wrap_pyfunction!(deploy_kernels, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

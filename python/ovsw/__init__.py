@@ -1,9 +1,9 @@
 """ovsw: OvSW (ECCV 2024, "Overcoming Silent Weights for Accurate Binary Neural Networks")
 for PyTorch, with its compute core in Rust.
 
-The library (``ovsw.nn``, ``ovsw.optim``, ``ovsw.models``, ``ovsw.deploy``) needs only
-torch and numpy. The training application ``ovsw-train`` lives in :mod:`ovsw.train`
-(the ``ovsw[train]`` extra) and is not imported here.
+The library (``ovsw.nn``, ``ovsw.optim``, ``ovsw.models``, ``ovsw.analysis``,
+``ovsw.deploy``) needs only torch and numpy. The training application ``ovsw-train``
+lives in :mod:`ovsw.train` (the ``ovsw[train]`` extra) and is not imported here.
 
 >>> import ovsw
 >>> model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
@@ -13,10 +13,10 @@ torch and numpy. The training application ``ovsw-train`` lives in :mod:`ovsw.tra
 
 import torch  # noqa: F401  (loads libtorch before the Rust extension links against it)
 
-from . import _core, models
+from . import _core, analysis, models
 from .nn import OvSWConv2d, binary_convs
 from .optim import OvSW
 
 __version__ = _core.__version__
 
-__all__ = ["OvSWConv2d", "OvSW", "binary_convs", "models", "__version__"]
+__all__ = ["OvSWConv2d", "OvSW", "binary_convs", "models", "analysis", "__version__"]

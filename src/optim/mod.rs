@@ -12,6 +12,7 @@
 
 pub mod cpu;
 pub mod generic;
+pub mod monitor;
 pub mod py;
 
 use tch::Tensor;
