@@ -174,6 +174,32 @@ def test_the_generic_route_makes_no_host_copy():
     assert figures.device.type == "meta" and figures.shape == (3, 4)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_figures_match_the_cpu_and_the_step_does_not_synchronize(dtype):
+    walk = _walk(SHAPES, torch.float32, steps=5, seed=2)
+    walk = [[w.to(dtype).float() for w in ws] for ws in walk]  # values dtype can hold
+    cpu_states = _states(walk[0])
+    gpu_states = _states([w.to("cuda", dtype) for w in walk[0]])
+    r_cpu = torch.zeros(len(SHAPES), dtype=torch.float64)
+    r_gpu = torch.zeros(len(SHAPES), dtype=torch.float64, device="cuda")
+    for t, ws in enumerate(walk[1:], start=1):
+        expected = _core_step(ws, cpu_states, r_cpu, t)
+        gws = [w.to("cuda", dtype) for w in ws]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = _core_step(gws, gpu_states, r_gpu, t)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert got.device.type == "cuda" and got.dtype == torch.float64
+        # fp16 trackers round differently, but within 5 steps of m = 0.9 a flipped
+        # weight's tracker stays above 0.06 > tau: the same weights are silent
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12)
+        for a, b in zip(cpu_states, gpu_states):
+            assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
+
+
 def test_bad_core_input_is_a_python_exception():
     ws = [torch.randn(4, 3, 3, 3)]
     states = _states(ws)

@@ -45,6 +45,14 @@ def _percent_axis(ax: Any) -> None:
     ax.grid(alpha=0.3)
 
 
+def _epoch_axis(ax: Any, last: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(-0.15, last + 0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+
+
 def _with_start(run: RunFlips, figure: str, layer: str) -> tuple[list[int], list[float]]:
     """Epochs and percentages; never-flipped starts at 100% at epoch 0 by definition."""
     xs, ys = list(run.epochs), [100.0 * v for v in run.series(figure, layer)]
@@ -79,12 +87,13 @@ def plot_runs(
             ax = axes[row][col]
             for i, layer in enumerate(layers):
                 color = cmap(i / max(1, len(layers) - 1))
-                ax.plot(*_with_start(run, figure, layer), color=color, lw=0.9, alpha=0.8)
-            ax.plot(*_with_start(run, figure, TOTAL), color="black", lw=2.2, label="all layers")
+                xy = _with_start(run, figure, layer)
+                ax.plot(*xy, color=color, lw=0.9, alpha=0.8, marker=".", ms=3)
+            xy = _with_start(run, figure, TOTAL)
+            ax.plot(*xy, color="black", lw=2.2, marker="o", ms=3, label="all layers")
             _percent_axis(ax)
+            _epoch_axis(ax, max(r.epochs[-1] for r in flips))
             ax.set_title(f"{run.label}: {title}", fontsize=9)
-            if row == 1:
-                ax.set_xlabel("epoch")
         axes[0][col].legend(loc="lower left", fontsize=8, frameon=False)
     if flips:
         sm = _colorbar_mappable(cmap, len([n for n in flips[0].layers if n != TOTAL]))
@@ -123,7 +132,7 @@ def plot_comparison(
             if len(runs) > 1:
                 ax.fill_between(xs, ys.min(0), ys.max(0), color=color, alpha=0.2, lw=0)
             ax.set_title(f"{title}, all binary weights", fontsize=9)
-            ax.set_xlabel("epoch")
+            _epoch_axis(ax, xs[-1])
             _percent_axis(ax)
     width = 0.8 / max(1, len(data))
     for k, ((name, runs), color) in enumerate(zip(data.items(), colors)):
