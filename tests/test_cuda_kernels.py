@@ -163,35 +163,36 @@ def test_backward_rebuilds_a_missing_conv_out(act_w):
     backward then recomputes conv(a, w_b) for the learnable scale's gradient, and gets
     what it gets from the kept one. With a bias it cannot (and never has to)."""
     torch.manual_seed(4)
-    spec = _core.ConvSpec(act_w=act_w)
     x = torch.randn(3, 4, 7, 7)
     w = torch.randn(6, 4, 3, 3)
     scale = _core.channel_abs_mean(w) * 1.5
     geo = ((2, 2), (1, 1), (1, 1), 1)
-    y, std, alpha, conv_out, dt = _core.binary_conv2d_forward(x, w, None, scale, spec, *geo, True)
-    assert conv_out is not None and alpha is None
+    y, std, alpha, conv_out = _core.binary_conv2d_forward(x, w, None, scale, act_w, *geo, True)
+    # alpha absent (the learnable scale is used), conv_out kept
+    assert alpha.shape == (0,) and conv_out.shape == y.shape
+    absent = conv_out.new_empty(0)  # the absent marker, in the convolution's dtype
     g = torch.randn_like(y)
     needs = (True, True, False, True)
     kept = _core.binary_conv2d_backward(
-        g, x, w, False, scale, std, None, conv_out, dt, spec, *geo, needs
+        g, x, w, False, scale, std, alpha, conv_out, act_w, *geo, needs
     )
     rebuilt = _core.binary_conv2d_backward(
-        g, x, w, False, scale, std, None, None, dt, spec, *geo, needs
+        g, x, w, False, scale, std, alpha, absent, act_w, *geo, needs
     )
-    for a, b in zip(kept, rebuilt):
-        if a is None:
-            assert b is None
+    for a, b, n in zip(kept, rebuilt, needs):
+        if not n:
+            assert a.shape == (0,) and b.shape == (0,)
         else:
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
     # The scale's gradient only, as well.
     only = _core.binary_conv2d_backward(
-        g, x, w, False, scale, std, None, None, dt, spec, *geo, (False, False, False, True)
+        g, x, w, False, scale, std, alpha, absent, act_w, *geo, (False, False, False, True)
     )
     torch.testing.assert_close(only[3], kept[3], rtol=1e-6, atol=1e-6)
-    assert only[:3] == (None, None, None)
+    assert all(t.shape == (0,) for t in only[:3])
     assert kept[3].abs().max() > 0.1  # a real gradient, not zeros on both sides
     with pytest.raises(ValueError, match="missing conv_out"):
-        _core.binary_conv2d_backward(g, x, w, True, scale, std, None, None, dt, spec, *geo, needs)
+        _core.binary_conv2d_backward(g, x, w, True, scale, std, alpha, absent, act_w, *geo, needs)
 
 
 # ---------------------------------------------------------------------------------------

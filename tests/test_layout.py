@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-APP_ONLY = ("ovsw.train", "sklearn", "torchvision", "yaml", "tensorboard")
+APP_ONLY = ("ovsw.train", "sklearn", "torchvision", "yaml", "tensorboard", "matplotlib")
 
 
 def _imported_after(statement: str) -> list[str]:
@@ -26,7 +26,12 @@ def _imported_after(statement: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "statement",
-    ["import ovsw", "import ovsw.deploy", "import ovsw.nn, ovsw.optim, ovsw.models"],
+    [
+        "import ovsw",
+        "import ovsw.deploy",
+        "import ovsw.nn, ovsw.optim, ovsw.models",
+        "import ovsw.analysis",
+    ],
 )
 def test_the_library_imports_none_of_the_application(statement):
     assert _imported_after(statement) == []
@@ -41,7 +46,7 @@ def test_console_scripts_point_at_the_application():
     text = (ROOT / "pyproject.toml").read_text()
     section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
     scripts = dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', section, re.M))
-    assert set(scripts) == {"ovsw-train", "ovsw-sweep"}
+    assert set(scripts) == {"ovsw-train", "ovsw-sweep", "ovsw-experiment"}
     for target in scripts.values():
         module, func = target.split(":")
         assert module.startswith("ovsw.train.")

@@ -2,9 +2,9 @@
 for PyTorch, with its compute core in Rust.
 
 The library (``ovsw.nn``, ``ovsw.ops``, ``ovsw.optim``, ``ovsw.convert``,
-``ovsw.models``, ``ovsw.deploy``) needs only torch and numpy. The training application
-``ovsw-train`` lives in :mod:`ovsw.train` (the ``ovsw[train]`` extra) and is not imported
-here.
+``ovsw.models``, ``ovsw.analysis``, ``ovsw.deploy``) needs only torch and numpy. The
+training application ``ovsw-train`` lives in :mod:`ovsw.train` (the ``ovsw[train]``
+extra) and is not imported here.
 
 >>> import ovsw
 >>> model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
@@ -15,7 +15,7 @@ here.
 
 import torch  # noqa: F401  (loads libtorch before the Rust extension links against it)
 
-from . import _core, models, ops
+from . import _core, analysis, models, ops
 from .convert import binarize, summary
 from .nn import OvSWConv2d, OvSWLinear, binary_convs, binary_layers
 from .optim import OvSW
@@ -32,5 +32,6 @@ __all__ = [
     "binary_convs",
     "models",
     "ops",
+    "analysis",
     "__version__",
 ]

@@ -26,6 +26,8 @@ __all__ = [
     "ovsw_options",
     "sad_initial_state",
     "ags_sad_step",
+    "flip_monitor_state",
+    "flip_monitor_step",
     "DeployEngine",
     "deploy_kernels",
     "deploy_cpu_flags",
@@ -205,6 +207,28 @@ def ags_sad_step(
     """AGS then SAD in place. Returns the per-layer figures as one float64 tensor of shape
     [L, 2] on the weights' device (column 0 ags_ratio, column 1 silent_ratio; NaN where
     that part is disabled), with no device-to-host copy."""
+
+# -- flip monitor (src/optim/monitor/, wrapped by ovsw.analysis.FlipMonitor) --------------
+
+def flip_monitor_state(weight: Tensor, own_tracker: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Fresh monitor state for a weight: (sign int8, ever_flipped bool all False, tracker
+    zeros in W's dtype or None without own_tracker)."""
+
+def flip_monitor_step(
+    weights: list[Tensor],
+    signs: list[Tensor],
+    ever_flipped: list[Tensor],
+    trackers: list[Tensor],
+    rates: Tensor,
+    step: int,
+    track_momentum: float,
+    track_threshold: float,
+    update_trackers: bool,
+) -> Tensor:
+    """One monitoring step after an optimizer update, in place on signs, ever_flipped,
+    rates (float64 [L]) and, with update_trackers, the trackers. Returns float64 [L, 4]
+    on the weights' device (flipped, never flipped, silent, bias-corrected flip rate),
+    with no device-to-host copy."""
 
 # -- deploy engine (src/deploy/, wrapped by ovsw.deploy) ----------------------------------
 

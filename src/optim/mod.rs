@@ -16,6 +16,7 @@
 
 pub mod cpu;
 pub mod generic;
+pub mod monitor;
 pub mod py;
 
 use tch::Tensor;

@@ -3,9 +3,10 @@ virtual environment that holds the wheel and what it pulled in (torch, numpy) an
 nothing else, from a folder outside the source tree.
 
 It checks that the ``ovsw`` imported is the installed one, trains one OvSW step
-(AGS + SAD), exports the model to a deploy file and runs it on the Rust engine, and
-that the training application's configs ship and ``ovsw-train`` without its extras
-says in one line how to get them.
+(AGS + SAD) watched by the flip monitor, exports the model to a deploy file and runs it
+on the Rust engine, and that the training application's configs ship and
+``ovsw-train`` and ``ovsw-experiment`` without their extras say in one line how to get
+them.
 """
 
 import importlib.resources
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import ovsw
 import ovsw.deploy
 
-TRAIN_EXTRAS = ("yaml", "sklearn", "torchvision", "tensorboard", "tqdm")
+TRAIN_EXTRAS = ("yaml", "sklearn", "torchvision", "tensorboard", "tqdm", "matplotlib")
 
 
 def installed() -> None:
@@ -39,13 +40,18 @@ def train_step() -> torch.nn.Module:
     model = ovsw.models.create("cResNet20_1w1a", num_classes=10)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt = ovsw.OvSW(sgd, model, enable_ags=True, delta=0.04, enable_dampen=True, dampen_weight=9e-4)
+    monitor = ovsw.analysis.FlipMonitor(model, opt)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     w0 = model.layer1[0].conv1.weight.detach().clone()
     loss = F.cross_entropy(model(x), y)
     opt.zero_grad()
     loss.backward()
     opt.step()
+    monitor.update()
     stats = opt.stats()
+    flips = monitor.total()
+    assert flips is not None and 0 < flips["never_flipped"] <= 1 and flips["weights"] == 267264
+    assert [s["silent"] for s in monitor.stats()] == [s["silent_ratio"] for s in stats]
     assert torch.isfinite(loss) and not torch.equal(w0, model.layer1[0].conv1.weight)
     assert len(stats) == 18 and all(s["ags_ratio"] is not None for s in stats)
     assert all(s["silent_ratio"] is not None for s in stats)
@@ -72,6 +78,11 @@ def deploy(model: torch.nn.Module) -> None:
 
 
 def train_cli_without_extras() -> None:
+    experiment = Path(sys.executable).parent / "ovsw-experiment"
+    proc = subprocess.run([str(experiment), "silent-weights"], capture_output=True, text=True)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ovsw-experiment: error:") and "ovsw[train]" in lines[0], lines
     script = Path(sys.executable).parent / "ovsw-train"
     assert script.is_file(), f"no console script {script}"
     config = "configs/smallscale/w1a1-ovsw-resnet20-digits.yaml"

@@ -173,6 +173,19 @@ def _data_and_model(p: argparse.ArgumentParser, B: dict) -> None:
     g.add_argument("--num-classes", default=None, type=_optional(_number(int, lo=1)))
     g.add_argument("--download", default=False, help="download CIFAR if missing", **B)
     g.add_argument(
+        "--augment",
+        default=True,
+        help="the set's training augmentation (False: train on the validation transforms)",
+        **B,
+    )
+    g.add_argument(
+        "--native-size",
+        default=False,
+        help=f"keep {' and '.join(datasets.NATIVE_SIZE_SETS)} at their own size (28x28, "
+        "8x8) instead of 32x32",
+        **B,
+    )
+    g.add_argument(
         "--dali",
         default=False,
         help="NVIDIA DALI input pipelines (ImageNet, CIFAR image folders; ovsw[dali])",
@@ -358,6 +371,12 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             )
         if not dali.available():
             parser.error(f"argument --dali: {dali.INSTALL_HINT}")
+    if args.native_size and args.set == "ImageNet":
+        parser.error("argument --native-size: ImageNet's size is its transforms' (224x224)")
+    if args.dali and (args.native_size or not args.augment):
+        parser.error(
+            "argument --dali: the DALI pipelines take neither --native-size nor --augment False"
+        )
     if args.distributed:
         world = distributed.env_world_size(args.world_size)
         if args.batch_size % world:

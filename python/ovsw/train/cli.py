@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import analysis
 from . import checkpoints, distributed, loaders, loop, optimizers, runs
 from .args import PROG, parse_args
 from .errors import CLIError, first_line
@@ -37,7 +38,7 @@ from .errors import CLIError, first_line
 __all__ = ["TRAIN_EXTRAS", "select_device", "train", "evaluate", "run", "main"]
 
 #: What ``ovsw-train`` imports beyond the library (the ``ovsw[train]`` extra).
-TRAIN_EXTRAS = ("yaml", "tqdm", "tensorboard", "torchvision", "sklearn")
+TRAIN_EXTRAS = ("yaml", "tqdm", "tensorboard", "torchvision", "sklearn", "matplotlib")
 
 
 def select_device(gpu: int | None = None) -> torch.device:
@@ -137,7 +138,9 @@ def _train(args, argv: Sequence[str], dist_info) -> dict[str, Any]:
     opt = optimizers.build_ovsw(net, args)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing or 0.0)
-    run = loop.Run(args, device, model, net, opt, scaler, criterion, dist_info)
+    # The flip monitor reads SAD's trackers when SAD runs, else keeps its own.
+    monitor = analysis.FlipMonitor(model, opt)
+    run = loop.Run(args, device, model, net, opt, scaler, criterion, dist_info, monitor=monitor)
     if args.resume:
         _resume(run)
     if args.start_epoch is not None:
@@ -176,12 +179,27 @@ def _resume(run: loop.Run) -> None:
             f"{source}: its optimizer state does not fit --optimizer {args.optimizer} "
             f"({first_line(e)})"
         ) from None
+    _resume_monitor(run, ckpt, source)
     run.start_epoch = int(ckpt.get("epoch", 0))
     for k in run.best:
         run.best[k] = float(ckpt.get(k, 0.0))
     run.curr_acc1 = float(ckpt.get("curr_acc1", 0.0))
     run.curr_acc5 = float(ckpt.get("curr_acc5", 0.0))
     print(f"resumed from {args.resume} at epoch {run.start_epoch}")
+
+
+def _resume_monitor(run: loop.Run, ckpt: dict[str, Any], source: str) -> None:
+    """The flip monitor's state from the checkpoint, so that the never-flipped count
+    goes on exactly; a checkpoint without it restarts the count at the loaded weights."""
+    state = ckpt.get("flip_monitor")
+    if state is None:
+        run.monitor.reset()
+        print(f"note: {source} holds no flip-monitor state; never-flipped counts from here")
+        return
+    try:
+        run.monitor.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CLIError(f"{source}: its flip-monitor state does not fit ({first_line(e)})") from None
 
 
 def _finish(run: loop.Run) -> dict[str, Any]:
@@ -213,6 +231,7 @@ def _finish(run: loop.Run) -> dict[str, Any]:
         "acc5": run.curr_acc5,
         **best,
         "mean_silent_fraction": silent,
+        "flips": run.monitor.total() if run.monitor is not None else None,
         "run_dir": run.run_dir,
         "model": run.model,
     }

@@ -9,6 +9,9 @@
 - ``ImageNet``: ``ImageFolder`` under ``<data>/imagenet/{train,val}`` with upstream's
   transforms, PCA lighting noise included.
 
+``--augment False`` trains on the validation transforms; ``--native-size True`` keeps
+Fashion-MNIST at 28x28 and the digits at 8x8 (the CIFAR architectures take both).
+
 Missing data raises :class:`DataNotFoundError` with one line naming the path looked at
 and how to get the data.
 """
@@ -29,6 +32,7 @@ from torch.utils.data import Dataset, TensorDataset
 __all__ = [
     "SETS",
     "NUM_CLASSES",
+    "NATIVE_SIZE_SETS",
     "DataNotFoundError",
     "Lighting",
     "TransformTensorDataset",
@@ -43,6 +47,8 @@ __all__ = [
 #: The ``--set`` names, as upstream spells them (plus this project's two small sets).
 SETS = ("ImageNet", "CIFAR10", "CIFAR100", "FashionMNIST", "Digits")
 NUM_CLASSES = {"ImageNet": 1000, "CIFAR10": 10, "CIFAR100": 100, "FashionMNIST": 10, "Digits": 10}
+#: The sets that ``native_size`` keeps at the size they come in (else 32x32).
+NATIVE_SIZE_SETS = ("FashionMNIST", "Digits")
 #: Where Debian's ``dataset-fashion-mnist`` package puts the IDX files.
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -62,8 +68,8 @@ class DataNotFoundError(FileNotFoundError):
     """The data set's files are not where they were looked for (one-line message)."""
 
 
-@functools.lru_cache(maxsize=1)
-def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=2)
+def _digits_tensors(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -73,23 +79,28 @@ def _digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32) / 16.0
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
-    x = F.interpolate(images[:, None], size=(32, 32), mode="bilinear", align_corners=False)
+    x = images[:, None]
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = x.repeat(1, 3, 1, 1)
     x = (x - x.mean()) / x.std()
     return x, labels
 
 
-def digits(train: bool, *, val_fraction: float = 0.2, seed: int = 0) -> TensorDataset:
+def digits(
+    train: bool, *, val_fraction: float = 0.2, seed: int = 0, size: int = 32
+) -> TensorDataset:
     """scikit-learn's 1,797 handwritten digits as CIFAR-shaped tensors.
 
-    Images (8x8, values 0..16) are scaled to [0, 1], bilinearly upscaled to 32x32,
-    repeated to three channels and normalised to zero mean and unit variance over the
-    whole set. A fixed, class-stratified split gives ``val_fraction`` of every class to
-    validation; ``train`` picks which side to return.
+    Images (8x8, values 0..16) are scaled to [0, 1], bilinearly upscaled to
+    ``size`` x ``size`` (32 by default; 8 keeps them as they are), repeated to three
+    channels and normalised to zero mean and unit variance over the whole set. A fixed,
+    class-stratified split gives ``val_fraction`` of every class to validation;
+    ``train`` picks which side to return.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    x, labels = _digits_tensors()
+    x, labels = _digits_tensors(size)
 
     g = torch.Generator().manual_seed(seed)
     val_mask = torch.zeros(len(labels), dtype=torch.bool)
@@ -214,29 +225,36 @@ def _fashion_mnist_dir(root: str | os.PathLike | None) -> Path:
 
 
 def fashion_mnist(
-    train: bool, root: str | os.PathLike | None = None, *, augment: bool | None = None
+    train: bool,
+    root: str | os.PathLike | None = None,
+    *,
+    augment: bool | None = None,
+    pad: bool = True,
 ) -> TransformTensorDataset:
     """Fashion-MNIST as CIFAR-shaped tensors: 28x28 images zero-padded (2 pixels a side)
-    to 32x32, repeated to three channels, normalised with the set's mean and std.
+    to 32x32 (unless ``pad`` is False: 28x28 as they are), repeated to three channels,
+    normalised with the set's mean and std.
 
     The files are looked for in ``<root>/fashion-mnist``, then in
     ``/usr/share/datasets/fashion-mnist``. With ``augment`` (default: ``train``) each
-    sample gets a random 32x32 crop of the 4-pixel-padded image and a horizontal flip.
+    sample gets a random crop of the 4-pixel-padded image and a horizontal flip.
     """
     d = _fashion_mnist_dir(root)
     img_name, lbl_name = FASHION_MNIST_FILES[bool(train)]
     images = read_idx(d / img_name)
     labels = read_idx(d / lbl_name)
-    return _mnist_like(images, labels, train if augment is None else augment)
+    return _mnist_like(images, labels, train if augment is None else augment, 32 if pad else 0)
 
 
-def _mnist_like(images: np.ndarray, labels: np.ndarray, augment: bool) -> TransformTensorDataset:
+def _mnist_like(
+    images: np.ndarray, labels: np.ndarray, augment: bool, pad_to: int = 32
+) -> TransformTensorDataset:
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(
             f"expected images [N, H, W] and labels [N], got {images.shape} and {labels.shape}"
         )
     x = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32) / 255.0
-    ph, pw = max(0, 32 - x.shape[1]), max(0, 32 - x.shape[2])
+    ph, pw = max(0, pad_to - x.shape[1]), max(0, pad_to - x.shape[2])
     x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))  # black border
     x = (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     x = x[:, None].repeat(1, 3, 1, 1).contiguous()
@@ -246,7 +264,8 @@ def _mnist_like(images: np.ndarray, labels: np.ndarray, augment: bool) -> Transf
         from torchvision import transforms as T
 
         black = -FASHION_MNIST_MEAN / FASHION_MNIST_STD
-        transform = T.Compose([T.RandomCrop(32, padding=4, fill=black), T.RandomHorizontalFlip()])
+        crop = T.RandomCrop(tuple(x.shape[-2:]), padding=4, fill=black)
+        transform = T.Compose([crop, T.RandomHorizontalFlip()])
     return TransformTensorDataset(x, y, transform)
 
 
@@ -259,11 +278,13 @@ def cifar(
     *,
     num_classes: int = 10,
     download: bool = False,
+    augment: bool = True,
 ) -> Dataset:
     """CIFAR-10 or CIFAR-100 (torchvision's layout under ``<root>/cifar10`` or
     ``<root>/cifar100``), with upstream's transforms: train RandomCrop(32, padding 4)
-    and horizontal flip; both sides normalised with mean (0.491, 0.482, 0.447), std
-    (0.247, 0.243, 0.262). Downloads only with ``download=True``."""
+    and horizontal flip (unless ``augment`` is False); both sides normalised with mean
+    (0.491, 0.482, 0.447), std (0.247, 0.243, 0.262). Downloads only with
+    ``download=True``."""
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -272,7 +293,7 @@ def cifar(
     cls = datasets.CIFAR10 if num_classes == 10 else datasets.CIFAR100
     folder = Path(root).expanduser() / f"cifar{num_classes}"
     normalize = T.Normalize(CIFAR_MEAN, CIFAR_STD)
-    if train:
+    if train and augment:
         tf = T.Compose(
             [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
         )
@@ -319,9 +340,10 @@ def imagenet_transforms(train: bool):
     return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
 
 
-def imagenet(train: bool, root: str | os.PathLike) -> Dataset:
+def imagenet(train: bool, root: str | os.PathLike, *, augment: bool = True) -> Dataset:
     """``ImageFolder`` over ``<root>/imagenet/train`` or ``<root>/imagenet/val`` (one
-    folder per class) with :func:`imagenet_transforms`."""
+    folder per class) with :func:`imagenet_transforms` (the validation ones for
+    training too when ``augment`` is False)."""
     from torchvision import datasets
 
     folder = Path(root).expanduser() / "imagenet" / ("train" if train else "val")
@@ -331,7 +353,8 @@ def imagenet(train: bool, root: str | os.PathLike) -> Dataset:
             "one sub-folder per class (train/ and val/ under <data>/imagenet, see the README)"
         )
     try:
-        return datasets.ImageFolder(str(folder), transform=imagenet_transforms(train))
+        tf = imagenet_transforms(train and augment)
+        return datasets.ImageFolder(str(folder), transform=tf)
     except FileNotFoundError as e:
         raise DataNotFoundError(
             f"ImageNet: {folder} holds no class folders of images ({e})"
@@ -347,14 +370,23 @@ def build(
     root: str | os.PathLike = "./dataset",
     *,
     download: bool = False,
+    augment: bool = True,
+    native_size: bool = False,
 ) -> Dataset:
-    """The ``train`` or validation side of data set ``name`` (one of :data:`SETS`)."""
+    """The ``train`` or validation side of data set ``name`` (one of :data:`SETS`).
+
+    ``augment=False`` trains on the validation-side transforms (no random crops or
+    flips). ``native_size=True`` keeps the small sets at the size they come in
+    (:data:`NATIVE_SIZE_SETS`: Fashion-MNIST 28x28, digits 8x8) instead of 32x32; the
+    CIFAR sets are 32x32 either way, and ImageNet's size is its transforms'."""
+    if native_size and name not in (*NATIVE_SIZE_SETS, "CIFAR10", "CIFAR100"):
+        raise ValueError(f"native_size applies to {', '.join(NATIVE_SIZE_SETS)}, not {name}")
     if name == "Digits":
-        return digits(train)
+        return digits(train, size=8 if native_size else 32)
     if name == "FashionMNIST":
-        return fashion_mnist(train, root)
+        return fashion_mnist(train, root, augment=train and augment, pad=not native_size)
     if name in ("CIFAR10", "CIFAR100"):
-        return cifar(train, root, num_classes=NUM_CLASSES[name], download=download)
+        return cifar(train, root, num_classes=NUM_CLASSES[name], download=download, augment=augment)
     if name == "ImageNet":
-        return imagenet(train, root)
+        return imagenet(train, root, augment=augment)
     raise ValueError(f"unknown data set {name!r}; choose one of: {', '.join(SETS)}")

@@ -121,13 +121,15 @@ def val_loader(args, val_set, device, dist_info=None):
 def load_datasets(args: argparse.Namespace, need_train: bool = True):
     """The training side of ``--set`` (``None`` unless ``need_train``) and its
     validation side; missing data is a one-line :class:`~ovsw.train.errors.CLIError`."""
+    # Run folders written before --augment and --native-size existed lack them.
+    options = {
+        "download": args.download,
+        "augment": getattr(args, "augment", True),
+        "native_size": getattr(args, "native_size", False),
+    }
     try:
-        train = (
-            datasets.build(args.set, True, args.data, download=args.download)
-            if need_train
-            else None
-        )
-        val = datasets.build(args.set, False, args.data, download=args.download)
+        train = datasets.build(args.set, True, args.data, **options) if need_train else None
+        val = datasets.build(args.set, False, args.data, **options)
     except datasets.DataNotFoundError as e:
         raise CLIError(str(e)) from None
     return train, val

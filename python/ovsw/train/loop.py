@@ -3,12 +3,18 @@ the learning rate set once per epoch, checkpoints, TensorBoard scalars and progr
 
 Per training step (SPEC section 5): autocast forward (fp16 on CUDA), loss, ``zero_grad``,
 (scaled) backward, unscale, ``OvSW.step`` (AGS and SAD, then the wrapped update), scaler
-update; top-1 and top-5 meters, summed over the ranks under ``--distributed``.
+update, then the flip monitor (:class:`ovsw.analysis.FlipMonitor`) counts the sign
+flips; top-1 and top-5 meters, summed over the ranks under ``--distributed``.
 
-Nothing in a step copies to the host: the loss and accuracy meters add up on the
-device and are read every ``--print-freq`` batches and at the end of a pass, and the
-per-layer AGS/SAD figures (``OvSW.stats``) once per epoch. (Under AMP, GradScaler's own
-inf check still reads one value per step.)
+Nothing in a step copies to the host: the loss and accuracy meters and the monitor's
+figures add up on the device and are read every ``--print-freq`` batches and at the end
+of a pass, and the per-layer AGS/SAD figures (``OvSW.stats``) once per epoch. (Under
+AMP, GradScaler's own inf check still reads one value per step.)
+
+After every epoch rank 0 writes the checkpoints, TensorBoard scalars (loss, accuracy,
+lr, per binary layer the silent fraction, AGS ratio and the monitor's figures) and
+tracker histograms, and the monitor's figures to ``silent.csv``; at the end of the run
+``silent_weights.png`` draws them.
 """
 
 from __future__ import annotations
@@ -23,11 +29,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import analysis
 from ..optim import OvSW
 from . import checkpoints, distributed
+from .errors import CLIError, os_reason
 from .optimizers import lr_at
 
-__all__ = ["BEST_KEYS", "Meter", "Run", "accuracy", "iterate", "train_epoch", "validate", "fit"]
+__all__ = [
+    "BEST_KEYS",
+    "Meter",
+    "Run",
+    "accuracy",
+    "iterate",
+    "train_epoch",
+    "validate",
+    "fit",
+    "plot_flips",
+]
 
 BEST_KEYS = ("best_acc1", "best_acc5", "best_train_acc1", "best_train_acc5")
 
@@ -140,8 +158,9 @@ def iterate(
     return loss_m.avg, top1.avg, top5.avg
 
 
-def train_epoch(model, loader, opt, criterion, scaler, device, epoch, args, writer):
-    """One training epoch of ``model`` (the DDP wrapper under ``--distributed``)."""
+def train_epoch(model, loader, opt, criterion, scaler, device, epoch, args, writer, monitor=None):
+    """One training epoch of ``model`` (the DDP wrapper under ``--distributed``);
+    ``monitor`` (a :class:`~ovsw.analysis.FlipMonitor`) counts the flips of each step."""
     model.train()
 
     def step(loss: torch.Tensor) -> None:
@@ -154,6 +173,8 @@ def train_epoch(model, loader, opt, criterion, scaler, device, epoch, args, writ
         else:
             loss.backward()
             opt.step()
+        if monitor is not None:
+            monitor.update()  # on the device: no host copy
 
     def log(i: int, total: int, loss: torch.Tensor) -> None:
         if writer is not None:
@@ -192,6 +213,7 @@ class Run:
     best: dict[str, float] = field(default_factory=lambda: dict.fromkeys(BEST_KEYS, 0.0))
     curr_acc1: float = 0.0
     curr_acc5: float = 0.0
+    monitor: analysis.FlipMonitor | None = None
 
     @property
     def is_main(self) -> bool:
@@ -208,6 +230,7 @@ class Run:
             "curr_acc1": self.curr_acc1,
             "curr_acc5": self.curr_acc5,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "flip_monitor": self.monitor.state_dict() if self.monitor is not None else None,
         }
 
 
@@ -231,6 +254,7 @@ def fit(run: Run) -> None:
             epoch,
             args,
             run.writer,
+            run.monitor,
         )
         if run.dist_info is not None:
             distributed.broadcast_bn_stats(run.model)  # rank 0's, as its checkpoint keeps
@@ -240,14 +264,20 @@ def fit(run: Run) -> None:
         stats, silent = run.opt.stats(), run.opt.mean_silent_ratio()
         if not run.is_main:
             continue
+        # silent.csv before the checkpoint: a run stopped in between repeats the epoch
+        # when resumed, and its rows are replaced, never lost
+        flips = _record_flips(run, epoch)
         _save_checkpoints(run, epoch, state, is_best)
         _log_epoch(run, epoch, lr, train, val, stats, silent)
+        never = "" if flips is None else f"  never flipped {100 * flips['never_flipped']:.1f}%"
         print(
             f"epoch {epoch + 1}/{args.epochs}  lr {lr:.5f}  train loss {train[0]:.4f} "
             f"top-1 {train[1]:.2f}  val top-1 {run.curr_acc1:.2f} top-5 {run.curr_acc5:.2f}  "
-            f"silent {fmt(silent)}  ({time.time() - start:.0f}s)",
+            f"silent {fmt(silent)}{never}  ({time.time() - start:.0f}s)",
             flush=True,
         )
+    if run.is_main:
+        plot_flips(run)
 
 
 def _update_figures(run: Run, train, val) -> bool:
@@ -295,6 +325,59 @@ def _log_epoch(run: Run, epoch: int, lr: float, train, val, stats, silent) -> No
         if s["ags_ratio"] is not None:
             w.add_scalar(f"ags_ratio/{name}", s["ags_ratio"], epoch)
     w.flush()
+
+
+def _record_flips(run: Run, epoch: int) -> dict[str, Any] | None:
+    """The flip monitor's figures after ``epoch``: rows in ``silent.csv`` (per layer
+    and in total), TensorBoard scalars ``flips/<figure>/<layer>`` and a histogram of
+    each layer's tracker values (``tracker/<layer>``). Returns the total (``None``
+    when the epoch ran no step)."""
+    monitor = run.monitor
+    if monitor is None or monitor.steps == 0 or monitor.figures() is None:
+        return None
+    stats = monitor.stats()
+    total = monitor.total(stats)
+    rows = analysis.epoch_rows(stats, total, epoch + 1, monitor.steps)
+    try:
+        analysis.write_epoch(run.run_dir, rows)
+    except OSError as e:
+        raise CLIError(
+            f"cannot write {run.run_dir / analysis.SILENT_CSV}: {os_reason(e)}"
+        ) from None
+    w = run.writer
+    for row in rows:
+        for figure in analysis.FIGURES:
+            w.add_scalar(f"flips/{figure}/{row['layer']}", row[figure], epoch)
+    for h in monitor.histogram():
+        counts = h["counts"]
+        w.add_histogram_raw(
+            f"tracker/{h['name']}",
+            min=h["min"],
+            max=h["max"],
+            num=sum(counts),
+            sum=h["sum"],
+            sum_squares=h["sum_squares"],
+            bucket_limits=h["edges"][1:],
+            bucket_counts=counts,
+            global_step=epoch,
+        )
+    w.flush()
+    return total
+
+
+def plot_flips(run: Run) -> Path | None:
+    """``silent_weights.png`` in the run folder from its ``silent.csv`` (``None`` when
+    no epoch was recorded)."""
+    if run.monitor is None or not (run.run_dir / analysis.SILENT_CSV).is_file():
+        return None
+    try:
+        return analysis.plot_runs([run.run_dir], run.run_dir / "silent_weights.png")
+    except analysis.MonitorDataError as e:
+        raise CLIError(str(e)) from None
+    except OSError as e:
+        raise CLIError(
+            f"cannot write {run.run_dir / 'silent_weights.png'}: {os_reason(e)}"
+        ) from None
 
 
 def fmt(x: float | None, spec: str = ".4f") -> str:
