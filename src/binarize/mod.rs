@@ -23,106 +23,77 @@ use crate::tensor::{self, Route};
 /// Added to variances before the square root, as upstream does (SPEC 1.1 and 1.4).
 pub const EPS: f64 = 1e-5;
 
-/// Weight binarizer (`act_w`, SPEC 1.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ActW {
-    /// `sign(W)`, identity backward.
-    Ste,
-    /// `sign(W)`, backward masked by `|W| < 1`.
-    Hardtanh,
-    /// `sign(W) * mean_o|W|`, identity backward.
-    SteV2,
-    /// `sign(W)`, backward masked by `|W| < mean_o|W|`.
-    HardtanhV2,
+/// A closed set of named choices, defined by one table of variants and names: the
+/// enum, `ALL` (in the order listed to users), `name`, `names` and `parse` (whose error
+/// names the option and lists the choices).
+macro_rules! named_choice {
+    (
+        $(#[$meta:meta])*
+        $ty:ident, option $option:literal {
+            $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $ty {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $ty {
+            /// Every choice, in the order the names are listed to users.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant,)+];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $text,)+
+                }
+            }
+
+            pub fn names() -> Vec<&'static str> {
+                Self::ALL.iter().map(|a| a.name()).collect()
+            }
+
+            pub fn parse(name: &str) -> Result<Self> {
+                match Self::ALL.iter().find(|a| a.name() == name) {
+                    Some(&a) => Ok(a),
+                    None => value_err!(
+                        concat!("unknown ", $option, " '{}'; expected one of {}"),
+                        name,
+                        quoted(&Self::names())
+                    ),
+                }
+            }
+        }
+    };
 }
 
-impl ActW {
-    /// Every binarizer, in the order the names are listed to users.
-    pub const ALL: [ActW; 4] = [ActW::Ste, ActW::Hardtanh, ActW::SteV2, ActW::HardtanhV2];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ActW::Ste => "ste",
-            ActW::Hardtanh => "hardtanh",
-            ActW::SteV2 => "ste_v2",
-            ActW::HardtanhV2 => "hardtanhv2",
-        }
-    }
-
-    pub fn names() -> Vec<&'static str> {
-        Self::ALL.iter().map(|a| a.name()).collect()
-    }
-
-    pub fn parse(name: &str) -> Result<Self> {
-        match Self::ALL.iter().find(|a| a.name() == name) {
-            Some(&a) => Ok(a),
-            None => value_err!(
-                "unknown act_w '{name}'; expected one of {}",
-                quoted(&Self::names())
-            ),
-        }
-    }
-}
-
-/// Activation binarizer (`act_a`, SPEC 1.2). Upstream offers one choice.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ActA {
-    /// `sign(x)`, backward `max(0, 2 - 2|x|)` (Bi-Real).
-    Binary,
-}
-
-impl ActA {
-    pub const ALL: [ActA; 1] = [ActA::Binary];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ActA::Binary => "binary",
-        }
-    }
-
-    pub fn names() -> Vec<&'static str> {
-        Self::ALL.iter().map(|a| a.name()).collect()
-    }
-
-    pub fn parse(name: &str) -> Result<Self> {
-        match Self::ALL.iter().find(|a| a.name() == name) {
-            Some(&a) => Ok(a),
-            None => value_err!(
-                "unknown act_a '{name}'; expected one of {}",
-                quoted(&Self::names())
-            ),
-        }
+named_choice! {
+    /// Weight binarizer (`act_w`, SPEC 1.3).
+    ActW, option "act_w" {
+        /// `sign(W)`, identity backward.
+        Ste => "ste",
+        /// `sign(W)`, backward masked by `|W| < 1`.
+        Hardtanh => "hardtanh",
+        /// `sign(W) * mean_o|W|`, identity backward.
+        SteV2 => "ste_v2",
+        /// `sign(W)`, backward masked by `|W| < mean_o|W|`.
+        HardtanhV2 => "hardtanhv2",
     }
 }
 
-/// How the binarized operands are combined. Upstream's binary layers have one type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ForwardType {
-    /// `sign(x) (*) sign(W)`, what XNOR and popcount compute.
-    Xnor,
+named_choice! {
+    /// Activation binarizer (`act_a`, SPEC 1.2). Upstream offers one choice.
+    ActA, option "act_a" {
+        /// `sign(x)`, backward `max(0, 2 - 2|x|)` (Bi-Real).
+        Binary => "binary",
+    }
 }
 
-impl ForwardType {
-    pub const ALL: [ForwardType; 1] = [ForwardType::Xnor];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ForwardType::Xnor => "xnor",
-        }
-    }
-
-    pub fn names() -> Vec<&'static str> {
-        Self::ALL.iter().map(|a| a.name()).collect()
-    }
-
-    pub fn parse(name: &str) -> Result<Self> {
-        match Self::ALL.iter().find(|a| a.name() == name) {
-            Some(&a) => Ok(a),
-            None => value_err!(
-                "unknown forward_type '{name}'; expected one of {}",
-                quoted(&Self::names())
-            ),
-        }
+named_choice! {
+    /// How the binarized operands are combined. Upstream's binary layers have one type.
+    ForwardType, option "forward_type" {
+        /// `sign(x) (*) sign(W)`, what XNOR and popcount compute.
+        Xnor => "xnor",
     }
 }
 
