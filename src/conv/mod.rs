@@ -261,29 +261,53 @@ fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<Kind> {
             gf.sizes
         );
     }
-    if let Some(s) = saved.std {
+    check_saved_parts(
+        &xf,
+        &gf,
+        o,
+        saved.std,
+        [saved.scale, saved.alpha],
+        saved.conv_out.map(|c| (c, "conv_out")),
+    )?;
+    Ok(weight_kind)
+}
+
+/// What a binary layer's backward (conv or linear) checks alike in what its forward
+/// saved: the per-sample std `[N, 1, ..., 1]`, the scale and alpha vectors `[O]`, and
+/// the kept pre-scale product, shaped like `grad_output`.
+pub(crate) fn check_saved_parts(
+    xf: &Facts,
+    gf: &Facts,
+    o: i64,
+    std: Option<&Tensor>,
+    [scale, alpha]: [Option<&Tensor>; 2],
+    product: Option<(&Tensor, &str)>,
+) -> Result<()> {
+    if let Some(s) = std {
         let sf = tensor::facts(s)?;
         check_float(&sf, "std")?;
-        if sf.sizes != [n, 1, 1, 1] {
-            return value_err!("std must have shape [{n}, 1, 1, 1], got {:?}", sf.sizes);
+        let mut shape = vec![1; xf.dim()];
+        shape[0] = xf.sizes[0];
+        if sf.sizes != shape {
+            return value_err!("std must have shape {shape:?}, got {:?}", sf.sizes);
         }
     }
-    for (t, what) in [(saved.scale, "scaling_factor"), (saved.alpha, "alpha")] {
+    for (t, what) in [(scale, "scaling_factor"), (alpha, "alpha")] {
         if let Some(t) = t {
-            check_channel_vector(t, &xf, o, what)?;
+            check_channel_vector(t, xf, o, what)?;
         }
     }
-    if let Some(c) = saved.conv_out {
-        let cf = tensor::facts(c)?;
-        if cf.sizes != gf.sizes {
+    if let Some((p, what)) = product {
+        let pf = tensor::facts(p)?;
+        if pf.sizes != gf.sizes {
             return value_err!(
-                "conv_out has shape {:?}, grad_output {:?}",
-                cf.sizes,
+                "{what} has shape {:?}, grad_output {:?}",
+                pf.sizes,
                 gf.sizes
             );
         }
     }
-    Ok(weight_kind)
+    Ok(())
 }
 
 /// Backward of the binary convolution, given the gradient of its output.

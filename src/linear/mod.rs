@@ -16,7 +16,7 @@ pub mod py;
 use tch::{Kind, Tensor};
 
 use crate::binarize::{self, ActW};
-use crate::conv::{check_channel_vector, check_same_device, Grads, Needs};
+use crate::conv::{check_channel_vector, check_same_device, check_saved_parts, Grads, Needs};
 use crate::error::{value_err, Error, Result};
 use crate::ffi;
 use crate::tensor::{self, check_float, Facts};
@@ -139,30 +139,14 @@ fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<(i64, i64, Kind)
             gf.sizes
         );
     }
-    if let Some(s) = saved.std {
-        let sf = tensor::facts(s)?;
-        check_float(&sf, "std")?;
-        let mut shape = vec![1; xf.dim()];
-        shape[0] = xf.sizes[0];
-        if sf.sizes != shape {
-            return value_err!("std must have shape {shape:?}, got {:?}", sf.sizes);
-        }
-    }
-    for (t, what) in [(saved.scale, "scaling_factor"), (saved.alpha, "alpha")] {
-        if let Some(t) = t {
-            check_channel_vector(t, &xf, o, what)?;
-        }
-    }
-    if let Some(p) = saved.product {
-        let pf = tensor::facts(p)?;
-        if pf.sizes != gf.sizes {
-            return value_err!(
-                "product has shape {:?}, grad_output {:?}",
-                pf.sizes,
-                gf.sizes
-            );
-        }
-    }
+    check_saved_parts(
+        &xf,
+        &gf,
+        o,
+        saved.std,
+        [saved.scale, saved.alpha],
+        saved.product.map(|p| (p, "product")),
+    )?;
     Ok((i, o, weight_kind))
 }
 
