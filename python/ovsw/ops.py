@@ -163,12 +163,7 @@ def _binary_conv2d_fake(
     _check_devices(x, weight=weight, bias=bias, scaling_factor=scale)
     operands = _autocast_operands(autocast_dtype, x, weight, bias)
     conv_out = F.conv2d(*operands, stride, padding, dilation, groups)
-    alpha = weight.new_empty((weight.shape[0],))
-    y = conv_out * (scale if scale is not None else alpha).reshape(1, -1, 1, 1)
-    std = x.new_empty((x.shape[0], 1, 1, 1)) if training else _absent(x)
-    if scale is not None:
-        return y, std, _absent(weight), conv_out
-    return y, std, alpha, _absent(conv_out)
+    return _fake_layer_outputs(x, weight, scale, conv_out, training, (1, -1, 1, 1))
 
 
 @torch.library.custom_op("ovsw::binary_conv2d_backward", mutates_args=_NO_MUTATION)
@@ -205,6 +200,18 @@ def binary_conv2d_backward(
         groups,
         needs,
     )
+
+
+def _fake_layer_outputs(x, weight, scale, product, training, channel_shape):
+    """A binary layer op's fake ``(y, std, alpha, product)`` from its fake pre-scale
+    ``product``: alpha present without a learnable scale, the product kept with one,
+    the per-sample std ``[N, 1, ...]`` in training (the core's contract)."""
+    alpha = weight.new_empty((weight.shape[0],))
+    y = product * (scale if scale is not None else alpha).reshape(channel_shape)
+    std = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)) if training else _absent(x)
+    if scale is not None:
+        return y, std, _absent(weight), product
+    return y, std, alpha, _absent(product)
 
 
 def _layer_grads_fake(x, weight, has_bias, scale, needs):
@@ -264,12 +271,7 @@ def binary_linear(
 def _binary_linear_fake(x, weight, bias, scale, act_w, training, autocast_dtype):
     _check_devices(x, weight=weight, bias=bias, scaling_factor=scale)
     product = F.linear(*_autocast_operands(autocast_dtype, x, weight, bias))
-    alpha = weight.new_empty((weight.shape[0],))
-    y = product * (scale if scale is not None else alpha)
-    std = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)) if training else _absent(x)
-    if scale is not None:
-        return y, std, _absent(weight), product
-    return y, std, alpha, _absent(product)
+    return _fake_layer_outputs(x, weight, scale, product, training, (-1,))
 
 
 @torch.library.custom_op("ovsw::binary_linear_backward", mutates_args=_NO_MUTATION)

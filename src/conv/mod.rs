@@ -180,7 +180,7 @@ pub fn validate(
 }
 
 /// A per-channel vector `[O]` shaped to broadcast over `[N, O, H, W]` activations.
-fn over_channels(v: &Tensor) -> Result<Tensor> {
+pub(crate) fn over_channels(v: &Tensor) -> Result<Tensor> {
     Ok(v.f_reshape([1, -1, 1, 1])?)
 }
 

@@ -473,11 +473,6 @@ pub fn weight_grads(
     }))
 }
 
-/// A per-channel vector `[O]` shaped to broadcast over `[N, O, H, W]` activations.
-fn per_channel(v: &Tensor) -> Result<Tensor> {
-    Ok(v.f_reshape([1, -1, 1, 1])?)
-}
-
 /// The binary convolution's forward on CUDA, the CUDA route of [`conv::forward`]
 /// (which validated the arguments): the same contract and result (SPEC 1.1 to 1.5),
 /// through the fused passes. `conv_out` is never kept (the backward recomputes what it
@@ -547,12 +542,12 @@ pub fn forward(
         if wo.kind == ck {
             // `out` is this op's own and keeps its dtype: scale it in place.
             let mut out = out;
-            let _ = out.f_mul_(&per_channel(s)?)?;
+            let _ = out.f_mul_(&conv::over_channels(s)?)?;
             out
         } else {
             // Under autocast: conv_out in ck times s in W's dtype promotes (to float32
             // for float32 weights), as the libtorch route gives.
-            out.f_mul(&per_channel(s)?)?
+            out.f_mul(&conv::over_channels(s)?)?
         }
     };
     Ok(Outcome::Ran(Forward {
