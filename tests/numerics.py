@@ -1,0 +1,92 @@
+"""The one place where tests compare numbers.
+
+Every comparison here treats NaN and inf as wrong answers wherever the expected value is a
+finite number: ``NaN >= tol`` is False in Python, so a hand-written ``err <= tol`` or
+``not err >= tol`` lets a NaN through one way or the other. Here a non-finite value in
+``actual`` where ``expected`` is finite makes the error ``inf``; where ``expected`` itself
+holds NaN or inf (a test of NaN propagation), ``actual`` must hold the same non-finite
+value at the same place, and only the finite places are measured.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def as_f64(x) -> np.ndarray:
+    """Any tensor, array, list or number as a float64 numpy array (on the host)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _pair(actual, expected) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Both as float64 arrays of one shape, and whether their non-finite places agree."""
+    a, e = as_f64(actual), as_f64(expected)
+    assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
+    e_bad = ~np.isfinite(e)
+    same_bad = bool(
+        np.array_equal(np.isnan(a[e_bad]), np.isnan(e[e_bad]))
+        and np.array_equal(a[e_bad & ~np.isnan(e)], e[e_bad & ~np.isnan(e)])
+        and np.isfinite(a[~e_bad]).all()
+    )
+    return a, e, same_bad
+
+
+def max_abs_err(actual, expected) -> float:
+    """max |actual - expected| over the finite places of ``expected``; ``inf`` where a
+    non-finite value stands in ``actual`` and not in ``expected`` (or differs there)."""
+    a, e, same_bad = _pair(actual, expected)
+    if not same_bad:
+        return math.inf
+    ok = np.isfinite(e)
+    return float(np.abs(a[ok] - e[ok]).max()) if ok.any() else 0.0
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected| over the finite places of ``expected``
+    (``inf`` as in :func:`max_abs_err`; 0 for equal all-zero tensors)."""
+    err = max_abs_err(actual, expected)
+    e = as_f64(expected)
+    finite = e[np.isfinite(e)]
+    scale = float(np.abs(finite).max()) if finite.size else 0.0
+    if err == 0.0:
+        return 0.0
+    return err / scale if scale > 0 else math.inf
+
+
+def elementwise_rel_err(actual, expected, floor: float) -> float:
+    """max over elements of |actual - expected| / max(|expected|, floor): an error in a
+    small element counts against that element, not against the tensor's largest."""
+    assert floor > 0, "the floor must be positive"
+    a, e, same_bad = _pair(actual, expected)
+    if not same_bad:
+        return math.inf
+    ok = np.isfinite(e)
+    if not ok.any():
+        return 0.0
+    return float((np.abs(a[ok] - e[ok]) / np.maximum(np.abs(e[ok]), floor)).max())
+
+
+def within(err: float, tol: float) -> bool:
+    """``err <= tol`` for a finite ``err`` only: NaN and inf are never within."""
+    return math.isfinite(err) and err <= tol
+
+
+def assert_close(actual, expected, *, atol: float = 0.0, rtol: float = 0.0, what: str = ""):
+    """|actual - expected| <= atol + rtol * |expected| at every element, NaN and inf
+    failing as in :func:`max_abs_err`."""
+    a, e, same_bad = _pair(actual, expected)
+    label = f"{what}: " if what else ""
+    assert same_bad, f"{label}NaN or inf where a number was expected (or a different one)"
+    ok = np.isfinite(e)
+    excess = np.abs(a[ok] - e[ok]) - (atol + rtol * np.abs(e[ok]))
+    if excess.size and excess.max() > 0:
+        i = int(excess.argmax())
+        raise AssertionError(
+            f"{label}{int((excess > 0).sum())} of {excess.size} elements out of "
+            f"atol={atol:g} rtol={rtol:g}; worst |{a[ok][i]!r} - {e[ok][i]!r}|"
+        )
