@@ -9,4 +9,6 @@ bash scripts/setup.sh
 TORCH_LIB=$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 PYO3_PYTHON=.venv/bin/python LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}" \
     PATH="$PWD/.venv/bin:$PATH" cargo test --release --lib --quiet
-.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+# The whole suite (slow tests included; `-m "not slow"` leaves them out), then the 15
+# slowest tests.
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

@@ -254,28 +254,64 @@ def test_every_kernel_gives_bit_identical_logits(arch, size, tmp_path):
     assert deploy.load(path).kernel == deploy.kernels()[0]
 
 
+def with_hidden_flags(*flags: str) -> dict[str, str]:
+    """The environment with ``flags`` hidden in addition to what OVSW_DISABLE_CPU_FEATURES
+    already hides: a run that simulates a smaller CPU (CI's AVX2 run) stays simulated."""
+    outer = os.environ.get(DISABLE_ENV, "").replace(",", " ").split()
+    return {**os.environ, DISABLE_ENV: " ".join(dict.fromkeys([*outer, *flags]))}
+
+
+def refusal(kernel: str, usable: list[str]) -> str:
+    """The pattern of the refusal of ``kernel`` where ``usable`` are the CPU's flags left
+    after OVSW_DISABLE_CPU_FEATURES: it names the kernel's first missing flag, as one the
+    CPU lacks or as one the variable hides."""
+    missing = [f for f in KERNEL_FLAGS[kernel] if f not in usable]
+    assert missing, f"{kernel} is runnable with {usable}"
+    flag = re.escape(missing[0])
+    return f"(lacks the {flag} flag|needs the CPU flag {flag}, which {DISABLE_ENV} hides)"
+
+
+def best_kernel(usable: list[str]) -> str:
+    return next(k for k, need in KERNEL_FLAGS.items() if set(need) <= set(usable))
+
+
 @pytest.mark.parametrize("kernel", list(KERNEL_FLAGS))
 def test_a_kernel_this_cpu_lacks_is_refused_naming_the_flag(kernel, good_file):
     if kernel in deploy.kernels():
         assert deploy.load(good_file, kernel=kernel).kernel == kernel
         return
-    missing = [f for f in KERNEL_FLAGS[kernel] if f not in deploy.cpu_flags()]
     # The CPU lacks the flag, or OVSW_DISABLE_CPU_FEATURES hides it (as when the suite
     # runs as an AVX2 CPU would); either way the message names it.
-    named = (
-        f"(lacks the {missing[0]} flag|needs the CPU flag {missing[0]}, which {DISABLE_ENV} hides)"
-    )
-    with pytest.raises(ValueError, match=named):
+    with pytest.raises(ValueError, match=refusal(kernel, deploy.cpu_flags())):
         deploy.load(good_file, kernel=kernel)
+
+
+def test_refusal_names_the_first_missing_flag():
+    # The pattern itself, on both kinds of CPU: an AVX2-only one lacks avx512f; an
+    # AVX-512 one whose vpopcntdq is hidden names that flag.
+    avx2 = ["popcnt", "avx2"]
+    assert re.search(
+        refusal("avx512_vpopcntdq", avx2),
+        "this CPU cannot run the 'avx512_vpopcntdq' kernel: it lacks the avx512f flag",
+    )
+    assert not re.search(refusal("avx512_vpopcntdq", avx2), "it lacks the avx512_vpopcntdq flag")
+    zen5 = ["popcnt", "avx2", "avx512f", "avx512bw"]
+    hidden = f"the 'avx512_vpopcntdq' kernel needs the CPU flag avx512_vpopcntdq, which {DISABLE_ENV} hides"
+    assert re.search(refusal("avx512_vpopcntdq", zen5), hidden)
+    assert best_kernel(zen5) == "avx512bw" and best_kernel(avx2) == "avx2"
+    assert best_kernel([]) == "portable"
 
 
 def test_hidden_cpu_flags_make_a_kernel_unreachable(good_file):
     # OVSW_DISABLE_CPU_FEATURES takes flags away (it cannot add any), so this works on
-    # every CPU: the kernels that need a hidden flag are neither listed nor loadable.
+    # every CPU, and on top of what the environment already hides: the kernels that
+    # need a hidden flag are neither listed nor loadable.
     script = f"""
+import json
 import ovsw.deploy as d
 assert "avx512_vpopcntdq" not in d.kernels() and "avx2" not in d.kernels(), d.kernels()
 assert "avx2" not in d.cpu_flags()
+print(json.dumps(d.cpu_flags()))
 for k in ("avx512_vpopcntdq", "avx2"):
     try:
         d.load({str(good_file)!r}, kernel=k)
@@ -286,16 +322,20 @@ for k in ("avx512_vpopcntdq", "avx2"):
 e = d.load({str(good_file)!r})
 print("auto:", e.kernel)
 """
-    env = {**os.environ, "OVSW_DISABLE_CPU_FEATURES": "avx512_vpopcntdq avx2"}
+    env = with_hidden_flags("avx512_vpopcntdq", "avx2")
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert "needs the CPU flag avx512_vpopcntdq" in lines[0], lines
-    assert "needs the CPU flag avx2" in lines[1], lines
-    assert lines[2] in ("auto: avx512bw", "auto: popcnt", "auto: portable"), lines
-    bad = {**os.environ, "OVSW_DISABLE_CPU_FEATURES": "avx9"}
+    usable = json.loads(lines[0])
+    # What the outer environment hides stays hidden in the child.
+    assert set(usable) <= set(deploy.cpu_flags()), (usable, deploy.cpu_flags())
+    assert re.search(refusal("avx512_vpopcntdq", usable), lines[1]), lines
+    assert re.search(refusal("avx2", usable), lines[2]), lines
+    assert lines[3] == f"auto: {best_kernel(usable)}", lines
+    assert lines[3] in ("auto: avx512bw", "auto: popcnt", "auto: portable"), lines
+    bad = with_hidden_flags("avx9")
     proc = subprocess.run(
         [sys.executable, "-c", "import ovsw.deploy as d; d.kernels()"],
         capture_output=True,
