@@ -126,3 +126,29 @@ def test_ovsw_acts_on_linear_layers():
     opt.step()
     assert [s["name"] for s in opt.stats()] == ["0", "2"]
     assert ovsw.binary_convs(model) == [("0", model[0])]
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("act_w", ["ste", "ste_v2"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_a_nan_input_binarizes_to_zero_as_torch_sign(training, act_w, linear):
+    # torch.sign(nan) is 0, in upstream's formula and here: a NaN activation contributes
+    # nothing (in training it makes its whole sample's std NaN, so that sample's
+    # activations all binarize to 0), and the other outputs stay finite.
+    from numerics import assert_close
+    from oracle import to_oracle
+
+    torch.manual_seed(0)
+    if linear:
+        layer = ovsw.OvSWLinear(12, 6, act_w=act_w)
+        x = torch.randn(3, 12)
+        x[0, 5] = float("nan")
+    else:
+        layer = ovsw.OvSWConv2d(4, 6, 3, padding=1, act_w=act_w)
+        x = torch.randn(3, 4, 5, 5)
+        x[0, 1, 2, 3] = float("nan")
+    layer.train(training)
+    reference = to_oracle(layer)
+    want = reference(x).detach()
+    assert torch.isfinite(want).all(), "upstream's formula gives finite outputs here"
+    assert_close(layer(x).detach(), want, atol=1e-5, rtol=1e-5, what="output")

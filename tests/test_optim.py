@@ -344,3 +344,32 @@ def test_cuda_step_does_not_synchronize():
         torch.cuda.set_sync_debug_mode("default")
     stats = opt.stats()
     assert all(s["ags_ratio"] > 0 and 0.0 <= s["silent_ratio"] <= 1.0 for s in stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_ags_takes_its_norms_in_float32(dtype):
+    """AGS on half-precision weights (the libtorch route) against float64: gradients near
+    1e-4, whose squares underflow in float16 (below about 6e-8), must still give the exact
+    factor delta * ||W_o|| / ||G_o||; each element is then one half-precision rounding
+    from the float64 answer (2^-9 relative for bfloat16, 2^-12 for float16, with room;
+    before the fix, float16 was 0.63 off and bfloat16 1.2e-2)."""
+    from numerics import elementwise_rel_err, rel_err
+
+    g = torch.Generator().manual_seed(0)
+    shape = (8, 16, 3, 3)
+    w = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.05).to(dtype)
+    grad = (torch.randn(shape, generator=g, dtype=torch.float64) * 1e-4).to(dtype)
+    tracker, prev = torch.zeros(shape, dtype=dtype), w.clone()
+    delta = 0.1
+    # float64 from the same half-precision inputs.
+    w64, g64 = w.double().reshape(8, -1), grad.double().reshape(8, -1)
+    gn = g64.norm(dim=1).clamp_min(1e-6)
+    wn = w64.norm(dim=1).clamp_min(1e-3)
+    r = gn / wn
+    assert (r < delta).all(), "every channel is boosted: the case tests the factor"
+    want = (g64 * (delta * wn / gn)[:, None]).reshape(shape)
+    figures = _step(ovsw._core.OvSWConfig(enable_ags=True, delta=delta), [[grad, w, tracker, prev]])
+    tol = {torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    # Below the smallest normal number, the rounding is absolute: the floor is that number.
+    assert elementwise_rel_err(grad, want, floor=torch.finfo(dtype).tiny) <= tol
+    assert rel_err(figures[0, 0], r.mean()) <= 1e-5

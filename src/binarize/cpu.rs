@@ -81,7 +81,7 @@ fn sign(v: f32) -> f32 {
     } else if v < 0.0 {
         -1.0
     } else {
-        v // +-0 stays 0, NaN stays NaN, as torch.sign
+        0.0 // +-0 and NaN give 0, as torch.sign (and so upstream) gives
     }
 }
 

@@ -17,8 +17,15 @@ pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Tensor> {
         // A second handle to the gradient's storage for tch's in-place calls.
         let mut grad = l.grad.f_alias()?;
         if cfg.enable_ags {
-            let g2 = grad.f_reshape([o, -1])?;
-            let w2 = l.weight.f_reshape([o, -1])?;
+            // Norms, their ratio and the factor in float32 at least (float64 weights stay
+            // float64): in half precision the squares of gradients below about 2.4e-4
+            // underflow, and the fused routes sum in float64 and divide in float32 too.
+            let acc = match tensor::kind(l.weight)? {
+                Kind::Double => Kind::Double,
+                _ => Kind::Float,
+            };
+            let g2 = grad.f_reshape([o, -1])?.f_to_kind(acc)?;
+            let w2 = l.weight.f_reshape([o, -1])?.f_to_kind(acc)?;
             let gn = g2
                 .f_square()?
                 .f_sum_dim_intlist(1i64, false, None::<Kind>)?

@@ -49,9 +49,9 @@ struct BF16 {
     static __device__ __forceinline__ float round(float v) { return b2f(f2b(v)); }
 };
 
-// torch.sign: +1 / -1, and 0 (or NaN) stays itself.
+// torch.sign: +1 / -1, and 0 for +-0 and for NaN (as torch.sign and upstream give).
 __device__ __forceinline__ float sign_of(float v) {
-    return v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : v);
+    return v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f);
 }
 
 #define OVSW_THREADS 256
