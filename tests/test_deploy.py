@@ -296,7 +296,10 @@ def test_refusal_names_the_first_missing_flag():
     )
     assert not re.search(refusal("avx512_vpopcntdq", avx2), "it lacks the avx512_vpopcntdq flag")
     zen5 = ["popcnt", "avx2", "avx512f", "avx512bw"]
-    hidden = f"the 'avx512_vpopcntdq' kernel needs the CPU flag avx512_vpopcntdq, which {DISABLE_ENV} hides"
+    hidden = (
+        "the 'avx512_vpopcntdq' kernel needs the CPU flag avx512_vpopcntdq, "
+        f"which {DISABLE_ENV} hides"
+    )
     assert re.search(refusal("avx512_vpopcntdq", zen5), hidden)
     assert best_kernel(zen5) == "avx512bw" and best_kernel(avx2) == "avx2"
     assert best_kernel([]) == "portable"
