@@ -778,33 +778,92 @@ def test_mutated_headers_raise_value_errors_never_crash(tmp_path):
     assert refused > 1000 and loaded > 0
 
 
+def python_runs_during(call, duration: float, points=(0.2, 0.4, 0.6)) -> list[float]:
+    """Runs ``call()`` (which takes about ``duration`` seconds) while a second Python
+    thread sleeps, the GIL released, until each fraction ``points`` of ``duration``
+    after the call began, and then runs Python. Returns, per point, how long after the
+    call returned (positive) or before (negative) that thread got to run.
+
+    The interpreter's switch interval is set to 10 s meanwhile, so the calling thread
+    hands the GIL over only when it releases it itself: a call that holds the GIL keeps
+    the other thread out until it has returned and the caller blocks in ``join`` (every
+    figure positive, whatever the timing); a call that releases it lets the other thread
+    run on time (every figure negative). At the default 5 ms the interpreter would take
+    the GIL from a Python-level caller, and the measurement would prove nothing."""
+    import threading
+    import time
+
+    go = threading.Event()
+    started = [0.0]
+    ran: list[float] = []
+
+    def other():
+        go.wait()
+        for p in points:
+            time.sleep(max(0.0, started[0] + p * duration - time.perf_counter()))
+            ran.append(time.perf_counter())
+
+    thread = threading.Thread(target=other)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        thread.start()
+        started[0] = time.perf_counter()
+        go.set()
+        call()
+        ended = time.perf_counter()
+    finally:
+        sys.setswitchinterval(interval)
+        thread.join()
+    return [t - ended for t in ran]
+
+
+def released_during(call, duration: float, tries: int = 3) -> bool:
+    """Whether :func:`python_runs_during` sees the GIL free at every point of ``call``.
+    A later try only helps a GIL-releasing call whose other thread the OS scheduled
+    late; a GIL-holding call fails every try by construction."""
+    return any(max(python_runs_during(call, duration)) < 0 for _ in range(tries))
+
+
+def test_the_gil_measurement_refuses_a_call_that_holds_the_gil():
+    # ctypes.PyDLL calls hold the GIL, ctypes.CDLL calls release it; a pure-Python
+    # loop holds it too at the 10 s switch interval.
+    import ctypes
+    import time
+
+    held, freed = ctypes.PyDLL(None).usleep, ctypes.CDLL(None).usleep
+    for f in (held, freed):
+        f.argtypes = [ctypes.c_uint]
+
+    def busy():
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+
+    assert min(python_runs_during(lambda: held(50_000), 0.05)) > 0
+    assert min(python_runs_during(busy, 0.05)) > 0
+    assert not released_during(lambda: held(50_000), 0.05, tries=1)
+    assert released_during(lambda: freed(50_000), 0.05)
+
+
 def test_calls_release_the_gil_and_run_concurrently(tmp_path):
     import threading
+    import time
 
     model = calibrated("VGGSmall_1w1a", 32)
     engine = roundtrip(model, tmp_path, 32)
     engine.threads = 1
     x = np.random.default_rng(6).standard_normal((64, 3, 32, 32), dtype=np.float32)
     want = engine(x)
-    # Another Python thread keeps running while the engine computes.
-    stop = threading.Event()
-    ticks = [0]
-
-    def count():
-        while not stop.is_set():
-            ticks[0] += 1
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
-        before = ticks[0]
-        got = engine(x)
-        during = ticks[0] - before
-    finally:
-        stop.set()
-        counter.join()
-    np.testing.assert_array_equal(got, want)
-    assert during > 1000, f"the counter thread advanced only {during} times"
+    took = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        engine(x)
+        took.append(time.perf_counter() - t0)
+    # Another Python thread runs all through the engine's call.
+    got = []
+    assert released_during(lambda: got.append(engine(x)), min(took)), min(took)
+    np.testing.assert_array_equal(got[-1], want)
     # Two threads sharing one engine get the sequential results.
     results = [None, None]
 
