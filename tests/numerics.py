@@ -46,16 +46,25 @@ def max_abs_err(actual, expected) -> float:
     return float(np.abs(a[ok] - e[ok]).max()) if ok.any() else 0.0
 
 
-def rel_err(actual, expected) -> float:
-    """max |actual - expected| / max |expected| over the finite places of ``expected``
-    (``inf`` as in :func:`max_abs_err`; 0 for equal all-zero tensors)."""
+def rel_err(actual, expected, floor: float = 0.0) -> float:
+    """max |actual - expected| / max(max |expected|, floor) over the finite places of
+    ``expected`` (``inf`` as in :func:`max_abs_err`; 0 for equal all-zero tensors)."""
     err = max_abs_err(actual, expected)
     e = as_f64(expected)
     finite = e[np.isfinite(e)]
-    scale = float(np.abs(finite).max()) if finite.size else 0.0
+    scale = max(float(np.abs(finite).max()) if finite.size else 0.0, floor)
     if err == 0.0:
         return 0.0
     return err / scale if scale > 0 else math.inf
+
+
+def rel_err_per_sample(actual, expected, floor: float = 0.0) -> np.ndarray:
+    """:func:`rel_err` of each sample (each index of the first axis) against that
+    sample's own largest ``|expected|``, as a float64 array (``inf`` for a sample with a
+    NaN or inf where a number was expected)."""
+    a, e = as_f64(actual), as_f64(expected)
+    assert a.shape == e.shape and a.ndim >= 1, f"shape {a.shape} != expected {e.shape}"
+    return np.array([rel_err(a[i], e[i], floor) for i in range(len(e))], dtype=np.float64)
 
 
 def elementwise_rel_err(actual, expected, floor: float) -> float:
@@ -69,6 +78,21 @@ def elementwise_rel_err(actual, expected, floor: float) -> float:
     if not ok.any():
         return 0.0
     return float((np.abs(a[ok] - e[ok]) / np.maximum(np.abs(e[ok]), floor)).max())
+
+
+def fraction_outside(actual, expected, *, atol: float = 0.0, rtol: float = 0.0) -> float:
+    """The fraction of elements with |actual - expected| > atol + rtol * |expected|,
+    where a NaN or inf in ``actual`` not matched in ``expected`` counts as outside."""
+    a, e = as_f64(actual), as_f64(expected)
+    assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
+    if e.size == 0:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        inside = np.abs(a - e) <= atol + rtol * np.abs(e)
+    e_bad = ~np.isfinite(e)
+    same = (np.isnan(a) & np.isnan(e)) | (a == e)
+    inside = np.where(e_bad, same, inside)
+    return float((~inside).mean())
 
 
 def within(err: float, tol: float) -> bool:

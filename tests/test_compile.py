@@ -31,6 +31,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 import ovsw
+from numerics import rel_err, within
 
 STEPS = 10
 OPTIONS = dict(
@@ -75,11 +76,23 @@ def _assert_weights_close(model, ref, rtol):
         if not v.is_floating_point():
             assert torch.equal(sd[k], v), k
             continue
-        scale = v.abs().max().item()
-        err = (sd[k] - v).abs().max().item()
-        assert err <= rtol * max(scale, 1e-12), (k, err, scale)
-        worst = max(worst, err / max(scale, 1e-12))
+        assert torch.isfinite(v).all(), f"{k}: the eager reference is not finite"
+        err = rel_err(sd[k], v, floor=1e-12)
+        assert within(err, rtol), (k, err)
+        worst = max(worst, err)
     return worst
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_close_refuses_a_nonfinite_weight(bad):
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(4, 3)
+    model = copy.deepcopy(ref)
+    assert _assert_weights_close(model, ref, 1e-6) == 0.0
+    with torch.no_grad():
+        model.weight[1, 2] = bad
+    with pytest.raises(AssertionError):
+        _assert_weights_close(model, ref, 1e-6)
 
 
 # (backend, dtype, relative tolerance on every state tensor after ten steps)
@@ -108,7 +121,7 @@ def _check(arch, device, setting, step_inside):
     # The weights moved well beyond the tolerance (no vacuous comparison) ...
     start = _model(arch, device, dtype).state_dict()
     moved = max(
-        (v - start[k]).abs().max().item() / max(v.abs().max().item(), 1e-12)
+        rel_err(start[k], v, floor=1e-12)
         for k, v in ref.state_dict().items()
         if v.is_floating_point() and k in start
     )

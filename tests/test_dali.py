@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from numerics import max_abs_err, within
 from ovsw.train import args as train_args
 from ovsw.train import checkpoints, cli
 from ovsw.train import dali as ovsw_dali
@@ -85,8 +86,8 @@ def test_val_batches_match_torchvision(imagenet_dir):
     labels = torch.tensor([ref_set[i][1] for i in range(n)])
     x, y = torch.cat(xs), torch.cat(ys)
     assert torch.equal(y, labels)  # file order, labels from the class folders
-    diff = (x - ref).abs()  # normalised units; JPEG decoders and resamplers differ a little
-    assert diff.mean() < 0.02 and diff.max() < 0.25, (diff.mean(), diff.max())
+    # normalised units; JPEG decoders and resamplers differ a little
+    assert within(float((x - ref).abs().mean()), 0.02) and within(max_abs_err(x, ref), 0.25)
     assert Image  # PIL is what torchvision decoded with
 
 
@@ -226,7 +227,7 @@ def test_cifar_val_batches_match_torchvision(cifar_root, monkeypatch):
     assert torch.equal(torch.cat(ys), torch.as_tensor(test_y[order]))
     x = torch.cat(xs)
     # PNG is lossless: only (x - 255 m) / (255 s) against (x / 255 - m) / s rounding
-    assert (x - ref).abs().max() < 1e-5
+    assert within(max_abs_err(x, ref), 1e-5)
 
 
 def _identify(x: torch.Tensor, y: int, padded: torch.Tensor, labels: np.ndarray):
@@ -323,7 +324,8 @@ def test_imagenet_lighting_is_the_pca_offset_before_normalising(imagenet_dir):
         assert torch.equal(ya, yb)
         offset = (xa - xb) * std  # back to [0, 1] image units
         per_image = offset.mean(dim=(2, 3), keepdim=True)
-        assert (offset - per_image).abs().max() < 1e-5  # one RGB offset per image
+        # one RGB offset per image
+        assert within(max_abs_err(offset, per_image.expand_as(offset)), 1e-5)
         offsets.append(per_image.flatten(1))
     rgb = torch.cat(offsets).double()  # [90, 3]
     eigvec = torch.tensor(datasets.IMAGENET_PCA_EIGVEC, dtype=torch.float64)
@@ -334,7 +336,7 @@ def test_imagenet_lighting_is_the_pca_offset_before_normalising(imagenet_dir):
     assert ((sd > 0.07) & (sd < 0.13)).all(), sd  # 270 draws of N(0, 0.1)
     assert (mean.abs() < 0.05).all(), mean
     corr = torch.corrcoef(alpha.T)
-    assert (corr - torch.eye(3)).abs().max() < 0.4, corr  # drawn independently
+    assert within(max_abs_err(corr, torch.eye(3)), 0.4), corr  # drawn independently
     with pytest.raises(ValueError, match="lighting"):
         ovsw_dali.imagenet_loader(folder, True, n, lighting=-1.0)
 

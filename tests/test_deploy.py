@@ -16,8 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+import numerics
 import ovsw
 import ovsw.deploy as deploy
+from numerics import max_abs_err, rel_err_per_sample, within
 from ovsw import models
 from ovsw.deploy._bench import calibrated
 
@@ -32,8 +34,15 @@ REL = 1e-4
 
 
 def rel_err(y: np.ndarray, ref: np.ndarray) -> float:
-    """Largest per-sample |y - ref| over the largest |ref| of that sample."""
-    return float((np.abs(y - ref).max(1) / np.abs(ref).max(1)).max())
+    """Largest per-sample |y - ref| over the largest |ref| of that sample (``inf`` for a
+    sample with a NaN or inf where a number was expected)."""
+    return float(rel_err_per_sample(y, ref).max())
+
+
+def differing_samples(y: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Indices of the samples not within relative :data:`REL` of ``ref`` (NaN and inf
+    included)."""
+    return np.flatnonzero([not within(e, REL) for e in rel_err_per_sample(y, ref)])
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -83,13 +92,14 @@ def explain_difference(engine, model: nn.Module, x: torch.Tensor, i: int, arch: 
         res = ours[op["residual"]] if op.get("residual") is not None else None
         got = as_nchw(engine.run_op(op["name"], ours[op["x"]], res))
         want = anchor_tensor(seen, arch, op["name"])[i : i + 1].numpy()
-        if np.abs(got - want).max() > REL * np.abs(want).max():
+        if not within(numerics.rel_err(got, want), REL):
+            assert np.isfinite(got).all(), f"{op['name']}: NaN or inf in the engine's output"
             assert op["op"] == "bconv2d", f"first difference at {op['name']} ({op['op']})"
             a, b = ours[op["x"]], theirs[op["x"]]
-            assert np.abs(a - b).max() < 1e-5, f"{op['name']}: inputs differ beyond rounding"
+            assert within(max_abs_err(a, b), 1e-5), f"{op['name']}: inputs differ beyond rounding"
             flipped = np.sign(a) != np.sign(b)
             assert flipped.any(), f"{op['name']}: outputs differ with identical input signs"
-            assert np.abs(b[flipped]).max() < 1e-5
+            assert within(max_abs_err(b[flipped], np.zeros(flipped.sum())), 1e-5)
             return op["name"]
         ours[op["y"]] = got
         theirs[op["y"]] = want
@@ -108,10 +118,11 @@ def check_logits(engine, model: nn.Module, x: torch.Tensor, arch: str) -> None:
     ref = logits(model, x)
     y = engine(x.numpy())
     assert y.shape == ref.shape and y.dtype == np.float32
-    per_sample = np.abs(y - ref).max(1) / np.abs(ref).max(1)
-    bad = np.flatnonzero(per_sample >= REL)
+    assert np.isfinite(ref).all(), "PyTorch's own logits are not finite"
+    bad = differing_samples(y, ref)
     for i in bad:
         explain_difference(engine, model, x, int(i), arch)
+    per_sample = rel_err_per_sample(y, ref)
     assert len(bad) <= len(x) // 4, f"{len(bad)} of {len(x)} samples differ: {per_sample}"
 
 
@@ -660,8 +671,8 @@ def test_every_op_matches_its_layers_on_the_same_input(arch, size, tmp_path):
         want = anchor_tensor(seen, arch, op["name"])
         got = engine.run_op(op["name"], src.numpy(), None if res is None else res.numpy())
         want_np = want.numpy().reshape(got.shape)
-        err = np.abs(got - want_np).max() / max(np.abs(want_np).max(), 1e-12)
-        assert err < REL, f"{op['name']} ({op['op']}): relative error {err:.2e}"
+        err = numerics.rel_err(got, want_np, floor=1e-12)
+        assert within(err, REL), f"{op['name']} ({op['op']}): relative error {err:.2e}"
         produced[op["y"]] = want
         checked += 1
     assert checked == len(engine.ops)
@@ -710,14 +721,48 @@ def test_a_differing_sample_is_traced_to_a_rounding_level_sign_flip(tmp_path):
     gen = torch.Generator().manual_seed(7)
     for _ in range(40):
         x = torch.randn(16, 3, 32, 32, generator=gen)
-        ref = logits(model, x)
-        per_sample = np.abs(engine(x.numpy()) - ref).max(1) / np.abs(ref).max(1)
-        bad = np.flatnonzero(per_sample >= REL)
+        bad = differing_samples(engine(x.numpy()), logits(model, x))
         if bad.size:
             name = explain_difference(engine, model, x, int(bad[0]), "cResNet18_1w1a")
             assert name.startswith("layer")
             return
     pytest.fail("no differing image among 640; the flip rate is lower than measured")
+
+
+class Poisoned:
+    """An engine whose logits carry a NaN in sample 0 and, if ``op`` is given, whose
+    ``run_op(op)`` output carries one too; everything else is the real engine's."""
+
+    def __init__(self, engine, op: str | None = None):
+        self.engine, self.graph, self.op = engine, engine.graph, op
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.engine(x).copy()
+        y[0, 1] = np.nan
+        return y
+
+    def run_op(self, name, x, residual):
+        y = self.engine.run_op(name, x, residual)
+        if name == self.op:
+            y = y.copy()
+            y.flat[y.size // 2] = np.nan
+        return y
+
+
+def test_a_nan_from_the_engine_fails_the_logit_checks(tmp_path):
+    # NaN >= REL is False: the per-sample check must still count such a sample as
+    # differing, and the tracer must not pass it off as a sign flip.
+    model = calibrated("cResNet20_1w1a", 32)
+    engine = roundtrip(model, tmp_path, 32)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    check_logits(engine, model, x, "cResNet20_1w1a")  # the engine itself passes
+    ref = logits(model, x)
+    assert rel_err(Poisoned(engine)(x.numpy()), ref) == np.inf
+    assert list(differing_samples(Poisoned(engine)(x.numpy()), ref)) == [0]
+    with pytest.raises(AssertionError, match="no op differs"):
+        check_logits(Poisoned(engine), model, x, "cResNet20_1w1a")
+    with pytest.raises(AssertionError, match="layer2.0.conv1: NaN or inf"):
+        check_logits(Poisoned(engine, "layer2.0.conv1"), model, x, "cResNet20_1w1a")
 
 
 FUZZ = r"""
@@ -776,33 +821,92 @@ def test_mutated_headers_raise_value_errors_never_crash(tmp_path):
     assert refused > 1000 and loaded > 0
 
 
+def python_runs_during(call, duration: float, points=(0.2, 0.4, 0.6)) -> list[float]:
+    """Runs ``call()`` (which takes about ``duration`` seconds) while a second Python
+    thread sleeps, the GIL released, until each fraction ``points`` of ``duration``
+    after the call began, and then runs Python. Returns, per point, how long after the
+    call returned (positive) or before (negative) that thread got to run.
+
+    The interpreter's switch interval is set to 10 s meanwhile, so the calling thread
+    hands the GIL over only when it releases it itself: a call that holds the GIL keeps
+    the other thread out until it has returned and the caller blocks in ``join`` (every
+    figure positive, whatever the timing); a call that releases it lets the other thread
+    run on time (every figure negative). At the default 5 ms the interpreter would take
+    the GIL from a Python-level caller, and the measurement would prove nothing."""
+    import threading
+    import time
+
+    go = threading.Event()
+    started = [0.0]
+    ran: list[float] = []
+
+    def other():
+        go.wait()
+        for p in points:
+            time.sleep(max(0.0, started[0] + p * duration - time.perf_counter()))
+            ran.append(time.perf_counter())
+
+    thread = threading.Thread(target=other)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        thread.start()
+        started[0] = time.perf_counter()
+        go.set()
+        call()
+        ended = time.perf_counter()
+    finally:
+        sys.setswitchinterval(interval)
+        thread.join()
+    return [t - ended for t in ran]
+
+
+def released_during(call, duration: float, tries: int = 3) -> bool:
+    """Whether :func:`python_runs_during` sees the GIL free at every point of ``call``.
+    A later try only helps a GIL-releasing call whose other thread the OS scheduled
+    late; a GIL-holding call fails every try by construction."""
+    return any(max(python_runs_during(call, duration)) < 0 for _ in range(tries))
+
+
+def test_the_gil_measurement_refuses_a_call_that_holds_the_gil():
+    # ctypes.PyDLL calls hold the GIL, ctypes.CDLL calls release it; a pure-Python
+    # loop holds it too at the 10 s switch interval.
+    import ctypes
+    import time
+
+    held, freed = ctypes.PyDLL(None).usleep, ctypes.CDLL(None).usleep
+    for f in (held, freed):
+        f.argtypes = [ctypes.c_uint]
+
+    def busy():
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+
+    assert min(python_runs_during(lambda: held(50_000), 0.05)) > 0
+    assert min(python_runs_during(busy, 0.05)) > 0
+    assert not released_during(lambda: held(50_000), 0.05, tries=1)
+    assert released_during(lambda: freed(50_000), 0.05)
+
+
 def test_calls_release_the_gil_and_run_concurrently(tmp_path):
     import threading
+    import time
 
     model = calibrated("VGGSmall_1w1a", 32)
     engine = roundtrip(model, tmp_path, 32)
     engine.threads = 1
     x = np.random.default_rng(6).standard_normal((64, 3, 32, 32), dtype=np.float32)
     want = engine(x)
-    # Another Python thread keeps running while the engine computes.
-    stop = threading.Event()
-    ticks = [0]
-
-    def count():
-        while not stop.is_set():
-            ticks[0] += 1
-
-    counter = threading.Thread(target=count)
-    counter.start()
-    try:
-        before = ticks[0]
-        got = engine(x)
-        during = ticks[0] - before
-    finally:
-        stop.set()
-        counter.join()
-    np.testing.assert_array_equal(got, want)
-    assert during > 1000, f"the counter thread advanced only {during} times"
+    took = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        engine(x)
+        took.append(time.perf_counter() - t0)
+    # Another Python thread runs all through the engine's call.
+    got = []
+    assert released_during(lambda: got.append(engine(x)), min(took)), min(took)
+    np.testing.assert_array_equal(got[-1], want)
     # Two threads sharing one engine get the sequential results.
     results = [None, None]
 

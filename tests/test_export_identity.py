@@ -52,6 +52,7 @@ from torch import nn
 
 import ovsw
 import ovsw.deploy as deploy
+from numerics import assert_close, elementwise_rel_err, max_abs_err, within
 from ovsw import models
 from ovsw.deploy import _export
 
@@ -154,9 +155,10 @@ def pinned_header():
         yield
 
 
-def export_bytes(arch: str, folder: Path) -> bytes:
+def export_bytes(arch: str, folder: Path, model: nn.Module | None = None) -> bytes:
+    """The pinned file of ``arch``, exported from ``model`` (``build(arch)`` if None)."""
     with pinned_header():
-        path = deploy.export(build(arch), folder / f"{arch}.ovsw")
+        path = deploy.export(build(arch) if model is None else model, folder / f"{arch}.ovsw")
     return path.read_bytes()
 
 
@@ -231,37 +233,139 @@ def _file_tensor(raw: bytes, header: dict, name: str) -> np.ndarray:
     return flat.reshape(entry["shape"])
 
 
-@pytest.mark.parametrize("arch", ["cResNet20_1w1a", "ResNet18_1w1a"])
-def test_folded_scale_and_shift_follow_spec(arch, tmp_path):
-    """Each binary conv's stored scale/shift equal SPEC 1.3-1.5 in eval mode followed
-    by its BatchNorm, written out here in float64 from the layer's tensors:
-    ``bn(alpha * (m * dot + bias))`` with ``m = mean_o|W|`` for ste_v2 (else 1), that
-    is scale ``alpha * m * k`` and shift ``(alpha * bias - mean) * k + beta``."""
-    raw = export_bytes(arch, tmp_path)
-    header = header_of(raw)
-    model = build(arch)
+def _following_bn(arch: str, conv: str) -> str | None:
+    """The BatchNorm that directly follows conv ``conv`` in ``arch`` (SPEC 4), or None
+    where a max-pool stands between them (VGG-Small's conv1, conv3 and conv5)."""
+    parent, _, leaf = conv.rpartition(".")
+    if arch.startswith("VGGSmall"):
+        return None if leaf in ("conv1", "conv3", "conv5") else f"bn{leaf[4:]}"
+    if leaf == "0":  # cResNet18's shortcut, ResNet's downsample: Sequential(conv, bn)
+        return f"{parent}.1"
+    return f"{parent}.bn{leaf[4:]}" if parent else f"bn{leaf[4:]}"
+
+
+def _f64(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().to(torch.float64).numpy()
+
+
+def spec_folds(arch: str, model: nn.Module, plant: str | None = None) -> dict[str, np.ndarray]:
+    """Every float tensor the file of ``model`` must hold, by its name in the header,
+    computed here in float64 from the layers' own tensors (SPEC 1.3-1.5 and 4, eval
+    mode), never through ovsw's lowering:
+
+    - a BatchNorm in eval mode is ``k * x + c`` with ``k = gamma / sqrt(var + eps)``,
+      ``c = beta - mean * k``; an ``affine`` op stores ``(k, c)``;
+    - a binary conv computes ``alpha * (m * dot + bias)`` with ``m = mean_o|W|`` for
+      ste_v2 (else 1): its ``bconv2d`` op stores ``scale = alpha * m * k`` and
+      ``shift = (alpha * bias - mean) * k + beta`` of the BatchNorm after it (none
+      after VGG-Small's conv1/3/5: ``alpha * m`` and ``alpha * bias``);
+    - a float conv stores ``W * k`` as ``[O, kh, kw, C/groups]`` and
+      ``(bias - mean) * k + beta``; ``linear`` and PReLU slopes are stored as they are.
+
+    ``plant`` computes one of them wrongly on purpose (the tests show each falls
+    outside the tolerance): ``"bias_times_m"`` scales a binary conv's bias by
+    ``alpha * m`` (the exporter's old ste_v2 bug), ``"mean_sign"`` adds the running
+    mean instead of subtracting it, ``"no_eps"`` drops BatchNorm's eps, and
+    ``"fold_through_pool"`` folds VGG-Small's BatchNorms through the max-pool."""
     modules = dict(model.named_modules())
-    checked = 0
+
+    def bn_fold(name: str | None, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if name is None:
+            return np.ones(channels), np.zeros(channels), np.zeros(channels)
+        bn = modules[name]
+        eps = 0.0 if plant == "no_eps" else bn.eps
+        k = _f64(bn.weight) / np.sqrt(_f64(bn.running_var) + eps)
+        mean = _f64(bn.running_mean) * (-1.0 if plant == "mean_sign" else 1.0)
+        return k, mean, _f64(bn.bias)
+
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d) and n != "fc"]
+    folded = {_following_bn(arch, n) for n in convs}
+    out: dict[str, np.ndarray] = {}
+    for name, m in modules.items():
+        if isinstance(m, ovsw.OvSWConv2d):
+            bn_name = _following_bn(arch, name)
+            if plant == "fold_through_pool" and bn_name is None:
+                bn_name = f"bn{name[4:]}"
+            k, mean, beta = bn_fold(bn_name, m.out_channels)
+            alpha = _f64(m.scaling_factor)
+            w_mean = np.abs(_f64(m.weight)).reshape(m.out_channels, -1).mean(1)
+            mw = w_mean if m.act_w == "ste_v2" else np.ones(m.out_channels)
+            bias = _f64(m.bias) if m.bias is not None else np.zeros(m.out_channels)
+            bias_scale = alpha * w_mean if plant == "bias_times_m" else alpha
+            out[f"{name}.scale"] = alpha * mw * k
+            out[f"{name}.shift"] = (bias_scale * bias - mean) * k + beta
+        elif isinstance(m, nn.Conv2d) and name != "fc":
+            k, mean, beta = bn_fold(_following_bn(arch, name), m.out_channels)
+            w = _f64(m.weight) * k[:, None, None, None]
+            out[f"{name}.weight"] = w.transpose(0, 2, 3, 1)
+            bias = _f64(m.bias) if m.bias is not None else np.zeros(m.out_channels)
+            out[f"{name}.bias"] = (bias - mean) * k + beta
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and name not in folded:
+            k, mean, beta = bn_fold(name, m.num_features)
+            out[f"{name}.scale"] = k
+            out[f"{name}.shift"] = beta - mean * k
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):  # the head (cResNet18's is a 1x1 conv)
+            out[f"{name}.weight"] = _f64(m.weight).reshape(m.weight.shape[0], -1)
+            out[f"{name}.bias"] = _f64(m.bias)
+        elif isinstance(m, nn.PReLU):  # VGG-Small's nonlinear5, the activation of bn5
+            out[f"bn{name[len('nonlinear') :]}.prelu"] = _f64(m.weight)
+    return out
+
+
+#: Each stored float is the float64 value above rounded once to float32: within half
+#: an ulp, 2**-24 relative; twice that leaves room for float64 summation order.
+FOLD_RTOL = 2.0**-23
+
+
+def compare_folds(raw: bytes, header: dict, expected: dict[str, np.ndarray]) -> float:
+    """Asserts that every float32 tensor of the file equals ``expected`` (same names)
+    within :data:`FOLD_RTOL` of each element; returns the worst error of an element
+    relative to its own magnitude."""
+    stored = {n for n, e in header["tensors"].items() if e["dtype"] == "f32"}
+    by_op = {}
     for op in header["ops"]:
-        if op["op"] != "bconv2d":
-            continue
-        conv = modules[op["name"]]
-        parent, _, leaf = op["name"].rpartition(".")
-        bn = modules[f"{parent}.{ {'conv1': 'bn1', 'conv2': 'bn2'}[leaf] }"]
-        alpha = conv.scaling_factor.detach().double()
-        m = conv.weight.detach().double().abs().flatten(1).mean(1)
-        if conv.act_w != "ste_v2":
-            m = torch.ones_like(m)
-        bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(m)
-        k = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        scale = alpha * m * k
-        shift = (alpha * bias - bn.running_mean.double()) * k + bn.bias.detach().double()
-        got_scale = _file_tensor(raw, header, op["scale"])
-        got_shift = _file_tensor(raw, header, op["shift"])
-        np.testing.assert_allclose(got_scale, scale.numpy(), rtol=1e-6, err_msg=op["name"])
-        np.testing.assert_allclose(got_shift, shift.numpy(), rtol=1e-6, atol=1e-6)
-        checked += 1
-    assert checked == len(dict(ovsw.binary_convs(model))) > 0
+        for key in ("weight", "bias", "scale", "shift", "prelu"):
+            if op.get(key) in stored:
+                by_op[op[key]] = f"{op['name']}.{key}"
+    assert set(by_op) == stored, f"tensors no op names: {sorted(stored - set(by_op))}"
+    missing = set(expected) - set(by_op.values())
+    assert not missing and len(by_op) == len(expected), sorted(missing)
+    worst = 0.0
+    for tensor, key in by_op.items():
+        got, want = _file_tensor(raw, header, tensor), expected[key]
+        assert_close(got, want, rtol=FOLD_RTOL, what=key)
+        worst = max(worst, elementwise_rel_err(got, want, floor=1e-30))
+    return worst
+
+
+@pytest.mark.parametrize("arch", models.names())
+def test_folded_scale_and_shift_follow_spec(arch, tmp_path):
+    """Every float tensor of each pinned file (every binary layer's scale and shift,
+    every BatchNorm left as an affine op, the float convs with their BatchNorm folded,
+    the head and PReLU slopes) equals :func:`spec_folds`, computed independently in
+    float64 from the model's parameters."""
+    model = build(arch)
+    raw = export_bytes(arch, tmp_path, model)
+    header = header_of(raw)
+    assert compare_folds(raw, header, spec_folds(arch, model)) <= FOLD_RTOL
+    bconvs = {op["name"] for op in header["ops"] if op["op"] == "bconv2d"}
+    assert bconvs == set(dict(ovsw.binary_convs(model))) != set()
+
+
+@pytest.mark.parametrize(
+    "arch,plants",
+    [
+        ("cResNet20_1w1a", ["bias_times_m", "no_eps"]),  # ste_v2; eps: 4e-4 relative
+        ("VGGSmall_1w1a", ["mean_sign", "fold_through_pool"]),
+    ],
+)
+def test_a_wrong_fold_falls_outside_the_tolerance(arch, plants, tmp_path):
+    model = build(arch)
+    raw = export_bytes(arch, tmp_path, model)
+    header = header_of(raw)
+    for plant in plants:
+        with pytest.raises(AssertionError, match="out of atol"):
+            compare_folds(raw, header, spec_folds(arch, model, plant))
 
 
 def test_binary_convs_with_bias_match_their_layers(tmp_path):
@@ -287,7 +391,7 @@ def test_binary_convs_with_bias_match_their_layers(tmp_path):
             residual = torch.randn(out.shape, generator=gen)
             want = nn.functional.hardtanh(out + residual).numpy()
         got = engine.run_op(op["name"], x.numpy(), residual.numpy())
-        assert np.abs(got - want).max() <= 1e-5, op["name"]
+        assert within(max_abs_err(got, want), 1e-5), op["name"]
         checked += 1
     assert checked == 9
 

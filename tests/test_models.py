@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ovsw
+from numerics import max_abs_err, rel_err, within
 from ovsw import OvSWConv2d
 
 DATA = Path(__file__).parent / "data" / "upstream_state_dict_keys.json"
@@ -399,10 +400,22 @@ def test_bad_act_w():
 
 
 def assert_std(t: torch.Tensor, expected: float, rel: float, what: str) -> None:
+    """std(t) within relative ``rel`` of ``expected`` and mean(t) within 4 standard
+    errors of 0 (a NaN or inf anywhere in ``t`` fails both)."""
     std = t.detach().double().std().item()
-    assert abs(std - expected) <= rel * expected, f"{what}: std {std:.4g} vs {expected:.4g}"
+    assert within(rel_err(std, expected), rel), f"{what}: std {std:.4g} vs {expected:.4g}"
     mean = t.detach().double().mean().item()
-    assert abs(mean) <= 4 * expected / math.sqrt(t.numel()), f"{what}: mean {mean:.3g}"
+    bound = 4 * expected / math.sqrt(t.numel())
+    assert within(max_abs_err(mean, 0.0), bound), f"{what}: mean {mean:.3g}"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_assert_std_refuses_a_nonfinite_weight(bad):
+    t = torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    assert_std(t, 1.0, 0.1, "clean")
+    t[7] = bad
+    with pytest.raises(AssertionError):
+        assert_std(t, 1.0, 0.1, "poisoned")
 
 
 def test_vgg_init():
@@ -456,6 +469,7 @@ def test_full_precision_layers_keep_default_init(arch):
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, OvSWConv2d):
             bound = 1.0 / math.sqrt(m.weight[0].numel())
-            assert m.weight.abs().max().item() <= bound, name
+            largest = max_abs_err(m.weight, torch.zeros_like(m.weight))
+            assert within(largest, bound), name
             # and spread over the range, as a uniform draw is
-            assert m.weight.abs().max().item() >= 0.5 * bound, name
+            assert largest >= 0.5 * bound, name

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from numerics import assert_close, elementwise_rel_err, max_abs_err, rel_err, within
+from numerics import (
+    assert_close,
+    elementwise_rel_err,
+    fraction_outside,
+    max_abs_err,
+    rel_err,
+    rel_err_per_sample,
+    within,
+)
 
 NONFINITE = [math.nan, math.inf, -math.inf]
 
@@ -57,3 +65,31 @@ def test_assert_close_names_the_worst_element():
         assert_close([1.0, 2.1], [1.0, 2.0], rtol=0.01, what="x")
     with pytest.raises(AssertionError, match="shape"):
         assert_close([1.0], [1.0, 2.0])
+
+
+def test_rel_err_floor_and_per_sample():
+    # The floor stands in for a tiny largest |expected|.
+    assert rel_err([1e-13], [0.0], floor=1e-12) == pytest.approx(0.1)
+    assert rel_err([1e-13], [0.0]) == math.inf
+    assert rel_err([2.0], [1.0], floor=1e-12) == pytest.approx(1.0)
+    expected = np.array([[1.0, -4.0], [0.01, 0.02], [3.0, 3.0]])
+    actual = expected + np.array([[0.0, 0.04], [0.0002, 0.0], [0.0, 0.0]])
+    # Each sample against its own largest |expected|: 1%, 1%, 0.
+    np.testing.assert_allclose(rel_err_per_sample(actual, expected), [0.01, 0.01, 0.0])
+    actual[2, 1] = math.nan
+    per = rel_err_per_sample(actual, expected)
+    assert per[2] == math.inf and np.isfinite(per[:2]).all()
+
+
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_fraction_outside_counts_nonfinite_as_outside(bad):
+    expected = np.zeros(10)
+    actual = expected.copy()
+    actual[3] = 0.5  # outside atol 1e-6
+    assert fraction_outside(actual, expected, atol=1e-6) == pytest.approx(0.1)
+    actual[7] = bad
+    assert fraction_outside(actual, expected, atol=1e-6) == pytest.approx(0.2)
+    # A non-finite expected value must be matched exactly.
+    expected[7] = bad
+    assert fraction_outside(actual, expected, atol=1e-6) == pytest.approx(0.1)
+    assert fraction_outside(actual, expected, rtol=1.0, atol=0.5) == 0.0

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ovsw
+from numerics import max_abs_err, rel_err, within
 from oracle import (
     ACT_W,
     OracleConv2d,
@@ -50,15 +51,23 @@ def assert_rel_close(actual, expected, rtol, what=""):
     assert actual.dtype == expected.dtype, f"{what}: {actual.dtype} vs {expected.dtype}"
     if actual.numel() == 0:
         return
-    a, e = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(e).all(), f"{what}: oracle not finite"
-    assert torch.isfinite(a).all(), f"{what}: core not finite"
-    scale = e.abs().max().item()
-    err = (a - e).abs().max().item()
-    assert err <= rtol * max(scale, 1e-30), (
-        f"{what}: max abs diff {err:.3e}, largest magnitude {scale:.3e}, "
-        f"relative {err / max(scale, 1e-30):.3e} > {rtol:.0e}"
+    assert torch.isfinite(expected).all(), f"{what}: oracle not finite"
+    assert torch.isfinite(actual).all(), f"{what}: core not finite"
+    err = rel_err(actual, expected, floor=1e-30)
+    assert within(err, rtol), (
+        f"{what}: max abs diff {max_abs_err(actual, expected):.3e}, largest magnitude "
+        f"{expected.detach().abs().max().item():.3e}, relative {err:.3e} > {rtol:.0e}"
     )
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_assert_rel_close_refuses_a_nonfinite_core_result(bad):
+    expected = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    actual = expected + 1e-7
+    assert_rel_close(actual, expected, 1e-6, "clean")
+    actual[1, 0] = bad
+    with pytest.raises(AssertionError, match="core not finite"):
+        assert_rel_close(actual, expected, 1e-6, "poisoned")
 
 
 def nonzero_randn(shape, gen, dtype, floor=0.02):
