@@ -39,7 +39,8 @@ flags_of() {
 # A broken kernel must stop the program with `pattern` in its output.
 expect_stopped() {
     local bin=$1 name=$2 pattern=$3 log="$OUT/selftest-$2.log"
-    if ("$bin" --self-test-fail "$name") >"$log" 2>&1; then
+    # (a subshell that waits, so that the shell's "Aborted" notice lands in the log)
+    if ("$bin" --self-test-fail "$name"; exit $?) >"$log" 2>&1; then
         echo "FAIL self-test $name ran to the end: nothing stopped it"
         return 1
     fi

@@ -1094,6 +1094,26 @@ void check_header() {
         expect(ok, "__syncthreads tree sum, __syncwarp exchange, atomicAdd (int, double)");
     }
     {
+        // Two host threads launching the same kernel at once: the grids take turns (the
+        // kernel's __shared__ statics serve one block at a time).
+        auto sum_of = [](float base) {
+            std::vector<float> in(128);
+            for (size_t i = 0; i < in.size(); ++i) in[i] = base + (float)i;
+            float sum = NAN;
+            int count = 0, neighbour[128];
+            double total = 0;
+            ovsw_host::launch(reduce_kernel, dim3(1), dim3(128), in.data(), &sum, &count, &total,
+                              neighbour);
+            return sum;
+        };
+        float a = 0, b = 0;
+        std::thread ta([&] { a = sum_of(1.0f); }), tb([&] { b = sum_of(-3.0f); });
+        ta.join();
+        tb.join();
+        expect(a == 128.0f + 127.0f * 64.0f && b == -384.0f + 127.0f * 64.0f,
+               "two host threads launching one kernel at once");
+    }
+    {
         int sentinel = 12345;
         ovsw_host::launch(reduce_kernel, dim3(0), dim3(128), (const float*)nullptr, (float*)nullptr,
                           &sentinel, (double*)nullptr, (int*)nullptr);

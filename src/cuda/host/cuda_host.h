@@ -12,9 +12,10 @@
 // threads meet at real barriers (__syncthreads, and per warp of 32 for the warp
 // shuffles and __syncwarp), so ThreadSanitizer sees the happens-before edges a GPU's
 // barriers give, and no others: a missing __syncthreads is a data race it reports.
-// Blocks run one after another, in index order (a `__shared__` variable is a
-// function-local static, hence one storage per kernel for the block that runs); the
-// end of a block orders it before the next, so races between blocks are not seen.
+// Blocks run one after another, in index order, and grids one at a time in the process
+// (a `__shared__` variable is a function-local static, hence one storage per kernel for
+// the block that runs); the end of a block orders it before the next, so races between
+// blocks are not seen.
 //
 // What is checked at run time (a report on stderr, then abort):
 // - a barrier reached by some threads of a block at one place and by others at another
@@ -249,6 +250,12 @@ T shuffle(ShuffleKind kind, unsigned mask, T v, int arg, int width, const char* 
 // ---------------------------------------------------------------------------------------
 // Runs `body` (one kernel invocation) for every thread of every block of `grid`, with
 // `block` threads per block. Returns when every block has finished.
+// One grid at a time in the process: every launch of a kernel shares its statics.
+inline std::mutex& grid_mutex() {
+    static std::mutex m;
+    return m;
+}
+
 inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
     const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
     const uint64_t nthreads64 = (uint64_t)block.x * block.y * block.z;
@@ -258,6 +265,8 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
         std::abort();
     }
     if (nblocks == 0) return;
+    if (tls_ctx.block != nullptr) fail("a launch from inside a kernel", nullptr, 0, 0, 0);
+    std::lock_guard<std::mutex> one_grid(grid_mutex());
     const unsigned nthreads = (unsigned)nthreads64;
     Block blk;
     blk.threads = nthreads;
