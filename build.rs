@@ -117,6 +117,30 @@ fn main() {
         .file("csrc/tensor_facts.cpp")
         .compile("ovsw_shim");
 
+    if env::var_os("CARGO_FEATURE_CUDA_HOST").is_some() {
+        // The CUDA kernels for the CPU (crate::cuda::host): the same sources under
+        // src/cuda/host/cuda_host.h, each operation rounded on its own (no contraction).
+        for f in [
+            "src/cuda/host/cuda_host.h",
+            "src/cuda/host/launch.cpp",
+            "src/cuda/kernels/common.cuh",
+            "src/cuda/kernels/binconv.cu",
+            "src/cuda/kernels/ags_sad.cu",
+        ] {
+            println!("cargo:rerun-if-changed={f}");
+        }
+        cc::Build::new()
+            .cpp(true)
+            .pic(true)
+            .warnings(false)
+            .flag("-std=c++17")
+            .flag("-ffp-contract=off")
+            .flag("-pthread")
+            .opt_level(2)
+            .file("src/cuda/host/launch.cpp")
+            .compile("ovsw_cuda_host");
+    }
+
     let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if os == "linux" {
         // Find libtorch next to the installed package at run time (site-packages/ovsw/_core.so

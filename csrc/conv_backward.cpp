@@ -51,18 +51,20 @@ extern "C" int ovsw_convolution_backward(
   }
 }
 
-// How libtorch will run a float convolution on CUDA tensors from the calling thread:
-// the dtype CUDA autocast casts its operands to (`*autocast_dtype`, a c10::ScalarType;
-// -1 outside `torch.autocast("cuda")`), and whether cuDNN may run float32 convolutions in
-// TF32 (`torch.backends.cudnn.conv.fp32_precision == "tf32"`, the default). Neither read
-// touches the GPU. Returns 0, or 1 with the message in `err`.
-extern "C" int ovsw_cuda_conv_mode(int32_t* autocast_dtype, int* tf32, char* err,
-                                   size_t err_len) {
+// How libtorch will run a float convolution on CUDA tensors (on CPU tensors with `cpu`)
+// from the calling thread: the dtype autocast casts its operands to (`*autocast_dtype`, a
+// c10::ScalarType; -1 outside `torch.autocast("cuda")`, or "cpu"), and whether cuDNN may
+// run float32 convolutions in TF32 (`torch.backends.cudnn.conv.fp32_precision == "tf32"`,
+// the default; never on the CPU). Neither read touches the GPU. Returns 0, or 1 with the
+// message in `err`.
+extern "C" int ovsw_conv_mode(int cpu, int32_t* autocast_dtype, int* tf32, char* err,
+                              size_t err_len) {
   try {
-    *autocast_dtype = at::autocast::is_autocast_enabled(at::kCUDA)
-                          ? static_cast<int32_t>(at::autocast::get_autocast_dtype(at::kCUDA))
+    const auto device = cpu ? at::kCPU : at::kCUDA;
+    *autocast_dtype = at::autocast::is_autocast_enabled(device)
+                          ? static_cast<int32_t>(at::autocast::get_autocast_dtype(device))
                           : -1;
-    *tf32 = at::globalContext().allowTF32CuDNN(at::Float32Op::CONV) ? 1 : 0;
+    *tf32 = !cpu && at::globalContext().allowTF32CuDNN(at::Float32Op::CONV) ? 1 : 0;
     return 0;
   } catch (const std::exception& e) {
     if (err_len > 0) {

@@ -32,7 +32,8 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
 
-    fn ovsw_cuda_conv_mode(
+    fn ovsw_conv_mode(
+        cpu: c_int,
         autocast_dtype: *mut i32,
         tf32: *mut c_int,
         err: *mut c_char,
@@ -153,16 +154,25 @@ pub fn tensor_facts(t: &Tensor) -> Result<(RawFacts, Vec<i64>, Vec<i64>)> {
     }
 }
 
-/// How libtorch will run a float convolution on CUDA tensors from this thread: the
-/// c10::ScalarType code CUDA autocast casts to (`None` outside `torch.autocast("cuda")`),
-/// and whether cuDNN may run float32 convolutions in TF32.
-pub fn cuda_conv_mode() -> Result<(Option<i32>, bool)> {
+/// How libtorch will run a float convolution on CUDA tensors (CPU tensors with `cpu`)
+/// from this thread: the c10::ScalarType code autocast casts to (`None` outside
+/// `torch.autocast("cuda")`, or `"cpu"`), and whether cuDNN may run float32 convolutions
+/// in TF32 (never on the CPU).
+pub fn conv_mode(cpu: bool) -> Result<(Option<i32>, bool)> {
     let mut dtype = -1i32;
     let mut tf32: c_int = 0;
     let mut err = [0 as c_char; 512];
     // SAFETY: two writable out-values and an error buffer of the length passed; the shim
     // catches every C++ exception.
-    let rc = unsafe { ovsw_cuda_conv_mode(&mut dtype, &mut tf32, err.as_mut_ptr(), err.len()) };
+    let rc = unsafe {
+        ovsw_conv_mode(
+            c_int::from(cpu),
+            &mut dtype,
+            &mut tf32,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
     if rc != 0 {
         return Err(Error::Torch(format!(
             "reading the autocast and TF32 state: {}",

@@ -89,13 +89,17 @@ impl Facts {
 
     /// The CUDA device whose fused kernels (`crate::cuda`) could take this tensor: real
     /// float32, float16 or bfloat16 strided memory on that device, not a Python
-    /// subclass. Its layout is the kernels' own check.
+    /// subclass. Its layout is the kernels' own check. CPU memory counts as the device
+    /// [`crate::cuda::host::HOST_INDEX`] while the host launcher is selected.
     pub fn cuda_kernel_device(&self) -> Option<usize> {
-        match (&self.place, self.kind) {
-            (Place::Cuda(i), Some(Kind::Float | Kind::Half | Kind::BFloat16))
-                if *i >= 0 && self.strided && !self.python && self.storage == Storage::Readable =>
-            {
-                Some(*i as usize)
+        let memory = matches!(self.kind, Some(Kind::Float | Kind::Half | Kind::BFloat16))
+            && self.strided
+            && !self.python
+            && self.storage == Storage::Readable;
+        match &self.place {
+            Place::Cuda(i) if memory && *i >= 0 => Some(*i as usize),
+            Place::Cpu if memory && crate::cuda::host::selected() => {
+                Some(crate::cuda::host::HOST_INDEX)
             }
             _ => None,
         }
@@ -267,6 +271,8 @@ impl Route {
             };
         }
         Ok(match (host, cuda) {
+            // The host launcher runs the CUDA route on CPU memory.
+            (_, Some(Some(index))) if index == crate::cuda::host::HOST_INDEX => Route::Cuda(index),
             (true, _) => Route::HostF32,
             (false, Some(Some(index))) => Route::Cuda(index),
             _ => Route::Generic,

@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::device::arg;
+use super::device::{arg, Launcher};
 use super::tensor::{dtype_code, operand, ptr, Operand};
 use super::{current_stream, decline, ran, ready, Outcome};
 use crate::error::{Error, Result};
@@ -123,13 +123,18 @@ pub fn ags_sad_step(cfg: &Config, layers: &[Layer<'_>]) -> Result<Outcome<Tensor
     // The layer table reaches the device through pinned memory and a copy on the
     // current stream (no sync; torch's host allocator keeps the pinned block until the
     // copy is done). `_pin_memory`, not `pin_memory`: the latter warns, deprecated, when
-    // it is given a device, and tch always gives one.
+    // it is given a device, and tch always gives one. The host launcher reads it where
+    // it is.
     let host = Tensor::f_from_slice(&table)?;
-    let pinned = match host.f_internal_pin_memory(device) {
-        Ok(p) => p,
-        Err(e) => decline!("pinning the layer table failed: {e}"),
+    let table_dev = if matches!(dev, Launcher::Host) {
+        host
+    } else {
+        let pinned = match host.f_internal_pin_memory(device) {
+            Ok(p) => p,
+            Err(e) => decline!("pinning the layer table failed: {e}"),
+        };
+        pinned.f_to_device_(device, Kind::Int64, true, false)?
     };
-    let table_dev = pinned.f_to_device_(device, Kind::Int64, true, false)?;
     let chan = Tensor::f_empty([total_channels * 2], (Kind::Double, device))?;
     let out = Tensor::f_empty([layers.len() as i64, 2], (Kind::Double, device))?;
     let params = Params {

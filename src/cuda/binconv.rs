@@ -13,7 +13,7 @@ use std::ffi::c_void;
 
 use tch::{Kind, Tensor};
 
-use super::device::{arg, DeviceState};
+use super::device::{arg, Launcher};
 use super::tensor::{dtype_code, operand, opt_ptr, ptr, suffix, Operand};
 use super::{conv_mode, current_stream, decline, ran, ready, Outcome, Stream};
 use crate::binarize::{ActW, EPS};
@@ -34,19 +34,23 @@ fn act_code(act_w: ActW) -> i32 {
 }
 
 /// The kernels of `t`'s device, when they may run there.
-fn device_of(t: &Operand) -> Outcome<&'static DeviceState> {
+fn device_of(t: &Operand) -> Outcome<Launcher> {
     ready(t.index)
 }
 
-fn same_device(t: &Operand, dev: &DeviceState, what: &str) -> Result<Outcome<()>> {
-    if t.index != dev.index {
-        decline!("{what} is on cuda:{}, not cuda:{}", t.index, dev.index);
+fn same_device(t: &Operand, dev: Launcher, what: &str) -> Result<Outcome<()>> {
+    if t.index != dev.index() {
+        let name = |i: usize| match i {
+            super::host::HOST_INDEX => "cpu".to_string(),
+            i => format!("cuda:{i}"),
+        };
+        decline!("{what} is on {}, not {}", name(t.index), name(dev.index()));
     }
     Ok(Outcome::Ran(()))
 }
 
 /// A per-sample std `[N, 1, ...]`: contiguous, `n` elements, the input's dtype.
-fn check_std(s: &Tensor, n: i64, kind: Kind, dev: &DeviceState) -> Result<Outcome<()>> {
+fn check_std(s: &Tensor, n: i64, kind: Kind, dev: Launcher) -> Result<Outcome<()>> {
     let so = ran!(operand(s, "std"));
     ran!(same_device(&so, dev, "std"));
     if so.kind != kind || so.numel() != n || !so.facts.contiguous {
@@ -246,13 +250,7 @@ pub struct WeightOperand {
     pub bias_eff: Option<Tensor>,
 }
 
-fn check_vector(
-    t: &Tensor,
-    o: i64,
-    wk: Kind,
-    dev: &DeviceState,
-    what: &str,
-) -> Result<Outcome<()>> {
+fn check_vector(t: &Tensor, o: i64, wk: Kind, dev: Launcher, what: &str) -> Result<Outcome<()>> {
     let v = ran!(operand(t, what));
     ran!(same_device(&v, dev, what));
     if v.sizes() != [o] || v.kind != wk || !v.facts.contiguous {
@@ -262,7 +260,7 @@ fn check_vector(
 }
 
 /// The weight as the per-channel kernels read it: `(operand, device, O, K)`.
-fn weight_of(weight: &Tensor) -> Result<Outcome<(Operand, &'static DeviceState, i64, i64)>> {
+fn weight_of(weight: &Tensor) -> Result<Outcome<(Operand, Launcher, i64, i64)>> {
     let wo = ran!(operand(weight, "the weight"));
     let dev = ran!(Ok::<_, Error>(device_of(&wo)));
     if wo.dim() < 2 || !wo.dim0_major() {
@@ -501,7 +499,7 @@ pub fn forward(
     let dev = ran!(Ok::<_, Error>(device_of(&xo)));
     // The dtype the convolution runs in: autocast's under `torch.autocast("cuda")`
     // (which casts float32, float16 and bfloat16 operands), else the input's.
-    let mode = conv_mode()?;
+    let mode = conv_mode(matches!(dev, Launcher::Host))?;
     let ck = mode.autocast.unwrap_or(xo.kind);
     if dtype_code(ck).is_none() {
         decline!("autocast runs the convolution in {ck:?}");
@@ -513,7 +511,7 @@ pub fn forward(
             wo.kind
         );
     }
-    let stream = current_stream(dev.index)?;
+    let stream = current_stream(dev.index())?;
     let std_mode = if training { Std::Compute } else { Std::None };
     let (a, std) = ran!(binarize_activation(x, std_mode, ck, stream));
     // Fold the scale into the weight where that loses nothing against scaling the
@@ -599,7 +597,7 @@ pub fn backward(
             scale: None,
         }));
     }
-    let stream = current_stream(dev.index)?;
+    let stream = current_stream(dev.index())?;
     let std_mode = match saved.std {
         Some(s) => Std::Given(s),
         None => Std::None,

@@ -39,15 +39,20 @@ pub mod ags;
 pub mod binconv;
 pub mod compile;
 pub mod device;
+pub mod host;
 pub mod loader;
 pub mod py;
 mod tensor;
 
+#[cfg(not(test))]
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
 
+// Python is reached only outside the unit tests, whose binary links no interpreter.
+#[cfg(not(test))]
 use pyo3::prelude::*;
+#[cfg(not(test))]
 use pyo3::sync::GILOnceCell;
 use tch::Kind;
 
@@ -201,14 +206,31 @@ pub fn set_enabled(on: bool) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stream(pub u64);
 
+#[cfg(not(test))]
 fn python_ready() -> bool {
     // SAFETY: a plain query of the interpreter's state.
     unsafe { pyo3::ffi::Py_IsInitialized() != 0 }
 }
 
 /// PyTorch's current stream of CUDA device `index` on this thread
-/// (`torch._C._cuda_getCurrentRawStream`).
+/// (`torch._C._cuda_getCurrentRawStream`); 0 for the host launcher's CPU memory.
 pub fn current_stream(index: usize) -> Result<Stream> {
+    if index == host::HOST_INDEX {
+        return Ok(Stream(0));
+    }
+    python_stream(index)
+}
+
+/// The unit tests run no interpreter (and their binary links none): no stream to read.
+#[cfg(test)]
+fn python_stream(_index: usize) -> Result<Stream> {
+    Err(Error::Unsupported(
+        "the current CUDA stream is read through Python, which the unit tests do not run".into(),
+    ))
+}
+
+#[cfg(not(test))]
+fn python_stream(index: usize) -> Result<Stream> {
     if !python_ready() {
         return Err(Error::Unsupported(
             "the current CUDA stream is read through Python, which is not running".into(),
@@ -239,9 +261,11 @@ pub struct ConvMode {
     pub tf32: bool,
 }
 
-/// The [`ConvMode`] of this thread, read from libtorch (no Python, no GPU).
-pub fn conv_mode() -> Result<ConvMode> {
-    let (autocast, tf32) = crate::ffi::cuda_conv_mode()?;
+/// The [`ConvMode`] of this thread, read from libtorch (no Python, no GPU), for a
+/// convolution of CUDA tensors or, with `cpu` (the host launcher's), of CPU tensors:
+/// then CPU autocast, and no TF32.
+pub fn conv_mode(cpu: bool) -> Result<ConvMode> {
+    let (autocast, tf32) = crate::ffi::conv_mode(cpu)?;
     let autocast = match autocast {
         Some(code) => Some(
             crate::tensor::kind_of(code)
@@ -257,10 +281,19 @@ static WARNED: Once = Once::new();
 /// Raises the one `RuntimeWarning` saying that the kernels are unavailable (once per
 /// process; later calls do nothing).
 pub(crate) fn warn_unavailable(reason: &str) {
-    WARNED.call_once(|| {
-        if !python_ready() {
-            return;
-        }
+    WARNED.call_once(|| warn_python(reason));
+}
+
+/// The unit tests run no interpreter to warn through.
+#[cfg(test)]
+fn warn_python(_reason: &str) {}
+
+#[cfg(not(test))]
+fn warn_python(reason: &str) {
+    if !python_ready() {
+        return;
+    }
+    {
         let msg = format!(
             "ovsw: the fused CUDA kernels are unavailable ({reason}); using the slower \
              libtorch path. `python -m ovsw.cuda check` tells more."
@@ -274,16 +307,24 @@ pub(crate) fn warn_unavailable(reason: &str) {
                 }
             }
         });
-    });
+    }
 }
 
-/// The device state for CUDA device `index` when the kernels may run there.
-pub(crate) fn ready(index: usize) -> Outcome<&'static device::DeviceState> {
+/// The launcher for device `index` when the kernels may run there: CUDA device `index`,
+/// or the CPU for [`host::HOST_INDEX`] while the host launcher is selected.
+pub(crate) fn ready(index: usize) -> Outcome<device::Launcher> {
     if !enabled() {
         return Outcome::Declined("the CUDA kernels are turned off".into());
     }
+    if index == host::HOST_INDEX {
+        return if host::selected() {
+            Outcome::Ran(device::Launcher::Host)
+        } else {
+            Outcome::Declined("CPU memory, and the host launcher is not selected".into())
+        };
+    }
     match device::get(index) {
-        Ok(d) => Outcome::Ran(d),
+        Ok(d) => Outcome::Ran(device::Launcher::Gpu(d)),
         Err(why) => {
             warn_unavailable(&why);
             Outcome::Declined(why)

@@ -12,7 +12,7 @@ use pyo3_tch::PyTensor;
 use tch::{Kind, Tensor};
 
 use super::binconv::{self, Std, WantGrads};
-use super::{compile, current_stream, loader, Stream};
+use super::{compile, current_stream, host, loader, Stream};
 use crate::binarize::ActW;
 use crate::error::{boundary, Error, Result};
 use crate::tensor;
@@ -28,7 +28,8 @@ fn parse_kind(name: &str) -> Result<Kind> {
     }
 }
 
-/// The stream given, or PyTorch's current stream of `t`'s CUDA device.
+/// The stream given, or PyTorch's current stream of `t`'s CUDA device (none for a CPU
+/// tensor while the host launcher is selected).
 fn stream_for(t: &Tensor, stream: Option<u64>) -> Result<Stream> {
     if let Some(s) = stream {
         return Ok(Stream(s));
@@ -36,6 +37,7 @@ fn stream_for(t: &Tensor, stream: Option<u64>) -> Result<Stream> {
     let f = tensor::facts(t)?;
     match f.place {
         tensor::Place::Cuda(i) if i >= 0 => current_stream(i as usize),
+        tensor::Place::Cpu if host::selected() => current_stream(host::HOST_INDEX),
         other => Err(Error::Value(format!(
             "expected a CUDA tensor, got one on {other}"
         ))),
@@ -114,6 +116,26 @@ fn cuda_enabled() -> PyResult<bool> {
     boundary(|| Ok(super::enabled()))
 }
 
+/// Selects the host launcher for the process (or not): CPU tensors in float32, float16
+/// and bfloat16 then take the CUDA route, its kernels compiled for the CPU (for tests
+/// without a GPU). `RuntimeError` where ovsw was built without them.
+#[pyfunction]
+fn cuda_set_host_launcher(on: bool) -> PyResult<()> {
+    boundary(|| Ok(host::select(on)?))
+}
+
+/// Whether the host launcher is selected (for the calling thread).
+#[pyfunction]
+fn cuda_host_launcher() -> PyResult<bool> {
+    boundary(|| Ok(host::selected()))
+}
+
+/// The kernels compiled for the CPU (empty without the `cuda-host` feature).
+#[pyfunction]
+fn cuda_host_kernels() -> PyResult<Vec<String>> {
+    boundary(|| Ok(host::kernel_names()))
+}
+
 /// How libtorch will run a float convolution on CUDA tensors from this thread:
 /// `(autocast dtype, tf32)`, the dtype `torch.autocast("cuda")` casts to (`None` outside
 /// it, e.g. `"torch.float16"` inside) and whether cuDNN may run float32 convolutions in
@@ -121,7 +143,7 @@ fn cuda_enabled() -> PyResult<bool> {
 #[pyfunction]
 fn cuda_conv_mode() -> PyResult<(Option<&'static str>, bool)> {
     boundary(|| {
-        let mode = super::conv_mode()?;
+        let mode = super::conv_mode(false)?;
         Ok((mode.autocast.map(tensor::kind_name), mode.tf32))
     })
 }
@@ -280,6 +302,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_entry_points, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_set_enabled, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_set_host_launcher, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_host_launcher, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_host_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_route_counts, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_conv_mode, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_binarize_activation, m)?)?;

@@ -117,8 +117,13 @@ impl Operand {
         self.facts.data as u64
     }
 
+    /// The tensor's device: CUDA device `index`, or the CPU for the host launcher.
     pub fn device(&self) -> Device {
-        Device::Cuda(self.index)
+        if self.index == super::host::HOST_INDEX {
+            Device::Cpu
+        } else {
+            Device::Cuda(self.index)
+        }
     }
 
     /// See [`dense_order`].

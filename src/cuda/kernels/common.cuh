@@ -1,6 +1,8 @@
 // Shared by every ovsw kernel: scalar types, dtype traits, exact-rounding helpers and
 // block reductions. Compiled by NVRTC at run time (src/cuda/compile.rs) with no headers:
-// half and bfloat16 conversions are single PTX instructions (bf16 needs sm_80+).
+// half and bfloat16 conversions are single PTX instructions (bf16 needs sm_80+). The
+// same files also compile as C++ on the CPU under src/cuda/host/cuda_host.h, which
+// defines OVSW_CUDA_HOST and supplies plain C++ twins of those instructions.
 //
 // Rounding: libtorch evaluates each elementwise op in float ("opmath") and rounds its
 // result to the tensor's dtype. The kernels round at the same places (T::round) and use
@@ -12,6 +14,7 @@ typedef unsigned int u32;
 typedef long long i64;
 typedef unsigned long long u64;
 
+#ifndef OVSW_CUDA_HOST
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -22,12 +25,18 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-__device__ __forceinline__ float b2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
 __device__ __forceinline__ u16 f2b(float f) {
     u16 b;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
     return b;
 }
+#else
+// The CPU twins (round to nearest even, as cvt.rn; src/cuda/host/cuda_host.h).
+__device__ __forceinline__ float h2f(u16 h) { return ovsw_host::half_to_float(h); }
+__device__ __forceinline__ u16 f2h(float f) { return ovsw_host::float_to_half_rn(f); }
+__device__ __forceinline__ u16 f2b(float f) { return ovsw_host::float_to_bfloat16_rn(f); }
+#endif
+__device__ __forceinline__ float b2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
 // dtype traits: storage type, load as float, store from float, round float to the dtype.
 struct F32 {
