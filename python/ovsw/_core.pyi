@@ -290,6 +290,17 @@ def cuda_compile(arch: int) -> tuple[str, bytes, str, list[str]]:
 def cuda_entry_points() -> list[str]: ...
 def cuda_set_enabled(on: bool) -> None: ...
 def cuda_enabled() -> bool: ...
+def cuda_set_host_launcher(on: bool) -> None:
+    """Select (or not) the host launcher for the process: CPU tensors in float32,
+    float16 and bfloat16 then take the CUDA route, its kernels compiled for the CPU
+    (tests without a GPU). RuntimeError where ovsw was built without them."""
+
+def cuda_host_launcher() -> bool:
+    """Whether the host launcher is selected (for the calling thread)."""
+
+def cuda_host_kernels() -> list[str]:
+    """The kernels compiled for the CPU (empty without the cuda-host feature)."""
+
 def cuda_route_counts() -> dict[str, dict[str, int | str | None]]:
     """Per op with a fused form: {"fused": n, "declined": n, "last_declined": reason}."""
 
