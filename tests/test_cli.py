@@ -370,6 +370,7 @@ def _ckpt(run_dir: Path, name="checkpoint.pth"):
     return torch.load(run_dir / "checkpoints" / name, weights_only=True)
 
 
+@pytest.mark.slow
 def test_digits_end_to_end_then_evaluate(tmp_path, capsys):
     logs = tmp_path / "runs"
     rc = cli.main(["--config", DIGITS, "--epochs", "1", "--log-dir", str(logs), *TINY])
@@ -427,6 +428,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
     base = ["--config", DIGITS, "--epochs", "2", *TINY, "--lr", "0.5", "--dampen_weight", "0.01"]
     straight = cli.run([*base, "--log-dir", str(tmp_path / "a")])["run_dir"]
@@ -647,6 +649,7 @@ def test_run_folder_under_a_read_only_folder(tmp_path, capsys):
     assert "cannot write the run folder" in err and "Permission denied" in err
 
 
+@pytest.mark.slow
 def test_console_script_errors_are_one_line(tmp_path):
     """The real entry point (python -m ovsw): status 2, one stderr line, no traceback."""
     broken = _digits_checkpoint(tmp_path / "checkpoint.pth")
@@ -705,6 +708,7 @@ def _scalars(run_dir: Path, tag: str) -> list[int]:
     return [e.step for e in events.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_resume_without_name_continues_in_the_checkpoints_run_folder(tmp_path, monkeypatch):
     logs = tmp_path / "logs"
     base = ["--config", DIGITS, *TINY, "--log-dir", str(logs)]

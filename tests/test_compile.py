@@ -158,6 +158,7 @@ CPU_CASES = [("cResNet20_1w1a", case) for case in zip(CASES, IDS)] + [
     [(arch, *case) for arch, (case, _) in CPU_CASES],
     ids=[f"{arch}-{i}" for arch, (_, i) in CPU_CASES],
 )
+@pytest.mark.slow
 def test_compiled_training_matches_eager(arch, setting, step_inside):
     _check(arch, "cpu", setting, step_inside)
 

@@ -37,6 +37,7 @@ def _layers(model, cls):
 
 
 @pytest.mark.parametrize("name, linear, res", MODELS)
+@pytest.mark.slow
 def test_torchvision_models_convert_and_train_one_step(name, linear, res):
     original = _torchvision(name)
     before = {k: v.clone() for k, v in original.state_dict().items()}
@@ -92,6 +93,7 @@ def test_torchvision_models_convert_and_train_one_step(name, linear, res):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+@pytest.mark.slow
 def test_converted_models_torch_export(name):
     model = ovsw.binarize(_torchvision(name)).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -107,6 +109,7 @@ DEPLOYABLE = [("resnet18", False, 64), ("mobilenet_v2", False, 64), ("vgg11_bn",
 
 
 @pytest.mark.parametrize("name, linear, size", DEPLOYABLE)
+@pytest.mark.slow
 def test_converted_models_deploy(name, linear, size, tmp_path):
     """Lowered through torch.fx: BatchNorm, residual additions and ReLU/ReLU6 fold into
     the binary ops, OvSWLinear runs as XNOR-popcount rows; logits equal PyTorch's."""

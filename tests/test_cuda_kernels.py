@@ -73,6 +73,7 @@ def test_every_kernel_compiles(arch):
 
 
 @needs_nvrtc
+@pytest.mark.slow
 def test_check_command_reports_every_kernel():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(sys.path)

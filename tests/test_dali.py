@@ -118,6 +118,7 @@ def test_train_batches_shapes_labels_epochs(imagenet_dir):
     assert [s.shard_size for s in shards] == [7, 7] and [len(s) for s in shards] == [2, 2]
 
 
+@pytest.mark.slow
 def test_cli_trains_one_step_with_dali(imagenet_dir, tmp_path):
     _require_dali()
     argv = [
@@ -367,6 +368,7 @@ def _ckpt(run_dir: Path):
     return torch.load(run_dir / "checkpoints" / "checkpoint.pth", weights_only=True)
 
 
+@pytest.mark.slow
 def test_cli_dali_resume_is_batch_exact(cifar_root, tmp_path, monkeypatch):
     """2 epochs straight against 1 epoch, a crash, and --resume for the 2nd: the same
     weights and momentum, to the bit (CPU)."""

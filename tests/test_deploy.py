@@ -577,6 +577,7 @@ def test_module_without_command_prints_usage():
     assert proc.returncode == 2 and "usage" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_command_prints_its_json_summary():
     proc = subprocess.run(
         [
@@ -679,6 +680,7 @@ def test_every_op_matches_its_layers_on_the_same_input(arch, size, tmp_path):
     assert checked == len(engine.ops)
 
 
+@pytest.mark.slow
 def test_export_a_training_run_and_score_it(tmp_path, capsys):
     from ovsw.deploy._run import export_run
     from ovsw.train import cli
@@ -751,6 +753,7 @@ class Poisoned:
         return y
 
 
+@pytest.mark.slow
 def test_a_nan_from_the_engine_fails_the_logit_checks(tmp_path):
     # NaN >= REL is False: the per-sample check must still count such a sample as
     # differing, and the tracer must not pass it off as a sign flip.
@@ -808,6 +811,7 @@ print(loaded, refused, ran)
 """
 
 
+@pytest.mark.slow
 def test_mutated_headers_raise_value_errors_never_crash(tmp_path):
     # Every integer-ish field of every op set to odd values, checksum fixed: loading or
     # running must end in a result or a ValueError, in a process that survives.

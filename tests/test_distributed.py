@@ -159,6 +159,7 @@ def spawned(tmp_path_factory):
     return {"logs": logs, "out": out, "tiny": tiny[1]}
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_on_the_global_batch(spawned):
     out = spawned["tiny"]
     ranks = [torch.load(f"{out}.rank{r}.pt") for r in range(WORLD)]
@@ -223,6 +224,7 @@ def test_train_sampler_shards_one_permutation():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun smoke test on Linux")
+@pytest.mark.slow
 def test_torchrun_launch(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import ovsw
 from ovsw import _core, deploy, models
 
@@ -46,11 +48,13 @@ def _stub_package(root: Path, text: str) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_stub_matches_the_compiled_module(tmp_path):
     result = _stubtest(_stub_package(tmp_path, STUB.read_text()))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_stubtest_catches_a_stale_stub(tmp_path):
     """The check can fail: a renamed parameter and a missing function are reported."""
     text = STUB.read_text()
