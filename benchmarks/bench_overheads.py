@@ -24,36 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from _common import OVSW_IMAGENET, cpu_name
 
 import ovsw
 from ovsw import _core
 from ovsw.analysis import FlipMonitor
-
-OPTIONS = dict(
-    enable_ags=True,
-    delta=0.01,
-    enable_dampen=True,
-    dampen_weight=2e-5,
-    track_momentum=0.999,
-    track_threshold=1e-4,
-)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_ms(xs) -> float:
@@ -64,7 +44,7 @@ def flip_monitor(steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = ovsw.models.create("cResNet20_1w1a", num_classes=10).train()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    opt = ovsw.OvSW(sgd, model, **OPTIONS)
+    opt = ovsw.OvSW(sgd, model, **OVSW_IMAGENET)
     monitor = FlipMonitor(model, opt)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(128, 3, 32, 32, generator=g)
@@ -133,7 +113,7 @@ def binary_conv_call(block: int, rounds: int) -> dict:
 def ags_sad_call(block: int, rounds: int) -> dict:
     torch.manual_seed(0)
     model = ovsw.models.create("cResNet20_1w1a", num_classes=10).train()
-    opt = ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, **OPTIONS)
+    opt = ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, **OVSW_IMAGENET)
     x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     F.cross_entropy(model(x), torch.arange(32) % 10).backward()
     opt.apply_ags_sad()  # sets up the SAD buffers
@@ -148,8 +128,8 @@ def ags_sad_call(block: int, rounds: int) -> dict:
         )
 
     (g1, t1, p1), (g2, t2, p2) = copies(), copies()
-    config = _core.OvSWConfig(**OPTIONS)
-    opts = tuple(OPTIONS.values())
+    config = _core.OvSWConfig(**OVSW_IMAGENET)
+    opts = tuple(OVSW_IMAGENET.values())
     op = torch.ops.ovsw.ags_sad_step
     calls = {
         "op": lambda: op(g1, weights, t1, p1, *opts),

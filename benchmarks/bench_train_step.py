@@ -53,6 +53,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _common import OVSW_IMAGENET  # noqa: E402
+
 import ovsw  # noqa: E402
 from oracle import OracleOvSW, to_oracle  # noqa: E402
 
@@ -61,14 +63,6 @@ CASES = [
     ("cResNet20_1w1a", 10, 128, 32),
     ("ResNet18_1w1a", 1000, 8, 224),
 ]
-OVSW_ARGS = dict(
-    enable_ags=True,
-    delta=0.01,
-    enable_dampen=True,
-    dampen_weight=2e-5,
-    track_momentum=0.999,
-    track_threshold=1e-4,
-)
 
 
 def build(arch, num_classes, batch, res, impl):
@@ -78,7 +72,7 @@ def build(arch, num_classes, batch, res, impl):
         model = to_oracle(model)
     sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     wrapper = OracleOvSW if impl == "oracle" else ovsw.OvSW
-    opt = wrapper(sgd, model, **OVSW_ARGS)
+    opt = wrapper(sgd, model, **OVSW_IMAGENET)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, res, res, generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)
@@ -267,7 +261,7 @@ def build_cuda(arch, num_classes, batch, res, impl):
     model = model.cuda().train()
     sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     wrapper = OracleOvSW if impl == "oracle" else ovsw.OvSW
-    opt = wrapper(sgd, model, **OVSW_ARGS)
+    opt = wrapper(sgd, model, **OVSW_IMAGENET)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, res, res, generator=g).cuda()
     y = torch.randint(0, num_classes, (batch,), generator=g).cuda()

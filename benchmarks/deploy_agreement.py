@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cpu_name
 
 from ovsw import deploy
 from ovsw.deploy._bench import calibrated
@@ -37,17 +37,6 @@ CASES = [
 ]
 REL = 1e-4
 BATCH = 16
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def count(arch: str, size: int, images: int, threads: int, seed: int, tmp: Path) -> dict:
