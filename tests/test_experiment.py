@@ -83,6 +83,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_never_flipped_count_exactly(tmp_path, monkeypatch):
     base = ["--config", DIGITS, "--epochs", "3", *TINY, "--lr", "0.5", "--enable_dampen", "False"]
     straight = cli.run([*base, "--log-dir", str(tmp_path / "a")])["run_dir"]
@@ -113,6 +114,7 @@ def test_a_resumed_run_continues_the_never_flipped_count_exactly(tmp_path, monke
     assert never[2] < never[0]  # the count went on across the resume point
 
 
+@pytest.mark.slow
 def test_plot_command(tmp_path, capsys):
     logs = tmp_path / "runs"
     for name in ("vanilla", "ovsw"):
@@ -172,6 +174,7 @@ def test_native_size_and_no_augmentation(tmp_path):
 SHORT = ["--set", "Digits", "--epochs", "1", "--seeds", "1", "--limit-batches", "2"]
 
 
+@pytest.mark.slow
 def test_experiment_end_to_end_on_digits_then_continued(tmp_path, capsys):
     out = tmp_path / "exp"
     argv = ["silent-weights", *SHORT, "--out", str(out), "--", "--batch-size", "16"]
@@ -330,6 +333,7 @@ def claim_experiment(tmp_path_factory):
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_claim_holds_on_fashion_mnist_in_a_shortened_run(claim_experiment):
     """The paper's observation on real Fashion-MNIST, on both seeds: vanilla's
     never-flipped share exceeds OvSW's by at least 0.15, OvSW's is under one half, and
@@ -382,3 +386,27 @@ def test_the_claim_fails_without_ags_and_sad(claim_experiment):
     for seed in CLAIM_SEEDS:
         assert sum(f.startswith(f"seed {seed}: never-flipped gap") for f in failures) == 1, runs
         assert sum(f.startswith(f"seed {seed}: OvSW never flipped") for f in failures) == 1, runs
+
+
+def _runs(vanilla_share: float, ovsw_share: float, top1_gain: float) -> list[dict]:
+    """Per-run records of both seeds with these never-flipped shares and OvSW's top-1
+    ``top1_gain`` points above vanilla's 40%."""
+    return [
+        rec
+        for seed in CLAIM_SEEDS
+        for rec in (
+            dict(variant="vanilla", seed=seed, never_flipped=vanilla_share, top1=40.0),
+            dict(variant="ovsw", seed=seed, never_flipped=ovsw_share, top1=40.0 + top1_gain),
+        )
+    ]
+
+
+def test_claim_failures_refuses_each_missing_margin():
+    assert claim_failures(_runs(0.9, 0.4, 1.0)) == []
+    assert claim_failures(_runs(0.5499, 0.4, 1.0))  # gap 0.1499, under 0.15
+    assert claim_failures(_runs(0.9, 0.5, 1.0))  # OvSW's share must be under one half
+    assert claim_failures(_runs(0.9, 0.4, 0.0))  # equal top-1 is not higher
+    runs = _runs(0.9, 0.4, 1.0)
+    runs[3]["top1"] = float("nan")
+    assert claim_failures(runs)
+    assert claim_failures(_runs(0.9, 0.4, 1.0)[:3])  # a run missing
