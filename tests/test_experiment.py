@@ -114,7 +114,6 @@ def test_a_resumed_run_continues_the_never_flipped_count_exactly(tmp_path, monke
     assert never[2] < never[0]  # the count went on across the resume point
 
 
-@pytest.mark.slow
 def test_plot_command(tmp_path, capsys):
     logs = tmp_path / "runs"
     for name in ("vanilla", "ovsw"):
@@ -174,7 +173,6 @@ def test_native_size_and_no_augmentation(tmp_path):
 SHORT = ["--set", "Digits", "--epochs", "1", "--seeds", "1", "--limit-batches", "2"]
 
 
-@pytest.mark.slow
 def test_experiment_end_to_end_on_digits_then_continued(tmp_path, capsys):
     out = tmp_path / "exp"
     argv = ["silent-weights", *SHORT, "--out", str(out), "--", "--batch-size", "16"]
