@@ -1,9 +1,12 @@
-"""What the benchmarks share: the machine's name for their reports, and the OvSW settings
-of upstream's ImageNet scripts (delta 0.01, lambda 2e-5) that they time."""
+"""What the benchmarks share: the machine's name for their reports (the deploy bench's
+``cpu_model``, one definition), and the OvSW settings of upstream's ImageNet scripts
+(delta 0.01, lambda 2e-5) that they time."""
 
 from __future__ import annotations
 
-import platform
+from ovsw.deploy._bench import cpu_model as cpu_name
+
+__all__ = ["OVSW_IMAGENET", "cpu_name"]
 
 #: upstream's ImageNet OvSW settings (SPEC 3).
 OVSW_IMAGENET = dict(
@@ -14,15 +17,3 @@ OVSW_IMAGENET = dict(
     track_momentum=0.999,
     track_threshold=1e-4,
 )
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what Python knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
