@@ -59,6 +59,13 @@ fn check_std(s: &Tensor, n: i64, kind: Kind, dev: Launcher) -> Result<Outcome<()
     Ok(Outcome::Ran(()))
 }
 
+/// The shape of the per-sample std of `x`: `[N, 1, ...]`.
+fn std_shape(x: &Operand) -> Vec<i64> {
+    let mut shape = vec![1i64; x.dim()];
+    shape[0] = x.sizes()[0];
+    shape
+}
+
 /// Elements per block of `ovsw_sample_moments` (before the per-sample cap below).
 const MOMENT_CHUNK: i64 = 16 * 1024;
 /// At most this many partial sums per sample (each `ovsw_sign` block folds them all).
@@ -96,8 +103,20 @@ pub fn binarize_activation(
     let n = xo.sizes()[0];
     let per: i64 = xo.sizes()[1..].iter().product();
     let a = xo.empty_like(out_kind)?;
+    if matches!(std, Std::Compute) && n > 0 && per < 2 {
+        decline!("a sample of {per} elements has no unbiased variance");
+    }
     if n == 0 || per == 0 {
-        return Ok(Outcome::Ran((a, None)));
+        // Nothing to launch; in training the std is still `[N, 1, ...]` (here `[0, 1,
+        // ...]`), as the generic route and the fake implementation give.
+        let std_out = match std {
+            Std::Compute => Some(Tensor::f_empty(
+                std_shape(&xo).as_slice(),
+                (xo.kind, xo.device()),
+            )?),
+            Std::Given(_) | Std::None => None,
+        };
+        return Ok(Outcome::Ran((a, std_out)));
     }
     let x_ptr = xo.ptr();
     let a_ptr = ptr(&a)?;
@@ -105,9 +124,6 @@ pub fn binarize_activation(
     let blocks_per_sample = (per + SIGN_SPAN - 1) / SIGN_SPAN;
     let (partial, chunks, std_out, std_in) = match std {
         Std::Compute => {
-            if per < 2 {
-                decline!("a sample of one element has no unbiased variance");
-            }
             let chunks = ((per + MOMENT_CHUNK - 1) / MOMENT_CHUNK).clamp(1, MAX_CHUNKS);
             let chunk = (per + chunks - 1) / chunks;
             let partial = Tensor::f_empty([n * chunks * 2], (Kind::Double, xo.device()))?;
@@ -124,9 +140,7 @@ pub fn binarize_activation(
             // n * chunks * 2 doubles, both on this device and alive until the end of
             // this function (stream-ordered frees in the caching allocator).
             unsafe { dev.launch(&name, (n * chunks) as u64, stream, &mut args)? };
-            let mut shape = vec![1i64; xo.dim()];
-            shape[0] = n;
-            let std_t = Tensor::f_empty(shape.as_slice(), (xo.kind, xo.device()))?;
+            let std_t = Tensor::f_empty(std_shape(&xo).as_slice(), (xo.kind, xo.device()))?;
             (Some(partial), chunks, Some(std_t), None)
         }
         Std::Given(s) => {
@@ -473,15 +487,18 @@ pub fn weight_grads(
 
 /// The binary convolution's forward on CUDA, the CUDA route of [`conv::forward`]
 /// (which validated the arguments): the same contract and result (SPEC 1.1 to 1.5),
-/// through the fused passes. `conv_out` is never kept (the backward recomputes what it
-/// needs). Declines (the generic route runs) for tensors other than float32, float16
-/// and bfloat16 CUDA memory, layouts other than dense batch-major, and where the scale
-/// may not be folded ([`conv::foldable`]).
+/// through the fused passes. `conv_out` follows the one contract of every route and the
+/// fake implementation (`ops._fake_layer_outputs`): kept (`conv(a, w_b)`, `[N, O, H, W]`
+/// in the convolution's dtype) exactly when the scale is a learnable `scaling_factor`,
+/// absent otherwise; this backward does not read it. Declines (the generic route runs)
+/// for tensors other than float32, float16 and bfloat16 CUDA memory, layouts other than
+/// dense batch-major, and a learnable scale together with a bias ([`conv::foldable`]).
 ///
-/// The scale is folded into the weight when the convolution runs in W's dtype (no
-/// autocast) and, for float32, without TF32: `y = conv(a, w_b * s, bias * s)`, no pass
-/// over the output. Otherwise `y = conv(a, w_b, bias) * s` (in float32 under autocast),
-/// as the libtorch path gives.
+/// The computed alpha is folded into the weight when the convolution runs in W's dtype
+/// (no autocast) and, for float32, without TF32: `y = conv(a, w_b * alpha, bias *
+/// alpha)`, no pass over the output. Otherwise, and always for a learnable scale (whose
+/// product the contract keeps), `y = conv(a, w_b, bias) * s` (in float32 under
+/// autocast), as the libtorch path gives.
 pub fn forward(
     x: &Tensor,
     weight: &Tensor,
@@ -518,7 +535,8 @@ pub fn forward(
     // output: the weight keeps its own dtype (no autocast cast of `w_b * s`), and a
     // float32 convolution runs in float32 (cuDNN's TF32 would round `w_b * s` to 11
     // bits, where `w_b` alone is exact).
-    let fold = wo.kind == ck && !(ck == Kind::Float && mode.tf32);
+    // A learnable scale is never folded: its product is kept (see above).
+    let fold = scale.is_none() && wo.kind == ck && !(ck == Kind::Float && mode.tf32);
     let op = ran!(weight_operand(weight, act_w, scale, bias, fold, ck, stream));
     let out = a.f_conv2d(
         &op.w_eff,
@@ -529,15 +547,16 @@ pub fn forward(
         geom.groups,
     )?;
     let conv_kind = tensor::kind(&out)?;
-    let y = if fold {
-        out
+    let (y, conv_out) = if fold {
+        (out, None)
+    } else if let Some(s) = scale {
+        // The learnable scale's product is kept: y is a tensor of its own.
+        (out.f_mul(&conv::over_channels(s)?)?, Some(out))
     } else {
-        let s = match (scale, &op.alpha) {
-            (Some(s), _) => s,
-            (None, Some(a)) => a,
-            (None, None) => return Err(Error::Internal("weight_operand returned no alpha".into())),
+        let Some(s) = &op.alpha else {
+            return Err(Error::Internal("weight_operand returned no alpha".into()));
         };
-        if wo.kind == ck {
+        let y = if wo.kind == ck {
             // `out` is this op's own and keeps its dtype: scale it in place.
             let mut out = out;
             let _ = out.f_mul_(&conv::over_channels(s)?)?;
@@ -546,13 +565,14 @@ pub fn forward(
             // Under autocast: conv_out in ck times s in W's dtype promotes (to float32
             // for float32 weights), as the libtorch route gives.
             out.f_mul(&conv::over_channels(s)?)?
-        }
+        };
+        (y, None)
     };
     Ok(Outcome::Ran(Forward {
         y,
         std,
         alpha: op.alpha,
-        conv_out: None,
+        conv_out,
         conv_kind,
     }))
 }

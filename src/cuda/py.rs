@@ -28,20 +28,92 @@ fn parse_kind(name: &str) -> Result<Kind> {
     }
 }
 
-/// The stream given, or PyTorch's current stream of `t`'s CUDA device (none for a CPU
-/// tensor while the host launcher is selected).
-fn stream_for(t: &Tensor, stream: Option<u64>) -> Result<Stream> {
-    if let Some(s) = stream {
-        return Ok(Stream(s));
+/// Where a kernel binding launches, and whether the call must first make the stream it
+/// was given PyTorch's current stream of the device.
+///
+/// The passes allocate their outputs and temporaries (the moments' partial sums) with
+/// PyTorch's caching allocator, which ties each block to the *current* stream: freed,
+/// it is reused by the next allocation on that stream with no wait for other streams.
+/// Kernels launched on another stream could then still be reading or writing it. So a
+/// binding given a stream other than the current one runs with that stream made
+/// current (as `with torch.cuda.stream(s):` would), and every tensor the pass allocates
+/// belongs to the stream its kernels run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamPlan {
+    /// Launch on this stream, the device's current one (or any stream on the host
+    /// launcher, which runs each launch to its end and allocates no device memory; or
+    /// one given for a tensor the kernels will decline).
+    Current(Stream),
+    /// Make `stream` current on CUDA device `index` for the call, then launch on it.
+    Switch { index: usize, stream: Stream },
+}
+
+impl StreamPlan {
+    fn stream(self) -> Stream {
+        match self {
+            StreamPlan::Current(s) | StreamPlan::Switch { stream: s, .. } => s,
+        }
     }
-    let f = tensor::facts(t)?;
-    match f.place {
-        tensor::Place::Cuda(i) if i >= 0 => current_stream(i as usize),
-        tensor::Place::Cpu if host::selected() => current_stream(host::HOST_INDEX),
-        other => Err(Error::Value(format!(
+}
+
+/// The [`StreamPlan`] for a binding called with `given` (its `stream=` argument) on a
+/// tensor at `place`; `current` reads PyTorch's current stream of a device index and
+/// `host` says whether the host launcher is selected.
+fn stream_plan(
+    place: &tensor::Place,
+    given: Option<u64>,
+    host: bool,
+    current: impl FnOnce(usize) -> Result<Stream>,
+) -> Result<StreamPlan> {
+    match (place, given) {
+        (tensor::Place::Cuda(i), _) if *i >= 0 => {
+            let index = *i as usize;
+            let cur = current(index)?;
+            Ok(match given {
+                Some(s) if s != cur.0 => StreamPlan::Switch {
+                    index,
+                    stream: Stream(s),
+                },
+                _ => StreamPlan::Current(cur),
+            })
+        }
+        (tensor::Place::Cpu, _) if host => Ok(StreamPlan::Current(current(host::HOST_INDEX)?)),
+        // The entry point declines the tensor and says why.
+        (_, Some(s)) => Ok(StreamPlan::Current(Stream(s))),
+        (other, None) => Err(Error::Value(format!(
             "expected a CUDA tensor, got one on {other}"
         ))),
     }
+}
+
+/// The plan for `t` (see [`stream_plan`]).
+fn plan_for(t: &Tensor, stream: Option<u64>) -> Result<StreamPlan> {
+    let f = tensor::facts(t)?;
+    stream_plan(&f.place, stream, host::selected(), current_stream)
+}
+
+/// Runs `f` (which launches on `plan.stream()`) with the plan's stream made PyTorch's
+/// current stream of its device for the call, the previous one restored afterwards
+/// (also when `f` fails).
+fn on_stream<T>(
+    py: Python<'_>,
+    plan: StreamPlan,
+    f: impl FnOnce(Stream) -> PyResult<T>,
+) -> PyResult<T> {
+    let StreamPlan::Switch { index, stream } = plan else {
+        return f(plan.stream());
+    };
+    let cuda = py.import("torch.cuda")?;
+    let previous = cuda.call_method1("current_stream", (index,))?;
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("device", index)?;
+    let given = cuda
+        .getattr("ExternalStream")?
+        .call((stream.0,), Some(&kwargs))?;
+    cuda.call_method1("set_stream", (given,))?;
+    let out = f(stream);
+    cuda.call_method1("set_stream", (previous,))?;
+    out
 }
 
 /// Where NVRTC and the driver were found (or why not), and whether the kernels are on.
@@ -180,14 +252,17 @@ fn cuda_binarize_activation(
 ) -> PyResult<(PyTensor, Option<PyTensor>)> {
     boundary(|| {
         let kind = parse_kind(out_dtype)?;
-        let stream = stream_for(&x, stream)?;
-        let (a, s) = py.allow_threads(move || {
-            let mode = match (&std, training) {
-                (Some(s), _) => Std::Given(s),
-                (None, true) => Std::Compute,
-                (None, false) => Std::None,
-            };
-            binconv::binarize_activation(&x, mode, kind, stream)?.required("binarize_activation")
+        let plan = plan_for(&x, stream)?;
+        let (a, s) = on_stream(py, plan, |stream| {
+            Ok(py.allow_threads(move || {
+                let mode = match (&std, training) {
+                    (Some(s), _) => Std::Given(s),
+                    (None, true) => Std::Compute,
+                    (None, false) => Std::None,
+                };
+                binconv::binarize_activation(&x, mode, kind, stream)?
+                    .required("binarize_activation")
+            })?)
         })?;
         Ok((PyTensor(a), s.map(PyTensor)))
     })
@@ -204,10 +279,12 @@ fn cuda_bireal_backward(
     stream: Option<u64>,
 ) -> PyResult<PyTensor> {
     boundary(|| {
-        let stream = stream_for(&x, stream)?;
-        let out = py.allow_threads(move || {
-            binconv::bireal_backward(&grad_a, &x, std.as_deref(), stream)?
-                .required("bireal_backward")
+        let plan = plan_for(&x, stream)?;
+        let out = on_stream(py, plan, |stream| {
+            Ok(py.allow_threads(move || {
+                binconv::bireal_backward(&grad_a, &x, std.as_deref(), stream)?
+                    .required("bireal_backward")
+            })?)
         })?;
         Ok(PyTensor(out))
     })
@@ -230,18 +307,20 @@ fn cuda_weight_operand(
     boundary(|| {
         let act_w = ActW::parse(act_w)?;
         let kind = parse_kind(out_dtype)?;
-        let stream = stream_for(&weight, stream)?;
-        let op = py.allow_threads(move || {
-            binconv::weight_operand(
-                &weight,
-                act_w,
-                scale.as_deref(),
-                bias.as_deref(),
-                fold,
-                kind,
-                stream,
-            )?
-            .required("weight_operand")
+        let plan = plan_for(&weight, stream)?;
+        let op = on_stream(py, plan, |stream| {
+            Ok(py.allow_threads(move || {
+                binconv::weight_operand(
+                    &weight,
+                    act_w,
+                    scale.as_deref(),
+                    bias.as_deref(),
+                    fold,
+                    kind,
+                    stream,
+                )?
+                .required("weight_operand")
+            })?)
         })?;
         Ok((
             PyTensor(op.w_eff),
@@ -268,24 +347,26 @@ fn cuda_weight_grads(
 ) -> PyResult<(Option<PyTensor>, Option<PyTensor>, Option<PyTensor>)> {
     boundary(|| {
         let act_w = ActW::parse(act_w)?;
-        let stream = stream_for(&weight, stream)?;
+        let plan = plan_for(&weight, stream)?;
         let want = WantGrads {
             weight: want.0,
             scale: want.1,
             bias: want.2,
         };
-        let g = py.allow_threads(move || {
-            binconv::weight_grads(
-                grad_weff.as_deref(),
-                grad_beff.as_deref(),
-                &weight,
-                act_w,
-                &s,
-                bias.as_deref(),
-                want,
-                stream,
-            )?
-            .required("weight_grads")
+        let g = on_stream(py, plan, |stream| {
+            Ok(py.allow_threads(move || {
+                binconv::weight_grads(
+                    grad_weff.as_deref(),
+                    grad_beff.as_deref(),
+                    &weight,
+                    act_w,
+                    &s,
+                    bias.as_deref(),
+                    want,
+                    stream,
+                )?
+                .required("weight_grads")
+            })?)
         })?;
         Ok((
             g.weight.map(PyTensor),
@@ -312,4 +393,62 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_weight_operand, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_weight_grads, m)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Place;
+
+    fn current(i: usize) -> Result<Stream> {
+        Ok(Stream(if i == host::HOST_INDEX {
+            0
+        } else {
+            100 + i as u64
+        }))
+    }
+
+    #[test]
+    fn a_stream_other_than_the_current_one_is_made_current_for_the_call() {
+        let cuda1 = Place::Cuda(1);
+        // No stream given, or the current one: launch on the current stream.
+        assert_eq!(
+            stream_plan(&cuda1, None, false, current).expect("plan"),
+            StreamPlan::Current(Stream(101))
+        );
+        assert_eq!(
+            stream_plan(&cuda1, Some(101), false, current).expect("plan"),
+            StreamPlan::Current(Stream(101))
+        );
+        // Another stream (the legacy default 0 included): it becomes current, so that
+        // the pass's allocations belong to the stream its kernels run on.
+        for s in [7, 0] {
+            assert_eq!(
+                stream_plan(&cuda1, Some(s), true, current).expect("plan"),
+                StreamPlan::Switch {
+                    index: 1,
+                    stream: Stream(s)
+                }
+            );
+        }
+        // The host launcher has no streams: whatever was given, nothing to switch.
+        assert_eq!(
+            stream_plan(&Place::Cpu, Some(7), true, current).expect("plan"),
+            StreamPlan::Current(Stream(0))
+        );
+        // A CPU tensor without the host launcher: with a stream, the entry point
+        // declines it; without one, a ValueError here.
+        assert_eq!(
+            stream_plan(&Place::Cpu, Some(7), false, current).expect("plan"),
+            StreamPlan::Current(Stream(7))
+        );
+        let err = stream_plan(&Place::Cpu, None, false, current).expect_err("cpu");
+        assert!(err.to_string().contains("expected a CUDA tensor"), "{err}");
+        // The current stream is read only for the tensor's own device.
+        let unread = |_: usize| -> Result<Stream> { panic!("read a stream") };
+        assert_eq!(
+            stream_plan(&Place::Meta, Some(3), false, unread).expect("plan"),
+            StreamPlan::Current(Stream(3))
+        );
+    }
 }
