@@ -32,8 +32,10 @@ pub struct Forward {
     /// The per-channel scale recomputed from W (shape `[O]`); `None` when the layer
     /// owns a learnable `scaling_factor`.
     pub alpha: Option<Tensor>,
-    /// `conv(a, w_b, bias)` before scaling, kept only for a learnable scale's gradient
-    /// on the routes that need it (the CUDA route recomputes what it needs instead).
+    /// `conv(a, w_b, bias)` before scaling (`[N, O, H, W]`, the convolution's dtype):
+    /// kept exactly when the layer owns a learnable `scaling_factor`, on every route,
+    /// as the op's fake implementation declares (`ops._fake_layer_outputs`); `None`
+    /// otherwise.
     pub conv_out: Option<Tensor>,
     /// The dtype the convolution ran in (differs from the input's under autocast).
     pub conv_kind: Kind,
@@ -99,10 +101,11 @@ impl<'a> Saved<'a> {
     }
 }
 
-/// Whether a route may fold the scale into the convolution's operands,
-/// `conv(a, w_b * s, bias * s) == conv(a, w_b, bias) * s`, and so keep no `conv_out`.
-/// Always, except a learnable scale together with a bias: the scale's gradient then
-/// needs the bias's values, which the backward is not handed ([`Saved::has_bias`]).
+/// Whether a route's backward may work from the folded operands,
+/// `conv(a, w_b * s, bias * s) == conv(a, w_b, bias) * s`, without the kept
+/// `conv_out`. Always, except a learnable scale together with a bias: the scale's
+/// gradient then needs the bias's values, which the backward is not handed
+/// ([`Saved::has_bias`]).
 pub fn foldable(learnable_scale: bool, has_bias: bool) -> bool {
     !(learnable_scale && has_bias)
 }
@@ -353,8 +356,9 @@ pub fn backward(
             let recomputed;
             let conv_out = match (saved.conv_out, &operands) {
                 (Some(c), _) => c,
-                // A forward that folded the scale kept no conv_out; without a bias
-                // (see `foldable`) it is conv(a, w_b).
+                // Handed no conv_out (every forward keeps it with a learnable scale,
+                // but a caller may pass the absent marker): without a bias (see
+                // `foldable`) it is conv(a, w_b).
                 (None, Some((a, wb))) if !saved.has_bias => {
                     recomputed = a.f_conv2d(
                         wb,
