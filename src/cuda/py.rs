@@ -5,6 +5,12 @@
 //! do not apply they raise `RuntimeError` with the reason instead of falling back. (The
 //! library's own ops, `binary_conv2d_forward`/`_backward` and `ags_sad_step`, choose the
 //! CUDA route by themselves; see `crate::cuda`.)
+//!
+//! `stream=` (a raw `cudaStream_t`; default PyTorch's current stream of the tensor's
+//! device): the pass runs on that stream, made PyTorch's current stream for the call so
+//! that its outputs and temporaries are allocated on it, as under
+//! `with torch.cuda.stream(s):` ([`StreamPlan`]). The caller orders the inputs'
+//! producers and the outputs' consumers against that stream.
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
