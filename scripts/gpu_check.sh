@@ -101,7 +101,7 @@ if [ -f "$LOG/2.log" ]; then
     echo "  pytest: $(tail -n 1 "$LOG/2.log")"
 fi
 if [ -f "$LOG/1.log" ]; then
-    grep -E "^(sm_[0-9]+:|running on|all kernels ok|[0-9]+ failures|no CUDA device)|FAIL" "$LOG/1.log" | sed 's/^/  check: /'
+    grep -E "^(sm_[0-9]+:|sm_[0-9]+ ptxas:|running on|all kernels ok|[0-9]+ failures|no CUDA device)|FAIL" "$LOG/1.log" | sed 's/^/  check: /'
 fi
 if [ -f "$LOG/3.log" ]; then
     grep -E "^(ResNet18|cResNet20)|^  (ovsw|libtorch|oracle) +step|^ovsw ran on|did not take" \
