@@ -137,6 +137,7 @@ def host_launcher():
         _core.cuda_set_host_launcher(False)
 
 
+@pytest.mark.slow
 def test_check_ags_sad_comparison_passes_on_the_fused_route(host_launcher):
     """The check's AGS+SAD comparison, as it runs on a GPU, on the CUDA route's launch
     code with the kernels compiled for the CPU: every row within its bound."""
