@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py [--steps 10] [--threads 2]
     python benchmarks/bench_train_step.py --device cuda [--steps 5]
+    python benchmarks/bench_train_step.py --device cuda --dry-run
     python benchmarks/bench_train_step.py --compile [--steps 10] [--threads 2]
 
 On CUDA (issue 11) it times a user's loop with no syncs inside (forward under autocast
@@ -10,12 +11,24 @@ the one sync per step, the same for every implementation) for ResNet18_1w1a at b
 and 224x224 and cResNet20_1w1a at batch 128, fp32 and AMP, for three implementations in
 one process: "oracle" (tests/oracle.py, the ops upstream runs), "ovsw" (the package as
 users get it: OvSWConv2d and OvSW on the fused CUDA route) and "libtorch" (the same
-package with its CUDA kernels turned off, ``ovsw.cuda.disabled()``). It checks that
-"ovsw" ran the kernels (``ovsw.cuda.route_counts()``, no op declined) and prints the
-step time, the AGS+SAD time (alone, on real gradients), the peak memory of a step
-(torch.cuda max_memory_allocated above what was allocated before it), ratios to the
-oracle, and the top kernels of one profiled step. Targets on an H100/H200: step <= 0.75x
-the oracle, AGS+SAD <= 0.1x, peak memory <= 0.8x.
+package with its CUDA kernels turned off, ``ovsw.cuda.disabled()``). Like with like: no
+side reads anything back to the host per layer. The oracle's AGS+SAD is
+``OracleOvSW(host_figures=False)``: per layer the SPEC formula in torch ops
+(``ovsw._reference.ags_sad_layer``, a dozen small kernels) with each layer's two figures
+left as 0-dim tensors on the GPU; ovsw runs its two fused launches for all layers
+("libtorch": its libtorch ops for all layers) with the figures left in one [L, 2] GPU
+tensor. Neither syncs inside ``step()`` (GradScaler's inf check aside, the same for all
+three). It checks that "ovsw" ran the kernels (``ovsw.cuda.route_counts()``, no op
+declined) and prints the step time, the AGS+SAD time (alone, on real gradients), the
+peak memory of a step (torch.cuda max_memory_allocated above what was allocated before
+it), ratios to the oracle, and the top kernels of one profiled step. Targets on an
+H100/H200: step <= 0.75x the oracle, AGS+SAD <= 0.1x, peak memory <= 0.8x.
+
+``--device cuda --dry-run`` runs that code on the CPU, without a GPU, as a check that it
+works (timings meaningless): a tiny model of two binary convs, fp32 only, one step per
+round, the "ovsw" side's CPU tensors on
+the fused route through the host launcher (``_core.cuda_set_host_launcher(True)``: the
+CUDA kernels compiled for the CPU), no peak memory or profile.
 
 With ``--compile`` it measures instead what ``torch.compile`` gains or costs: ovsw in
 eager mode against the same model compiled with ``torch.compile(model, fullgraph=True)``
@@ -23,12 +36,13 @@ eager mode against the same model compiled with ``torch.compile(model, fullgraph
 one's first step (which compiles) and the median step after the warmup, and the ratio
 compiled / eager (on the CPU).
 
-Otherwise, for each case, both implementations get the same model (same weights, the oracle's
-binary convs swapped in by tests/oracle.py) and the same batch. A step is forward,
-backward, AGS+SAD, SGD. Steps of the two are interleaved so that machine noise hits both
-alike; the median over steps is reported. Peak memory of a step is measured in a fresh
-subprocess per implementation: peak RSS during its first step (activations, gradients,
-momentum and SAD buffers) minus RSS just before it.
+Otherwise (on the CPU), for each case, both implementations get the same model (same
+weights, the oracle's binary convs swapped in by tests/oracle.py) and the same batch. A
+step is forward, backward, AGS+SAD, SGD (the oracle reads its figures per layer there, a
+plain memory read on the CPU, no sync). Steps of the two are interleaved so that machine
+noise hits both alike; the median over steps is reported. Peak memory of a step is
+measured in a fresh subprocess per implementation: peak RSS during its first step
+(activations, gradients, momentum and SAD buffers) minus RSS just before it.
 
 Targets (issue 2): step-time ratio ovsw/oracle <= 1.0, AGS+SAD-time ratio <= 0.3.
 The last line is one JSON object with every figure.
@@ -191,13 +205,25 @@ def main() -> None:
         action="store_true",
         help="measure torch.compile (model, and model + step) against eager ovsw",
     )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --device cuda: run the CUDA benchmark's code on the CPU (host launcher), "
+        "one tiny case, to check that it works; the timings mean nothing",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
+        if args.dry_run:
+            ovsw._core.cuda_set_host_launcher(True)
+            cuda_main(args, device="cpu")
+            return
         if not torch.cuda.is_available():
             ap.error("--device cuda: no CUDA device is available")
         cuda_main(args)
         return
+    if args.dry_run:
+        ap.error("--dry-run goes with --device cuda")
 
     print(f"torch {torch.__version__}, ovsw {ovsw.__version__}, {args.threads} threads, CPU")
     if args.compile:
@@ -250,22 +276,49 @@ CUDA_CASES = [
     ("ResNet18_1w1a", 1000, 256, 224),
     ("cResNet20_1w1a", 10, 128, 32),
 ]
+DRY_RUN_CASES = [("tiny", 10, 2, 8)]
 IMPLS = ("oracle", "ovsw", "libtorch")
 
 
-def build_cuda(arch, num_classes, batch, res, impl):
+def tiny_model(num_classes):
+    """Two binary convs of 8 channels between a float stem and head (the dry run's)."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        ovsw.OvSWConv2d(8, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        ovsw.OvSWConv2d(8, 8, 3, stride=2, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, num_classes),
+    )
+
+
+def build_cuda(arch, num_classes, batch, res, impl, device="cuda"):
     torch.manual_seed(0)
-    model = ovsw.models.create(arch, num_classes=num_classes)
+    if arch == "tiny":
+        model = tiny_model(num_classes)
+    else:
+        model = ovsw.models.create(arch, num_classes=num_classes)
+    sgd_params = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
     if impl == "oracle":
-        model = to_oracle(model)
-    model = model.cuda().train()
-    sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    wrapper = OracleOvSW if impl == "oracle" else ovsw.OvSW
-    opt = wrapper(sgd, model, **OVSW_IMAGENET)
+        # The SPEC formula in torch ops, each layer's figures left on the device.
+        model = to_oracle(model).to(device).train()
+        sgd = torch.optim.SGD(model.parameters(), **sgd_params)
+        opt = OracleOvSW(sgd, model, host_figures=False, **OVSW_IMAGENET)
+    else:
+        model = model.to(device).train()
+        sgd = torch.optim.SGD(model.parameters(), **sgd_params)
+        opt = ovsw.OvSW(sgd, model, **OVSW_IMAGENET)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, res, res, generator=g).cuda()
-    y = torch.randint(0, num_classes, (batch,), generator=g).cuda()
+    x = torch.randn(batch, 3, res, res, generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
     return model, opt, x, y
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 # (fused, declined) of each op with a fused form, over the "ovsw" runs only.
@@ -303,7 +356,7 @@ def check_fused() -> str:
 
 
 def cuda_step(model, opt, scaler, x, y, amp):
-    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
         loss = F.cross_entropy(model(x), y)
     opt.zero_grad()
     scaler.scale(loss).backward()
@@ -312,7 +365,7 @@ def cuda_step(model, opt, scaler, x, y, amp):
     scaler.update()
 
 
-def cuda_times(runs, amp, steps, rounds, warmup):
+def cuda_times(runs, amp, steps, rounds, warmup, device="cuda"):
     """Median over rounds of the mean step time of `steps` back-to-back steps, the
     implementations taking turns round by round."""
     times = {impl: [] for impl in runs}
@@ -320,11 +373,11 @@ def cuda_times(runs, amp, steps, rounds, warmup):
         for impl, (model, opt, x, y, scaler) in runs.items():
             with route(impl):
                 n = warmup if r == 0 else steps
-                torch.cuda.synchronize()
+                sync(device)
                 t0 = time.perf_counter()
                 for _ in range(n):
                     cuda_step(model, opt, scaler, x, y, amp)
-                torch.cuda.synchronize()
+                sync(device)
                 if r > 0:
                     times[impl].append((time.perf_counter() - t0) / n)
     return {impl: statistics.median(t) for impl, t in times.items()}
@@ -332,21 +385,23 @@ def cuda_times(runs, amp, steps, rounds, warmup):
 
 def ags_sad_time(model, opt, x, y, amp, impl, reps=20):
     """Seconds per AGS+SAD call on the gradients of one real backward, as ``step()``
-    runs it: for ovsw ``OvSW._apply`` (the figures stay on the device; the public
-    ``apply_ags_sad`` also reads them), for the oracle its ``apply_ags_sad`` (which
-    reads a figure per layer, as upstream does)."""
+    runs it, no side reading anything back to the host: for ovsw ``OvSW._apply`` (the
+    figures stay on the device; the public ``apply_ags_sad`` also reads them), for the
+    oracle ``OracleOvSW(host_figures=False).apply_ags_sad`` (each layer's figures stay
+    on the device too)."""
     apply = opt.apply_ags_sad if impl == "oracle" else opt._apply
+    device = x.device.type
     with route(impl):
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        with torch.autocast(device, dtype=torch.float16, enabled=amp):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         apply()  # warm-up (compiles the kernels on first use)
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             apply()
-        torch.cuda.synchronize()
+        sync(device)
     return (time.perf_counter() - t0) / reps
 
 
@@ -376,20 +431,26 @@ def top_kernels(model, opt, x, y, scaler, amp, impl, rows=10):
     return events.table(row_limit=rows)
 
 
-def cuda_main(args) -> None:
-    name = torch.cuda.get_device_name()
+def cuda_main(args, device: str = "cuda") -> None:
+    """The CUDA benchmark; ``device="cpu"`` is ``--dry-run`` (host launcher selected)."""
+    dry = device != "cuda"
+    name = "CPU, dry run (host launcher)" if dry else torch.cuda.get_device_name()
     print(f"torch {torch.__version__}, ovsw {ovsw.__version__}, {name}")
+    steps, warmup, rounds, reps = (1, 1, 1, 1) if dry else (args.steps, args.warmup, 2, 20)
     results = {}
-    for case in CUDA_CASES:
+    for case in DRY_RUN_CASES if dry else CUDA_CASES:
         arch, _, batch, res = case
-        for amp in (False, True):
+        for amp in (False,) if dry else (False, True):
             runs = {}
             for impl in IMPLS:
-                model, opt, x, y = build_cuda(*case, impl)
-                runs[impl] = (model, opt, x, y, torch.amp.GradScaler("cuda", enabled=amp))
-            med = cuda_times(runs, amp, args.steps, rounds=2, warmup=args.warmup)
-            ags = {i: ags_sad_time(*runs[i][:4], amp, i) for i in IMPLS}
-            mem = {i: peak_memory(*runs[i], amp, i) for i in IMPLS}
+                model, opt, x, y = build_cuda(*case, impl, device=device)
+                runs[impl] = (model, opt, x, y, torch.amp.GradScaler(device, enabled=amp))
+            med = cuda_times(runs, amp, steps, rounds=rounds, warmup=warmup, device=device)
+            ags = {i: ags_sad_time(*runs[i][:4], amp, i, reps=reps) for i in IMPLS}
+            if dry:
+                mem = dict.fromkeys(IMPLS, float("nan"))
+            else:
+                mem = {i: peak_memory(*runs[i], amp, i) for i in IMPLS}
             key = f"{arch}_b{batch}_{res}_{'amp' if amp else 'fp32'}"
             r = {f"{i}_step_ms": med[i] * 1e3 for i in IMPLS}
             r.update({f"{i}_ags_sad_ms": ags[i] * 1e3 for i in IMPLS})
@@ -411,12 +472,13 @@ def cuda_main(args) -> None:
                         f"{r[f'{i}_ags_sad_ratio']:.3f} peak {r[f'{i}_peak_ratio']:.3f}"
                     )
                 print(line, flush=True)
-            if arch == CUDA_CASES[0][0]:
+            if not dry and arch == CUDA_CASES[0][0]:
                 for i in ("ovsw", "oracle"):
                     print(f"  top kernels of one {i} step ({'AMP' if amp else 'fp32'}):")
                     print(top_kernels(*runs[i], amp, i), flush=True)
             del runs
-            torch.cuda.empty_cache()
+            if not dry:
+                torch.cuda.empty_cache()
     print(f"ovsw ran on the fused CUDA route: {check_fused()}", flush=True)
     print(json.dumps(results))
 

@@ -2,7 +2,9 @@
 
 Nothing here calls ``ovsw._core``: the binary convolution is built from torch ops
 (with small autograd Functions for the surrogate gradients) and AGS/SAD from tensor
-ops, so tests (``tests/test_op_oracle.py``) and benchmarks can hold the Rust core to it.
+ops (``ovsw._reference.ags_sad_layer``, the one copy of that formula, which
+``python -m ovsw.cuda check`` also uses), so tests (``tests/test_op_oracle.py``) and
+benchmarks can hold the Rust core to it.
 
 - :func:`oracle_binary_conv2d` / :class:`OracleConv2d`: SPEC 1 (forward type "xnor").
 - :func:`oracle_binary_linear` / :class:`OracleLinear`: the same layer around a matrix
@@ -12,7 +14,8 @@ ops, so tests (``tests/test_op_oracle.py``) and benchmarks can hold the Rust cor
   an :class:`OracleConv2d` and every ``ovsw.OvSWLinear`` by an :class:`OracleLinear`
   holding the same parameters and buffers.
 - :func:`oracle_ags_sad`: SPEC 2 and 3 on one layer, in place.
-- :class:`OracleOvSW`: a minimal stand-in for ``ovsw.OvSW`` built on the above.
+- :class:`OracleOvSW`: a minimal stand-in for ``ovsw.OvSW`` built on the above (with
+  ``host_figures=False`` its figures stay 0-dim tensors on the device: no host read).
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# SPEC 2 and 3 are written once, in plain torch ops, in the package (no call into the
+# Rust core there either): python -m ovsw.cuda check judges the kernels by it too.
+from ovsw._reference import GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR
+from ovsw._reference import ags_sad_layer as _ags_sad_device
 
 __all__ = [
     "EPS",
@@ -43,8 +51,6 @@ __all__ = [
 ]
 
 EPS = 1e-5  # SPEC 1.1 and 1.4: added to variances before the square root
-GRAD_NORM_FLOOR = 1e-6  # SPEC 2: g_o = max(||G_o||, 1e-6)
-WEIGHT_NORM_FLOOR = 1e-3  # SPEC 2: w_o = max(||W_o||, 1e-3)
 ACT_W = ("ste", "hardtanh", "ste_v2", "hardtanhv2")
 
 
@@ -419,7 +425,6 @@ def to_oracle(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # SPEC 2 and 3: AGS and SAD
 # ---------------------------------------------------------------------------------------
-@torch.no_grad()
 def oracle_ags_sad(
     grad: Tensor,
     weight: Tensor,
@@ -435,26 +440,24 @@ def oracle_ags_sad(
 ) -> tuple[float | None, float | None]:
     """AGS (SPEC 2) then SAD (SPEC 3) on one layer, in place on ``grad``, ``tracker``
     and ``weight_prev``. Returns ``(ags_ratio, silent_ratio)``, ``None`` where disabled.
+
+    The formula is ``ovsw._reference.ags_sad_layer`` (plain torch ops, shared with
+    ``python -m ovsw.cuda check``); this reads its two figures back to the host.
     """
-    ags_ratio = silent_ratio = None
-    o = weight.shape[0]
-    if enable_ags:
-        g = grad.reshape(o, -1).norm(p=2, dim=1).clamp_min(GRAD_NORM_FLOOR)
-        w = weight.reshape(o, -1).norm(p=2, dim=1).clamp_min(WEIGHT_NORM_FLOOR)
-        r = g / w
-        factor = torch.where(r < delta, delta * w / g, torch.ones_like(r))
-        grad.mul_(_per_channel_view(factor, weight.dim()))
-        ags_ratio = float(r.double().mean())
-    if enable_dampen:
-        if tracker is None or weight_prev is None:
-            raise ValueError("SAD needs tracker and weight_prev")
-        m = track_momentum
-        flipped = (torch.sign(weight) != torch.sign(weight_prev)).to(tracker.dtype)
-        tracker.mul_(m).add_(flipped * (1.0 - m))
-        mask = tracker < track_threshold
-        grad.add_(dampen_weight * mask.to(weight.dtype) * weight)
-        weight_prev.copy_(weight)
-        silent_ratio = float(mask.double().mean())
+    r, mask = _ags_sad_device(
+        grad,
+        weight,
+        tracker,
+        weight_prev,
+        enable_ags=enable_ags,
+        delta=delta,
+        enable_dampen=enable_dampen,
+        dampen_weight=dampen_weight,
+        track_momentum=track_momentum,
+        track_threshold=track_threshold,
+    )
+    ags_ratio = None if r is None else float(r.double().mean())
+    silent_ratio = None if mask is None else float(mask.double().mean())
     return ags_ratio, silent_ratio
 
 
@@ -469,7 +472,11 @@ def _binary_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class OracleOvSW:
     """A minimal ``ovsw.OvSW``: ``step()`` applies :func:`oracle_ags_sad` to the weight
     gradient of every binary layer (``OvSWConv2d``, ``OvSWLinear``, :class:`OracleConv2d`
-    or :class:`OracleLinear`), then steps the wrapped optimizer."""
+    or :class:`OracleLinear`), then steps the wrapped optimizer.
+
+    With ``host_figures=False`` each layer's figures stay 0-dim float64 tensors on the
+    weights' device (the same formula, no host read per layer), as ``ovsw.OvSW`` keeps
+    them: a like-for-like baseline for timing on a GPU."""
 
     def __init__(
         self,
@@ -483,8 +490,10 @@ class OracleOvSW:
         track_momentum: float = 0.999,
         track_threshold: float = 1e-4,
         track_ones: bool = False,
+        host_figures: bool = True,
     ) -> None:
         self.optimizer = optimizer
+        self.host_figures = host_figures
         self.enable_ags = enable_ags
         self.delta = delta
         self.enable_dampen = enable_dampen
@@ -514,7 +523,8 @@ class OracleOvSW:
         for name, layer in self.layers:
             ags = silent = None
             if layer.weight.grad is not None:
-                ags, silent = oracle_ags_sad(
+                step = oracle_ags_sad if self.host_figures else _ags_sad_device
+                ags, silent = step(
                     layer.weight.grad,
                     layer.weight,
                     layer.tracker,
@@ -526,6 +536,9 @@ class OracleOvSW:
                     track_momentum=self.track_momentum,
                     track_threshold=self.track_threshold,
                 )
+                if not self.host_figures:  # (r, mask) -> their means, on the device
+                    ags = None if ags is None else ags.double().mean()
+                    silent = None if silent is None else silent.double().mean()
             self._stats.append({"name": name, "ags_ratio": ags, "silent_ratio": silent})
         return self._stats
 

@@ -11,9 +11,12 @@ where NVRTC or the driver cannot be loaded it runs after one ``RuntimeWarning``.
     python -m ovsw.cuda check [--arch 80 --arch 90]
 
 compiles every kernel for each architecture (no GPU needed) and reports each entry
-point; on a machine with a GPU it also runs every kernel against the libtorch path on
-random inputs in float32, float16 and bfloat16 and prints the maximum errors. It exits
-non-zero on any failure.
+point with what ptxas says it uses (registers per thread, static shared memory, spill
+stores and loads; any spill is a failure); on a machine with a GPU it also runs every
+kernel on random inputs in float32, float16 and bfloat16 and prints the maximum errors:
+the passes and the conv against the libtorch path, the AGS+SAD figures against a float64
+reference (:func:`ags_sad_reference`) within bounds derived from the formats' rounding.
+It exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from . import _core
+from ._reference import ags_sad_layer
 
 __all__ = [
     "status",
@@ -37,6 +42,11 @@ __all__ = [
     "disabled",
     "route_counts",
     "compile_kernels",
+    "parse_ptxas_log",
+    "spills",
+    "ags_sad_reference",
+    "compare_ags_sad_figures",
+    "compare_ags_sad",
     "compare_on_gpu",
     "main",
 ]
@@ -94,8 +104,10 @@ def route_delta(before: dict[str, dict[str, Any]]) -> dict[str, tuple[int, int]]
 def compile_kernels(arch: int) -> dict[str, Any]:
     """Compile every kernel for ``sm_{arch}`` with NVRTC (no GPU needed).
 
-    Returns ``{"arch", "seconds", "ptx", "cubin", "log", "entries"}`` where ``entries``
-    maps each kernel name to whether both the PTX and the cubin hold it.
+    Returns ``{"arch", "seconds", "ptx", "cubin", "log", "entries", "resources"}`` where
+    ``entries`` maps each kernel name to whether both the PTX and the cubin hold it,
+    ``resources`` is ptxas's report per kernel (:func:`parse_ptxas_log`) and ``log`` is
+    what else NVRTC said (warnings; usually empty).
     """
     t0 = time.perf_counter()
     ptx, cubin, log, declared = _core.cuda_compile(arch)
@@ -103,14 +115,86 @@ def compile_kernels(arch: int) -> dict[str, Any]:
     entries = {
         name: name in declared and name.encode() in cubin for name in _core.cuda_entry_points()
     }
+    resources, rest = parse_ptxas_log(log)
     return {
         "arch": arch,
         "seconds": seconds,
         "ptx": ptx,
         "cubin": cubin,
-        "log": log,
+        "log": rest,
         "entries": entries,
+        "resources": resources,
     }
+
+
+# ptxas -v, as NVRTC passes it on (`--ptxas-options=-v`) in the program log:
+#   ptxas info    : Compiling entry function 'NAME' for 'sm_90'
+#   ptxas info    : Function properties for NAME
+#   ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+#   ptxas info    : Used 46 registers, used 1 barriers, 64 bytes smem, 360 bytes cmem[0]
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PROPS = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(log: str) -> tuple[dict[str, dict[str, int]], str]:
+    """Split an NVRTC program log into ptxas's verbose report and the rest.
+
+    Returns ``(resources, rest)``: ``resources`` maps each entry function ptxas compiled
+    to ``{"registers", "shared", "stack", "spill_stores", "spill_loads"}`` (registers per
+    thread; static shared memory, stack frame and spills in bytes; the spills of device
+    functions it calls that ptxas reports apart are added to the entry's), and ``rest``
+    holds the log's other lines (NVRTC's warnings). An entry whose report lacks a figure
+    gets -1 for it.
+    """
+    resources: dict[str, dict[str, int]] = {}
+    rest: list[str] = []
+    entry: str | None = None  # the entry function being compiled
+    props: str | None = None  # the function the next "stack frame" line is about
+    for line in log.splitlines():
+        if not line.startswith("ptxas"):
+            if line.strip():
+                rest.append(line)
+            continue
+        if m := _ENTRY.search(line):
+            entry = m.group(1)
+            resources[entry] = dict.fromkeys(
+                ("registers", "shared", "stack", "spill_stores", "spill_loads"), -1
+            )
+            resources[entry]["shared"] = 0  # ptxas leaves out "0 bytes smem"
+        elif m := _PROPS.search(line):
+            props = m.group(1)
+        elif (m := _FRAME.search(line)) and entry is not None:
+            stack, stores, loads = (int(v) for v in m.groups())
+            r = resources[entry]
+            if props == entry:
+                r["stack"], r["spill_stores"], r["spill_loads"] = stack, stores, loads
+            else:  # a callee compiled apart: its spills count against the entry
+                r["spill_stores"] = max(r["spill_stores"], 0) + stores
+                r["spill_loads"] = max(r["spill_loads"], 0) + loads
+        elif (m := _USED.search(line)) and entry is not None:
+            resources[entry]["registers"] = int(m.group(1))
+            if s := _SMEM.search(line):
+                resources[entry]["shared"] = int(s.group(1))
+    return resources, "\n".join(rest)
+
+
+def spills(resources: dict[str, dict[str, int]]) -> list[str]:
+    """The kernels of a :func:`parse_ptxas_log` report that spill (any spill store or
+    load) or whose report misses a figure, each as ``"NAME: why"``."""
+    bad = []
+    for name, r in resources.items():
+        missing = [k for k, v in r.items() if v < 0]
+        if missing:
+            bad.append(f"{name}: ptxas reported no {', '.join(missing)}")
+        elif r["spill_stores"] or r["spill_loads"]:
+            bad.append(
+                f"{name}: {r['spill_stores']} bytes spill stores, "
+                f"{r['spill_loads']} bytes spill loads"
+            )
+    return bad
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +259,7 @@ def _ieee_float32_convs() -> Iterator[None]:
 def compare_on_gpu(device: str = "cuda", seed: int = 0) -> list[tuple[str, str, float, float]]:
     """Run every kernel on random inputs in each dtype against the libtorch path (with
     IEEE float32 convolutions), the library's ops on the fused route against themselves
-    on the libtorch route.
+    on the libtorch route, the AGS+SAD figures against the float64 reference.
 
     Returns ``(kernel, case, max relative error, tolerance)`` rows; needs a CUDA device
     and the kernels available (it raises where they are not).
@@ -285,9 +369,123 @@ def _compare_conv(device, g) -> list[tuple[str, str, float, float]]:
     return rows
 
 
-def _compare_ags_sad(device, g) -> list[tuple[str, str, float, float]]:
+# Unit roundoff of float32: the fused AGS+SAD takes each norm's root, the ratio and the
+# SAD arithmetic in float32 whatever the weights' dtype (sums of squares in float64).
+_U32 = 2.0**-24
+
+
+def ags_sad_reference(
+    cfg: Any,
+    grads: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    trackers: list[torch.Tensor | None],
+    prevs: list[torch.Tensor | None],
+) -> dict[str, Any]:
+    """The float64 reference for the figures of ``_core.ags_sad_step(cfg, grads, ...)``
+    on these inputs (taken before the step; none is modified), with the bounds within
+    which the fused figures must lie. SPEC 2 and 3 as ``ovsw._reference.ags_sad_layer``
+    (plain torch ops) on float64 copies.
+
+    Returns ``{"figures", "ags_bound", "silent_low", "silent_high"}``: ``figures`` the
+    exact ``[L, 2]`` float64 figures (NaN where a part is disabled); ``ags_bound[l]`` the
+    largest relative error of layer l's ``ags_ratio``; ``[silent_low[l],
+    silent_high[l]]`` the interval its ``silent_ratio`` must fall in.
+
+    The bounds, from the formats' rounding: the kernel sums squares in float64 and
+    rounds each norm and then the ratio ``r_o`` to float32, so every ``r_o``, hence
+    their mean, is within ``3 u32`` (``u32 = 2**-24``) plus the float64 sums' ``(K + C)
+    2**-52`` relative error for every dtype (the inputs are exact in float64). The
+    tracker update ``m T + (1 - m) flipped`` is rounded per op in float32 and then in
+    the tracker's dtype (unit roundoff ``u``), and ``tau`` too: a weight whose exact
+    tracker lies within ``(3 u32 + 2 u) T + (u32 + u) tau`` (plus two of the dtype's
+    smallest subnormals) of ``tau`` may fall on either side, so the silent ratio lies
+    between the share of weights surely below ``tau`` and the share possibly below it
+    (for float32 inputs the band is usually empty and the bounds equal). Each slack is
+    taken one unit wider as a margin.
+    """
+    figures, ags_bound, lows, highs = [], [], [], []
+    tau = float(cfg.track_threshold)
+    for grad, weight, tracker, prev in zip(grads, weights, trackers, prevs):
+        g, w = grad.detach().double().clone(), weight.detach().double().clone()
+        t = None if tracker is None else tracker.double().clone()
+        p = None if prev is None else prev.double().clone()
+        r, mask = ags_sad_layer(
+            g,
+            w,
+            t,
+            p,
+            enable_ags=cfg.enable_ags,
+            delta=cfg.delta,
+            enable_dampen=cfg.enable_dampen,
+            dampen_weight=cfg.dampen_weight,
+            track_momentum=cfg.track_momentum,
+            track_threshold=tau,
+        )
+        channels, per_channel = weight.shape[0], weight[0].numel()
+        ags = math.nan if r is None else r.mean().item()
+        ags_bound.append(4 * _U32 + (per_channel + channels + 2) * 2.0**-52)
+        if mask is None or t is None:
+            silent = low = high = math.nan
+        else:
+            fi = torch.finfo(tracker.dtype)
+            u = fi.eps / 2
+            tiny = fi.smallest_normal * fi.eps  # the smallest subnormal
+            slack = (4 * _U32 + 3 * u) * t.abs() + (2 * _U32 + 2 * u) * tau + 3 * tiny
+            silent = mask.double().mean().item()
+            low = (t < tau - slack).double().mean().item()
+            high = (t < tau + slack).double().mean().item()
+        figures.append((ags, silent))
+        lows.append(low)
+        highs.append(high)
+    return {
+        "figures": torch.tensor(figures, dtype=torch.float64).reshape(-1, 2),
+        "ags_bound": ags_bound,
+        "silent_low": lows,
+        "silent_high": highs,
+    }
+
+
+def compare_ags_sad_figures(
+    got: torch.Tensor, ref: dict[str, Any], case: str
+) -> list[tuple[str, str, float, float]]:
+    """Rows ``(figure, case, error, tolerance)`` judging fused AGS+SAD figures ``got``
+    (``[L, 2]``) against :func:`ags_sad_reference`: per layer the ``ags_ratio``'s
+    relative error against its bound, and the ``silent_ratio``'s distance from the exact
+    figure against the distance to the interval's edge on that side. A row fails where
+    ``not error <= tolerance`` (NaN fails; NaN on both sides, a disabled part, is 0)."""
+    got = got.detach().to("cpu", torch.float64)
+    exact = ref["figures"]
+    if got.shape != exact.shape:
+        return [("ags+sad figures shape", f"{case}: {tuple(got.shape)}", math.inf, 0.0)]
+    rows = []
+    for layer in range(exact.shape[0]):
+        where = f"{case} layer {layer}"
+        a, e = got[layer, 0].item(), exact[layer, 0].item()
+        if math.isnan(a) and math.isnan(e):
+            err = 0.0
+        else:
+            err = abs(a - e) / abs(e) if e else abs(a)
+        rows.append(("ags_ratio (float64 ref)", where, err, ref["ags_bound"][layer]))
+        a, e = got[layer, 1].item(), exact[layer, 1].item()
+        if math.isnan(a) and math.isnan(e):
+            err, tol = 0.0, 0.0
+        else:
+            edge = ref["silent_high"][layer] if a > e else ref["silent_low"][layer]
+            err, tol = abs(a - e), abs(edge - e) + 1e-15
+        rows.append(("silent_ratio (float64 ref)", where, err, tol))
+    return rows
+
+
+def compare_ags_sad(device: str = "cuda", seed: int = 0) -> list[tuple[str, str, float, float]]:
     """The library's AGS+SAD (``_core.ags_sad_step``, what ``OvSW.step`` calls) on the
-    fused route against itself on the libtorch route."""
+    fused route: its figures against the float64 reference (:func:`ags_sad_reference`,
+    :func:`compare_ags_sad_figures`), the gradient, tracker and previous weights it
+    leaves against the libtorch route's. On ``"cpu"`` it needs the host launcher
+    (``_core.cuda_set_host_launcher(True)``), which gives CPU tensors the fused route."""
+    return _compare_ags_sad(device, torch.Generator(device="cpu").manual_seed(seed))
+
+
+def _compare_ags_sad(device, g) -> list[tuple[str, str, float, float]]:
     rows = []
     cfg = _core.OvSWConfig(enable_ags=True, delta=0.5, enable_dampen=True, dampen_weight=1e-3)
     for dt in DTYPES:
@@ -303,6 +501,9 @@ def _compare_ags_sad(device, g) -> list[tuple[str, str, float, float]]:
         ]
         ref = [{k: v.clone() for k, v in d.items()} for d in mk]
         name = str(dt)[6:]
+        exact = ags_sad_reference(
+            cfg, *([d[k] for d in mk] for k in ("grad", "weight", "tracker", "prev"))
+        )
         before = route_counts()
         got = _core.ags_sad_step(
             cfg,
@@ -313,7 +514,7 @@ def _compare_ags_sad(device, g) -> list[tuple[str, str, float, float]]:
         )
         bad = _fused_row("ags_sad_step", before, name)
         with disabled():
-            figs = _core.ags_sad_step(
+            _core.ags_sad_step(
                 cfg,
                 [d["grad"] for d in ref],
                 [d["weight"] for d in ref],
@@ -321,7 +522,7 @@ def _compare_ags_sad(device, g) -> list[tuple[str, str, float, float]]:
                 [d["prev"] for d in ref],
             )
         tol = TOLERANCE[dt]
-        rows.append(("ags+sad figures", name, _rel_err(got.cpu(), figs.cpu()), 1e-5))
+        rows += compare_ags_sad_figures(got, exact, name)
         for k in ("grad", "tracker", "prev"):
             err = max(_rel_err(a[k], b[k]) for a, b in zip(mk, ref))
             rows.append((f"ags+sad {k}", name, err, tol))
@@ -354,9 +555,28 @@ def _check(archs: list[int], out: Callable[[str], None]) -> int:
         )
         if res["log"]:
             out(f"  NVRTC log: {res['log']}")
+        res_map = res["resources"]
+        bad = {b.split(":")[0] for b in spills(res_map)}
         for name, present in res["entries"].items():
-            out(f"  {'ok  ' if present else 'MISSING'} sm_{arch} {name}")
-            failed += not present
+            r = res_map.get(name)
+            mark = "ok  " if present and r is not None and name not in bad else "FAIL"
+            if not present:
+                mark = "MISSING"
+            figs = "no ptxas report"
+            if r is not None:
+                figs = (
+                    f"{r['registers']:3d} registers, {r['shared']:5d} B shared, "
+                    f"spill {r['spill_stores']}/{r['spill_loads']} B stores/loads"
+                )
+            out(f"  {mark} sm_{arch} {name:32s} {figs}")
+            failed += mark != "ok  "
+        if res_map:
+            top = max(res_map, key=lambda n: res_map[n]["registers"])
+            out(
+                f"sm_{arch} ptxas: at most {res_map[top]['registers']} registers ({top}), "
+                f"{max(r['shared'] for r in res_map.values())} B static shared, "
+                f"{len(bad)} kernels spilling"
+            )
     if not torch.cuda.is_available():
         out("no CUDA device: kernels compiled only, not run")
         return 1 if failed else 0
@@ -368,7 +588,7 @@ def _check(archs: list[int], out: Callable[[str], None]) -> int:
         bad = not err <= tol
         failed += bad
         mark = "FAIL" if bad else "ok  "
-        out(f"  {mark} {kernel:26s} {case:28s} max err {err:.2e} (tol {tol:.0e})")
+        out(f"  {mark} {kernel:26s} {case:28s} max err {err:.2e} (tol {tol:.1e})")
     out("all kernels ok" if not failed else f"{failed} failures")
     return 1 if failed else 0
 

@@ -46,7 +46,8 @@ pub struct Image {
     pub ptx: String,
     /// SASS for the architecture (what is loaded: no driver JIT, no PTX-version limits).
     pub cubin: Vec<u8>,
-    /// NVRTC's log (warnings), usually empty.
+    /// NVRTC's log: its warnings, if any, and ptxas's verbose report (`ptxas info ...`
+    /// lines: per kernel the registers, shared memory and spill stores/loads).
     pub log: String,
 }
 
@@ -77,9 +78,12 @@ fn compile_now(arch: u32) -> Result<Image, String> {
             nvrtc::create_program(&src, Some(&name))
                 .map_err(|e| format!("nvrtcCreateProgram: {e:?}"))?,
         );
+        // `-v` to ptxas: its report of each kernel's registers, shared memory and
+        // spills lands in the program log (what `python -m ovsw.cuda check` prints).
         let options = [
             format!("--gpu-architecture=sm_{arch}"),
             "--std=c++17".to_string(),
+            "--ptxas-options=-v".to_string(),
         ];
         // SAFETY: `prog` is live; the options are NUL-free strings.
         let compiled = unsafe { nvrtc::compile_program(prog.0, &options) };

@@ -103,6 +103,9 @@ __device__ __forceinline__ void bireal_backward(
     i64 s1, i64 s2, i64 s3, i64 g0, i64 g1, i64 g2, i64 g3, int n_axis, int same_layout,
     i64 per_sample) {
     const i64 stride = (i64)gridDim.x * OVSW_THREADS;
+    // Not unrolled: unrolled, the two IEEE divisions' slow-path calls made ptxas spill
+    // (16 B stores, 32 B loads in the f32_f32 kernel for sm_90; `ovsw.cuda check`).
+#pragma unroll 1
     for (i64 i = (i64)blockIdx.x * OVSW_THREADS + threadIdx.x; i < total; i += stride) {
         i64 gi, n;
         if (same_layout) {
