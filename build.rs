@@ -10,6 +10,9 @@ const PROBE: &str = r#"
 import torch
 from torch.utils import cpp_extension
 print('CXX11:', int(torch._C._GLIBCXX_USE_CXX11_ABI))
+print('VERSION:', torch.__version__)
+for p in cpp_extension.library_paths():
+    print('LIB:', p)
 for p in cpp_extension.include_paths():
     print('INCLUDE:', p)
 "#;
@@ -88,18 +91,25 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot run {py:?} to locate torch: {e}"));
     if !out.status.success() {
         panic!(
-            "{py:?} could not import torch (install torch 2.11 first): {}",
+            "{py:?} could not import torch (install torch 2.11 to 2.15 first): {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut includes = Vec::new();
     let mut cxx11 = "1".to_string();
+    let mut minor = 0;
     for line in text.lines() {
         if let Some(p) = line.strip_prefix("INCLUDE: ") {
             includes.push(PathBuf::from(p));
         } else if let Some(v) = line.strip_prefix("CXX11: ") {
             cxx11 = v.trim().to_string();
+        } else if let Some(p) = line.strip_prefix("LIB: ") {
+            // Build again when torch is reinstalled: the shim is compiled against its headers.
+            println!("cargo:rerun-if-changed={}", PathBuf::from(p).join("libc10.so").display());
+        } else if let Some(v) = line.strip_prefix("VERSION: ") {
+            // 2.X.Y[+local]; the range itself is checked by torch-sys (third_party/).
+            minor = v.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0);
         }
     }
 
@@ -108,7 +118,8 @@ fn main() {
         .pic(true)
         .warnings(false)
         .includes(&includes)
-        .flag("-std=c++17")
+        // The standard the torch headers need: C++20 from torch 2.15 on.
+        .flag(if minor >= 15 { "-std=c++20" } else { "-std=c++17" })
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .opt_level(2)

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check python tests examples benchmarks
+.venv/bin/ruff check python tests examples benchmarks build_backend
 # Rust unit tests (deploy kernels against a bit-by-bit reference); the test binary finds
 # libtorch in the installed torch.
 TORCH_LIB=$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')

@@ -15,6 +15,9 @@ extra) and is not imported here.
 
 import torch  # noqa: F401  (loads libtorch before the Rust extension links against it)
 
+from . import _torch_abi  # noqa: F401  (first: ImportError when built for another torch release)
+
+# isort: split
 from . import _core, analysis, models, ops
 from .convert import binarize, summary
 from .nn import OvSWConv2d, OvSWLinear, binary_convs, binary_layers
