@@ -106,10 +106,17 @@ fn main() {
             cxx11 = v.trim().to_string();
         } else if let Some(p) = line.strip_prefix("LIB: ") {
             // Build again when torch is reinstalled: the shim is compiled against its headers.
-            println!("cargo:rerun-if-changed={}", PathBuf::from(p).join("libc10.so").display());
+            println!(
+                "cargo:rerun-if-changed={}",
+                PathBuf::from(p).join("libc10.so").display()
+            );
         } else if let Some(v) = line.strip_prefix("VERSION: ") {
             // 2.X.Y[+local]; the range itself is checked by torch-sys (third_party/).
-            minor = v.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+            minor = v
+                .split('.')
+                .nth(1)
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(0);
         }
     }
 
@@ -119,7 +126,11 @@ fn main() {
         .warnings(false)
         .includes(&includes)
         // The standard the torch headers need: C++20 from torch 2.15 on.
-        .flag(if minor >= 15 { "-std=c++20" } else { "-std=c++17" })
+        .flag(if minor >= 15 {
+            "-std=c++20"
+        } else {
+            "-std=c++17"
+        })
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .opt_level(2)
