@@ -125,6 +125,26 @@ def test_parser_counts_a_missing_figure_as_a_failure():
     assert ovsw.cuda.spills(report) == ["k: ptxas reported no stack, spill_stores, spill_loads"]
 
 
+def test_parser_keeps_ptxas_warnings_apart_from_the_report():
+    """ptxas's warnings are no part of its report: they stay in the rest of the log,
+    where ``test_no_kernel_spills`` requires none (a line NVRTC 13.0 writes for a
+    register cap below the architecture's floor)."""
+    warning = (
+        "ptxas warning : For profile sm_90 adjusting per thread register count of 16 "
+        "to lower bound of 24"
+    )
+    log = (
+        f"{warning}\n"
+        "ptxas info    : Compiling entry function 'k' for 'sm_90'\n"
+        "ptxas info    : Function properties for k\n"
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 24 registers, used 0 barriers\n"
+    )
+    report, rest = ovsw.cuda.parse_ptxas_log(log)
+    assert rest == warning
+    assert report["k"]["registers"] == 24 and ovsw.cuda.spills(report) == []
+
+
 # ---------------------------------------------------------------------------------------
 # The AGS+SAD figures against float64, through the host launcher
 # ---------------------------------------------------------------------------------------
