@@ -146,8 +146,10 @@ def parse_ptxas_log(log: str) -> tuple[dict[str, dict[str, int]], str]:
     Returns ``(resources, rest)``: ``resources`` maps each entry function ptxas compiled
     to ``{"registers", "shared", "stack", "spill_stores", "spill_loads"}`` (registers per
     thread; static shared memory, stack frame and spills in bytes; the spills of device
-    functions it calls that ptxas reports apart are added to the entry's), and ``rest``
-    holds the log's other lines (NVRTC's warnings). An entry whose report lacks a figure
+    functions it calls that ptxas reports apart are added to the entry's: to that of the
+    entry ptxas was compiling last, as NVRTC 13.0 orders its report; a function reported
+    before any entry is not counted), and ``rest`` holds the log's other lines (NVRTC's
+    warnings). An entry whose report lacks a figure
     gets -1 for it. ptxas's warnings and errors (``ptxas warning : ...``) stay in
     ``rest``.
     """
@@ -172,10 +174,11 @@ def parse_ptxas_log(log: str) -> tuple[dict[str, dict[str, int]], str]:
             stack, stores, loads = (int(v) for v in m.groups())
             r = resources[entry]
             if props == entry:
-                r["stack"], r["spill_stores"], r["spill_loads"] = stack, stores, loads
-            else:  # a callee compiled apart: its spills count against the entry
-                r["spill_stores"] = max(r["spill_stores"], 0) + stores
-                r["spill_loads"] = max(r["spill_loads"], 0) + loads
+                r["stack"] = stack
+            # The entry's own spills and those of a callee compiled apart add up,
+            # whichever ptxas reports first.
+            r["spill_stores"] = max(r["spill_stores"], 0) + stores
+            r["spill_loads"] = max(r["spill_loads"], 0) + loads
         elif (m := _USED.search(line)) and entry is not None:
             resources[entry]["registers"] = int(m.group(1))
             if s := _SMEM.search(line):
