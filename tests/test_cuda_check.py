@@ -125,6 +125,48 @@ def test_parser_counts_a_missing_figure_as_a_failure():
     assert ovsw.cuda.spills(report) == ["k: ptxas reported no stack, spill_stores, spill_loads"]
 
 
+def test_parser_keeps_ptxas_warnings_apart_from_the_report():
+    """ptxas's warnings are no part of its report: they stay in the rest of the log,
+    where ``test_no_kernel_spills`` requires none (a line NVRTC 13.0 writes for a
+    register cap below the architecture's floor)."""
+    warning = (
+        "ptxas warning : For profile sm_90 adjusting per thread register count of 16 "
+        "to lower bound of 24"
+    )
+    log = (
+        f"{warning}\n"
+        "ptxas info    : Compiling entry function 'k' for 'sm_90'\n"
+        "ptxas info    : Function properties for k\n"
+        "ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 24 registers, used 0 barriers\n"
+    )
+    report, rest = ovsw.cuda.parse_ptxas_log(log)
+    assert rest == warning
+    assert report["k"]["registers"] == 24 and ovsw.cuda.spills(report) == []
+
+
+def test_parser_adds_a_callees_spills_reported_before_the_entrys_own():
+    """A callee's report between the entry's "Compiling" line and its own: the entry's
+    own "0 bytes spill" line must not wipe out the callee's spills."""
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90'\n"
+        "ptxas info    : Function properties for _Z6calleePfi\n"
+        "ptxas         .     0 bytes stack frame, 1036 bytes spill stores, 1196 bytes spill loads\n"
+        "ptxas info    : Function properties for k\n"
+        "ptxas         .     8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Used 24 registers, used 0 barriers\n"
+    )
+    report, _ = ovsw.cuda.parse_ptxas_log(log)
+    assert report["k"] == {
+        "registers": 24,
+        "shared": 0,
+        "stack": 8,
+        "spill_stores": 1036,
+        "spill_loads": 1196,
+    }
+    assert [s.split(":")[0] for s in ovsw.cuda.spills(report)] == ["k"]
+
+
 # ---------------------------------------------------------------------------------------
 # The AGS+SAD figures against float64, through the host launcher
 # ---------------------------------------------------------------------------------------

@@ -696,13 +696,14 @@ def test_kernel_bindings_take_a_stream_argument_on_the_host(host):
 def test_kernel_bindings_on_a_side_stream():
     """On a GPU: a pass given a side stream runs there with that stream made current for
     the call (so its outputs and temporaries are allocated on it), gives what the
-    current stream gives, and leaves the current stream as it was."""
+    current stream gives, and leaves the current stream and device as they were."""
     x = torch.randn(3, 4, 70, 70, device="cuda")  # two moment chunks a sample
     a0, s0 = _core.cuda_binarize_activation(x, True, "float16")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    main = torch.cuda.current_stream()
+    main, device = torch.cuda.current_stream(), torch.cuda.current_device()
     a1, s1 = _core.cuda_binarize_activation(x, True, "float16", stream=side.cuda_stream)
     assert torch.cuda.current_stream() == main
+    assert torch.cuda.current_device() == device
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(a0, a1) and torch.equal(s0, s1)

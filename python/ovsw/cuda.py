@@ -132,6 +132,7 @@ def compile_kernels(arch: int) -> dict[str, Any]:
 #   ptxas info    : Function properties for NAME
 #   ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 #   ptxas info    : Used 46 registers, used 1 barriers, 64 bytes smem, 360 bytes cmem[0]
+_REPORT = re.compile(r"ptxas\s+(info\s*:|\.)")  # the report's lines, not its warnings
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _PROPS = re.compile(r"Function properties for (\S+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -145,16 +146,19 @@ def parse_ptxas_log(log: str) -> tuple[dict[str, dict[str, int]], str]:
     Returns ``(resources, rest)``: ``resources`` maps each entry function ptxas compiled
     to ``{"registers", "shared", "stack", "spill_stores", "spill_loads"}`` (registers per
     thread; static shared memory, stack frame and spills in bytes; the spills of device
-    functions it calls that ptxas reports apart are added to the entry's), and ``rest``
-    holds the log's other lines (NVRTC's warnings). An entry whose report lacks a figure
-    gets -1 for it.
+    functions it calls that ptxas reports apart are added to the entry's: to that of the
+    entry ptxas was compiling last, as NVRTC 13.0 orders its report; a function reported
+    before any entry is not counted), and ``rest`` holds the log's other lines (NVRTC's
+    warnings). An entry whose report lacks a figure
+    gets -1 for it. ptxas's warnings and errors (``ptxas warning : ...``) stay in
+    ``rest``.
     """
     resources: dict[str, dict[str, int]] = {}
     rest: list[str] = []
     entry: str | None = None  # the entry function being compiled
     props: str | None = None  # the function the next "stack frame" line is about
     for line in log.splitlines():
-        if not line.startswith("ptxas"):
+        if not _REPORT.match(line):  # NVRTC's lines, and ptxas's warnings and errors
             if line.strip():
                 rest.append(line)
             continue
@@ -170,10 +174,11 @@ def parse_ptxas_log(log: str) -> tuple[dict[str, dict[str, int]], str]:
             stack, stores, loads = (int(v) for v in m.groups())
             r = resources[entry]
             if props == entry:
-                r["stack"], r["spill_stores"], r["spill_loads"] = stack, stores, loads
-            else:  # a callee compiled apart: its spills count against the entry
-                r["spill_stores"] = max(r["spill_stores"], 0) + stores
-                r["spill_loads"] = max(r["spill_loads"], 0) + loads
+                r["stack"] = stack
+            # The entry's own spills and those of a callee compiled apart add up,
+            # whichever ptxas reports first.
+            r["spill_stores"] = max(r["spill_stores"], 0) + stores
+            r["spill_loads"] = max(r["spill_loads"], 0) + loads
         elif (m := _USED.search(line)) and entry is not None:
             resources[entry]["registers"] = int(m.group(1))
             if s := _SMEM.search(line):

@@ -12,6 +12,8 @@
 //! `with torch.cuda.stream(s):` ([`StreamPlan`]). The caller orders the inputs'
 //! producers and the outputs' consumers against that stream.
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use pyo3_tch::PyTensor;
@@ -99,8 +101,10 @@ fn plan_for(t: &Tensor, stream: Option<u64>) -> Result<StreamPlan> {
 }
 
 /// Runs `f` (which launches on `plan.stream()`) with the plan's stream made PyTorch's
-/// current stream of its device for the call, the previous one restored afterwards
-/// (also when `f` fails).
+/// current stream of its device for the call. Afterwards (also when `f` fails or
+/// panics) the device's previous stream is restored, and so is the current device:
+/// `torch.cuda.set_stream` also makes the stream's device current, so a tensor on
+/// another device than the current one would otherwise leave that device current.
 fn on_stream<T>(
     py: Python<'_>,
     plan: StreamPlan,
@@ -110,6 +114,7 @@ fn on_stream<T>(
         return f(plan.stream());
     };
     let cuda = py.import("torch.cuda")?;
+    let device = cuda.call_method0("current_device")?;
     let previous = cuda.call_method1("current_stream", (index,))?;
     let kwargs = PyDict::new(py);
     kwargs.set_item("device", index)?;
@@ -117,9 +122,18 @@ fn on_stream<T>(
         .getattr("ExternalStream")?
         .call((stream.0,), Some(&kwargs))?;
     cuda.call_method1("set_stream", (given,))?;
-    let out = f(stream);
-    cuda.call_method1("set_stream", (previous,))?;
-    out
+    // A panic in `f` is caught at the binding's boundary; restore first.
+    let out = catch_unwind(AssertUnwindSafe(|| f(stream)));
+    let restored = cuda
+        .call_method1("set_stream", (previous,))
+        .and_then(|_| cuda.call_method1("set_device", (device,)));
+    match out {
+        Ok(out) => {
+            restored?;
+            out
+        }
+        Err(panic) => resume_unwind(panic),
+    }
 }
 
 /// Where NVRTC and the driver were found (or why not), and whether the kernels are on.
