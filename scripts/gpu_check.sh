@@ -14,7 +14,9 @@
 # and prints a summary. About 5 minutes on an H100 or H200 after the install.
 #
 # Build the wheel where Rust is (the folder is kept out of git by .git/info/exclude):
-#   maturin build --release -o wheelhouse
+#   bash scripts/build_wheel.sh 2.11 && mkdir -p wheelhouse && cp dist/torch2.11/*.whl wheelhouse/
+# (the machine has torch 2.11.0+cu130: the wheel must be the build for 2.11, which ovsw checks
+# at import, naming both versions when they differ).
 # Then:  bash scripts/gpu_check.sh [WHEEL_OR_FOLDER]     (default: wheelhouse/)
 # PYTHON picks the interpreter (default: python3); GPU_CHECK_STEPS=1,3 runs some steps;
 # GPU_CHECK_LOG names the folder for the step logs (default: a fresh temporary one);
@@ -33,7 +35,7 @@ else
     WHEEL=$SRC
 fi
 if [ -z "${WHEEL:-}" ] || [ ! -f "$WHEEL" ]; then
-    echo "error: no ovsw wheel at '$SRC' (build one with: maturin build --release -o wheelhouse)" >&2
+    echo "error: no ovsw wheel at '$SRC' (build one where Rust is: bash scripts/build_wheel.sh 2.11, then copy dist/torch2.11/*.whl to wheelhouse/)" >&2
     exit 2
 fi
 
