@@ -14,9 +14,12 @@
 # and prints a summary. About 5 minutes on an H100 or H200 after the install.
 #
 # Build the wheel where Rust is (the folder is kept out of git by .git/info/exclude):
-#   bash scripts/build_wheel.sh 2.11 && mkdir -p wheelhouse && cp dist/torch2.11/*.whl wheelhouse/
+#   OVSW_TORCH=2.11 OVSW_VENV=target/torch-envs/2.11 bash scripts/setup.sh
+#   mkdir -p wheelhouse && cp target/wheels/torch2.11/*.whl wheelhouse/
 # (the machine has torch 2.11.0+cu130: the wheel must be the build for 2.11, which ovsw checks
-# at import, naming both versions when they differ).
+# at import, naming both versions when they differ; this is the build backend's wheel, tagged
+# linux_x86_64, which pip installs whatever the machine's glibc, where the manylinux wheel of
+# scripts/build_wheel.sh 2.11 needs glibc 2.35).
 # Then:  bash scripts/gpu_check.sh [WHEEL_OR_FOLDER]     (default: wheelhouse/)
 # PYTHON picks the interpreter (default: python3); GPU_CHECK_STEPS=1,3 runs some steps;
 # GPU_CHECK_LOG names the folder for the step logs (default: a fresh temporary one);
@@ -35,7 +38,7 @@ else
     WHEEL=$SRC
 fi
 if [ -z "${WHEEL:-}" ] || [ ! -f "$WHEEL" ]; then
-    echo "error: no ovsw wheel at '$SRC' (build one where Rust is: bash scripts/build_wheel.sh 2.11, then copy dist/torch2.11/*.whl to wheelhouse/)" >&2
+    echo "error: no ovsw wheel at '$SRC' (build one where Rust is: OVSW_TORCH=2.11 OVSW_VENV=target/torch-envs/2.11 bash scripts/setup.sh, then copy target/wheels/torch2.11/*.whl to wheelhouse/)" >&2
     exit 2
 fi
 
