@@ -10,7 +10,6 @@ const PROBE: &str = r#"
 import torch
 from torch.utils import cpp_extension
 print('CXX11:', int(torch._C._GLIBCXX_USE_CXX11_ABI))
-print('VERSION:', torch.__version__)
 for p in cpp_extension.library_paths():
     print('LIB:', p)
 for p in cpp_extension.include_paths():
@@ -98,7 +97,10 @@ fn main() {
     let text = String::from_utf8_lossy(&out.stdout);
     let mut includes = Vec::new();
     let mut cxx11 = "1".to_string();
-    let mut minor = 0;
+    // torch-sys (third_party/, a direct dependency, `links = "tch"`) read the standard
+    // torch's headers need from the headers themselves and passes it on.
+    let cxx_std = env::var("DEP_TCH_CXX_STD")
+        .expect("torch-sys passes DEP_TCH_CXX_STD (the patched copy in third_party/)");
     for line in text.lines() {
         if let Some(p) = line.strip_prefix("INCLUDE: ") {
             includes.push(PathBuf::from(p));
@@ -110,13 +112,6 @@ fn main() {
                 "cargo:rerun-if-changed={}",
                 PathBuf::from(p).join("libc10.so").display()
             );
-        } else if let Some(v) = line.strip_prefix("VERSION: ") {
-            // 2.X.Y[+local]; the range itself is checked by torch-sys (third_party/).
-            minor = v
-                .split('.')
-                .nth(1)
-                .and_then(|m| m.parse().ok())
-                .unwrap_or(0);
         }
     }
 
@@ -125,12 +120,7 @@ fn main() {
         .pic(true)
         .warnings(false)
         .includes(&includes)
-        // The standard the torch headers need: C++20 from torch 2.15 on.
-        .flag(if minor >= 15 {
-            "-std=c++20"
-        } else {
-            "-std=c++17"
-        })
+        .flag(format!("-std={cxx_std}"))
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .opt_level(2)

@@ -35,6 +35,7 @@ for T in "${RELEASES[@]}"; do
         continue
     fi
     build=$((SECONDS - start))
+    VENV=$(cd "$VENV" && pwd)
     full=$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')
     # shellcheck disable=SC2086
     eval "$VENV/bin/python -m pytest -q -p no:cacheprovider ${MATRIX_PYTEST:-} $TESTS" >"$LOG/tests-$T.log" 2>&1

@@ -12,7 +12,8 @@ use std::{env, fs, io};
 
 const TORCH_VERSION: &str = "2.11.0";
 // ovsw: the torch releases this patched copy builds against (tch 0.24's API; the ops
-// torch 2.15 removed are guarded by OVSW_TORCH_MINOR in libtch/torch_api_generated.cpp).
+// later releases removed are guarded in libtch/torch_api_generated.cpp by the
+// OVSW_TORCH_HAS_* macros `HeaderFacts` defines from the installed headers).
 const SUPPORTED_MINORS: std::ops::RangeInclusive<u32> = 11..=15;
 const PYTHON_PRINT_PYTORCH_DETAILS: &str = r"
 import torch
@@ -59,8 +60,8 @@ struct SystemInfo {
     os: Os,
     python_interpreter: PathBuf,
     cxx11_abi: String,
-    // ovsw: the minor version of the torch found (2.X), for the C++ standard and the guards.
-    torch_minor: u32,
+    // ovsw: what the installed headers need and hold (C++ standard, ops tch 0.24 wraps).
+    header_facts: HeaderFacts,
     libtorch_include_dirs: Vec<PathBuf>,
     libtorch_lib_dir: PathBuf,
     link_type: LinkType,
@@ -186,6 +187,44 @@ fn version_check(version: &str) -> Result<u32> {
     }
 }
 
+/// ovsw: what torch's installed headers need and hold, read from the headers themselves
+/// rather than inferred from the version number: the C++ standard (torch 2.14 on `#error`
+/// below C++20 in `ATen/ATen.h`), and which of the ops tch 0.24 wraps but later releases
+/// removed are still there (one `ATen/ops/<op>.h` per op: `align_as` and `align_tensors`
+/// went in 2.13, `cholesky` and `qr` in 2.14).
+struct HeaderFacts {
+    cxx_std: &'static str,
+    defines: Vec<&'static str>,
+}
+
+impl HeaderFacts {
+    const OPS: [(&'static str, &'static str); 4] = [
+        ("align_as", "OVSW_TORCH_HAS_ALIGN_AS"),
+        ("align_tensors", "OVSW_TORCH_HAS_ALIGN_TENSORS"),
+        ("cholesky", "OVSW_TORCH_HAS_CHOLESKY"),
+        ("qr", "OVSW_TORCH_HAS_QR"),
+    ];
+
+    fn read(include_dirs: &[PathBuf]) -> Result<Self> {
+        let aten = include_dirs
+            .iter()
+            .map(|dir| dir.join("ATen"))
+            .find(|aten| aten.join("ATen.h").is_file())
+            .with_context(|| {
+                format!("no ATen/ATen.h under the torch include dirs {include_dirs:?}")
+            })?;
+        let aten_h = fs::read_to_string(aten.join("ATen.h"))
+            .with_context(|| format!("cannot read {:?}", aten.join("ATen.h")))?;
+        let cxx_std = if aten_h.contains("C++20") { "c++20" } else { "c++17" };
+        let defines = Self::OPS
+            .iter()
+            .filter(|(op, _)| aten.join("ops").join(format!("{op}.h")).is_file())
+            .map(|&(_, define)| define)
+            .collect();
+        Ok(Self { cxx_std, defines })
+    }
+}
+
 impl SystemInfo {
     fn new() -> Result<Self> {
         let os = match env::var("CARGO_CFG_TARGET_OS").expect("Unable to get TARGET_OS").as_str() {
@@ -220,7 +259,7 @@ impl SystemInfo {
             }
         }
         let mut libtorch_lib_dir = None;
-        let (cxx11_abi, torch_minor) = if env_var_rerun("LIBTORCH_USE_PYTORCH").is_ok() {
+        let (cxx11_abi, _torch_minor) = if env_var_rerun("LIBTORCH_USE_PYTORCH").is_ok() {
             let output = std::process::Command::new(&python_interpreter)
                 .arg("-c")
                 .arg(PYTHON_PRINT_PYTORCH_DETAILS)
@@ -283,11 +322,12 @@ impl SystemInfo {
             Err(_) | Ok("0") | Ok("false") | Ok("FALSE") => LinkType::Dynamic,
             Ok(_) => LinkType::Static,
         };
+        let header_facts = HeaderFacts::read(&libtorch_include_dirs)?;
         Ok(Self {
             os,
             python_interpreter,
             cxx11_abi,
-            torch_minor,
+            header_facts,
             libtorch_include_dirs,
             libtorch_lib_dir,
             link_type,
@@ -405,15 +445,20 @@ impl SystemInfo {
                 // as DEP_TORCH_SYS_LIBTORCH_LIB, see:
                 // https://doc.rust-lang.org/cargo/reference/build-scripts.html#the-links-manifest-key
                 println!("cargo:libtorch_lib={}", self.libtorch_lib_dir.display());
-                cc::Build::new()
+                // ovsw: the C++ standard torch's headers need, for dependents that compile
+                // against them too (DEP_TCH_CXX_STD in ovsw's build.rs).
+                println!("cargo:cxx_std={}", self.header_facts.cxx_std);
+                let mut build = cc::Build::new();
+                for has in &self.header_facts.defines {
+                    build.define(has, "1");
+                }
+                build
                     .cpp(true)
                     .pic(true)
                     .warnings(false)
                     .includes(&self.libtorch_include_dirs)
                     .flag(format!("-Wl,-rpath={}", self.libtorch_lib_dir.display()))
-                    // ovsw: torch 2.15's headers require C++20.
-                    .flag(if self.torch_minor >= 15 { "-std=c++20" } else { "-std=c++17" })
-                    .flag(format!("-DOVSW_TORCH_MINOR={}", self.torch_minor))
+                    .flag(format!("-std={}", self.header_facts.cxx_std))
                     .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", self.cxx11_abi))
                     .flag("-DGLOG_USE_GLOG_EXPORT")
                     .files(&c_files)
@@ -423,13 +468,16 @@ impl SystemInfo {
                 // TODO: Pass "/link" "LIBPATH:{}" to cl.exe in order to emulate rpath.
                 //       Not yet supported by cc=rs.
                 //       https://github.com/alexcrichton/cc-rs/issues/323
-                cc::Build::new()
+                let mut build = cc::Build::new();
+                for has in &self.header_facts.defines {
+                    build.define(has, "1");
+                }
+                build
                     .cpp(true)
                     .pic(true)
                     .warnings(false)
                     .includes(&self.libtorch_include_dirs)
-                    .flag(if self.torch_minor >= 15 { "/std:c++20" } else { "/std:c++17" })
-                    .flag(format!("/DOVSW_TORCH_MINOR={}", self.torch_minor))
+                    .flag(format!("/std:{}", self.header_facts.cxx_std))
                     .flag("/p:DefineConstants=GLOG_USE_GLOG_EXPORT")
                     .files(&c_files)
                     .compile("tch");

@@ -4215,18 +4215,18 @@ void atg_alias_copy_out(tensor *out__, tensor out, tensor self) {
 }
 
 void atg_align_as(tensor *out__, tensor self, tensor other) {
-#if OVSW_TORCH_MINOR < 15
+#ifdef OVSW_TORCH_HAS_ALIGN_AS
   PROTECT(
     auto outputs__ = self->align_as(*other);
     out__[0] = new torch::Tensor(outputs__);
   )
 #else
-  PROTECT(throw std::runtime_error("Tensor.align_as was removed in torch 2.15");)
+  PROTECT(throw std::runtime_error("Tensor.align_as is not in the torch this was built against");)
 #endif
 }
 
 tensor *atg_align_tensors(tensor *tensors_data, int tensors_len) {
-#if OVSW_TORCH_MINOR < 15
+#ifdef OVSW_TORCH_HAS_ALIGN_TENSORS
   PROTECT(
     auto outputs__ = torch::align_tensors(of_carray_tensor(tensors_data, tensors_len));
     int sz = outputs__.size();
@@ -4238,7 +4238,7 @@ tensor *atg_align_tensors(tensor *tensors_data, int tensors_len) {
   )
   return nullptr;
 #else
-  PROTECT(throw std::runtime_error("torch.align_tensors was removed in torch 2.15");)
+  PROTECT(throw std::runtime_error("torch.align_tensors is not in the torch this was built against");)
   return nullptr;
 #endif
 }
@@ -5775,13 +5775,13 @@ void atg_channel_shuffle_out(tensor *out__, tensor out, tensor self, int64_t gro
 }
 
 void atg_cholesky(tensor *out__, tensor self, int upper) {
-#if OVSW_TORCH_MINOR < 15
+#ifdef OVSW_TORCH_HAS_CHOLESKY
   PROTECT(
     auto outputs__ = torch::cholesky(*self, (bool)upper);
     out__[0] = new torch::Tensor(outputs__);
   )
 #else
-  PROTECT(throw std::runtime_error("torch.cholesky was removed in torch 2.15");)
+  PROTECT(throw std::runtime_error("torch.cholesky is not in the torch this was built against");)
 #endif
 }
 
@@ -5800,13 +5800,13 @@ void atg_cholesky_inverse_out(tensor *out__, tensor out, tensor self, int upper)
 }
 
 void atg_cholesky_out(tensor *out__, tensor out, tensor self, int upper) {
-#if OVSW_TORCH_MINOR < 15
+#ifdef OVSW_TORCH_HAS_CHOLESKY
   PROTECT(
     auto outputs__ = torch::cholesky_out(*out, *self, (bool)upper);
     out__[0] = new torch::Tensor(outputs__);
   )
 #else
-  PROTECT(throw std::runtime_error("torch.cholesky_out was removed in torch 2.15");)
+  PROTECT(throw std::runtime_error("torch.cholesky_out is not in the torch this was built against");)
 #endif
 }
 
@@ -13802,26 +13802,26 @@ int64_t atg_q_zero_point(tensor self) {
 }
 
 void atg_qr(tensor *out__, tensor self, int some) {
-#if OVSW_TORCH_MINOR < 15
+#ifdef OVSW_TORCH_HAS_QR
   PROTECT(
     auto outputs__ = torch::qr(*self, (bool)some);
     out__[0] = new torch::Tensor(std::get<0>(outputs__));
     out__[1] = new torch::Tensor(std::get<1>(outputs__));
   )
 #else
-  PROTECT(throw std::runtime_error("torch.qr was removed in torch 2.15");)
+  PROTECT(throw std::runtime_error("torch.qr is not in the torch this was built against");)
 #endif
 }
 
 void atg_qr_q(tensor *out__, tensor Q, tensor R, tensor self, int some) {
-#if OVSW_TORCH_MINOR < 15
+#ifdef OVSW_TORCH_HAS_QR
   PROTECT(
     auto outputs__ = torch::qr_out(*Q, *R, *self, (bool)some);
     out__[0] = new torch::Tensor(std::get<0>(outputs__));
     out__[1] = new torch::Tensor(std::get<1>(outputs__));
   )
 #else
-  PROTECT(throw std::runtime_error("torch.qr_out was removed in torch 2.15");)
+  PROTECT(throw std::runtime_error("torch.qr_out is not in the torch this was built against");)
 #endif
 }
 
