@@ -192,6 +192,7 @@ fn version_check(version: &str) -> Result<u32> {
 /// below C++20 in `ATen/ATen.h`), and which of the ops tch 0.24 wraps but later releases
 /// removed are still there (one `ATen/ops/<op>.h` per op: `align_as` and `align_tensors`
 /// went in 2.13, `cholesky` and `qr` in 2.14).
+#[derive(Clone, Debug)]
 struct HeaderFacts {
     cxx_std: &'static str,
     defines: Vec<&'static str>,
