@@ -1,6 +1,7 @@
 """Smoke test of an installed ovsw wheel, run by ``scripts/wheel_smoke.sh`` in a fresh
-virtual environment that holds the wheel and what it pulled in (torch, numpy) and
-nothing else, from a folder outside the source tree.
+virtual environment that held torch (and what torch needs) before the wheel was
+installed, and now the wheel and what it pulled in (numpy), nothing else, from a folder
+outside the source tree.
 
 It checks that the ``ovsw`` imported is the installed one, trains one OvSW step
 (AGS + SAD) watched by the flip monitor, exports the model to a deploy file and runs it
@@ -31,7 +32,7 @@ def installed() -> None:
     assert "site-packages" in where.parts, f"imported {where}, not the installed wheel"
     assert Path(ovsw._core.__file__).name.endswith(".abi3.so"), ovsw._core.__file__
     present = [m for m in TRAIN_EXTRAS if importlib.util.find_spec(m) is not None]
-    assert not present, f"the environment should hold only torch and numpy, has {present}"
+    assert not present, f"the environment should hold only torch, what torch needs and numpy; has {present}"
     print(f"ovsw {ovsw.__version__} from {where.parent}, torch {torch.__version__}")
 
 
