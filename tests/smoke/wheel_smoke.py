@@ -32,7 +32,7 @@ def installed() -> None:
     assert "site-packages" in where.parts, f"imported {where}, not the installed wheel"
     assert Path(ovsw._core.__file__).name.endswith(".abi3.so"), ovsw._core.__file__
     present = [m for m in TRAIN_EXTRAS if importlib.util.find_spec(m) is not None]
-    assert not present, f"the environment should hold only torch, what torch needs and numpy; has {present}"
+    assert not present, f"only torch, what it needs and numpy should be here; {present} are"
     print(f"ovsw {ovsw.__version__} from {where.parent}, torch {torch.__version__}")
 
 
