@@ -25,7 +25,8 @@ trap 'rm -rf "$SCRATCH"' EXIT
 SITE=$("$SCRATCH/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 .venv/bin/python - "$SITE" <<'PY'
 """Hard-link torch and what it requires (recursively, markers evaluated for this
-interpreter, extras left out) from this environment into the site-packages given."""
+interpreter, with the extras each requirement asks for: torch's cuda-toolkit[cudart,...])
+from this environment into the site-packages given."""
 import os
 import shutil
 import sys
@@ -38,17 +39,21 @@ except ImportError:
     from pip._vendor.packaging.requirements import Requirement
 
 dest = Path(sys.argv[1])
-todo, seen, linked, copied = ["torch"], set(), 0, 0
+todo, seen, dists, linked, copied = [("torch", "")], set(), set(), 0, 0
 while todo:
-    name = todo.pop().lower().replace("_", "-")
-    if name in seen:
+    name, extra = todo.pop()
+    name = name.lower().replace("_", "-")
+    if (name, extra) in seen:
         continue
-    seen.add(name)
+    seen.add((name, extra))
     dist = metadata.distribution(name)
     for text in dist.requires or []:
         req = Requirement(text)
-        if req.marker is None or req.marker.evaluate({"extra": ""}):
-            todo.append(req.name)
+        if req.marker is None or req.marker.evaluate({"extra": extra}):
+            todo += [(req.name, "")] + [(req.name, e) for e in req.extras]
+    if name in dists:
+        continue
+    dists.add(name)
     for f in dist.files or []:
         if ".." in f.parts:  # console scripts in bin/: not needed to import
             continue
@@ -62,11 +67,11 @@ while todo:
         except OSError:
             shutil.copy2(src, dst)
             copied += 1
-print(f"fresh environment: {len(seen)} distributions (torch and what it needs), "
+print(f"fresh environment: {len(dists)} distributions (torch and what it needs), "
       f"{linked} files linked, {copied} copied")
 PY
 before=$("$SCRATCH/venv/bin/python" -c 'import torch, os; print(torch.__version__, os.stat(torch.__file__).st_ino)')
-"$SCRATCH/venv/bin/python" -m pip install "$WHEEL" 2>&1 | tee "$SCRATCH/pip.log" | grep -E '^(Successfully|Requirement already)' || true
+"$SCRATCH/venv/bin/python" -m pip install "$WHEEL" 2>&1 | tee "$SCRATCH/pip.log" | grep -E '^Successfully' || true
 grep -q '^Successfully installed' "$SCRATCH/pip.log" || { cat "$SCRATCH/pip.log"; exit 1; }
 # pip left the environment's torch as it was: same release, same files, nothing downloaded
 after=$("$SCRATCH/venv/bin/python" -c 'import torch, os; print(torch.__version__, os.stat(torch.__file__).st_ino)')
