@@ -120,7 +120,7 @@ fn main() {
         .pic(true)
         .warnings(false)
         .includes(&includes)
-        .flag(format!("-std={cxx_std}"))
+        .std(&cxx_std)
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={cxx11}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .opt_level(2)

@@ -159,8 +159,11 @@ fn env_var_rerun(name: &str) -> Result<String, env::VarError> {
     env::var(name)
 }
 
-/// ovsw: accepts torch 2.11 to 2.15 (not only 2.11) and returns the minor version.
-fn version_check(version: &str) -> Result<u32> {
+/// ovsw: accepts torch 2.11 to 2.15 (not only 2.11).
+fn version_check(version: &str) -> Result<()> {
+    if env_var_rerun("LIBTORCH_BYPASS_VERSION_CHECK").is_ok() {
+        return Ok(());
+    }
     let version = version.trim();
     // Typical version number is 2.11.0+cpu or 2.11.0+cu129
     let version = match version.split_once('+') {
@@ -172,11 +175,8 @@ fn version_check(version: &str) -> Result<u32> {
         (Some(2), Some(minor)) => Some(minor),
         _ => None,
     };
-    if env_var_rerun("LIBTORCH_BYPASS_VERSION_CHECK").is_ok() {
-        return Ok(minor.unwrap_or(*SUPPORTED_MINORS.end()));
-    }
     match minor {
-        Some(minor) if SUPPORTED_MINORS.contains(&minor) => Ok(minor),
+        Some(minor) if SUPPORTED_MINORS.contains(&minor) => Ok(()),
         _ => anyhow::bail!(
             "ovsw builds against torch 2.{} to 2.{}; the torch found is {version}: install one of those (pip install 'torch>=2.{},<2.{}')",
             SUPPORTED_MINORS.start(),
@@ -224,6 +224,14 @@ impl HeaderFacts {
             .collect();
         Ok(Self { cxx_std, defines })
     }
+
+    /// The standard and the `OVSW_TORCH_HAS_*` macros, on a build of the C++ wrapper.
+    fn apply(&self, build: &mut cc::Build) {
+        build.std(self.cxx_std);
+        for has in &self.defines {
+            build.define(has, "1");
+        }
+    }
 }
 
 impl SystemInfo {
@@ -260,17 +268,16 @@ impl SystemInfo {
             }
         }
         let mut libtorch_lib_dir = None;
-        let (cxx11_abi, _torch_minor) = if env_var_rerun("LIBTORCH_USE_PYTORCH").is_ok() {
+        let cxx11_abi = if env_var_rerun("LIBTORCH_USE_PYTORCH").is_ok() {
             let output = std::process::Command::new(&python_interpreter)
                 .arg("-c")
                 .arg(PYTHON_PRINT_PYTORCH_DETAILS)
                 .output()
                 .with_context(|| format!("error running {python_interpreter:?}"))?;
             let mut cxx11_abi = None;
-            let mut minor = None;
             for line in String::from_utf8_lossy(&output.stdout).lines() {
                 if let Some(version) = line.strip_prefix("LIBTORCH_VERSION: ") {
-                    minor = Some(version_check(version)?)
+                    version_check(version)?
                 }
                 match line.strip_prefix("LIBTORCH_CXX11: ") {
                     Some("True") => cxx11_abi = Some("1".to_owned()),
@@ -284,9 +291,9 @@ impl SystemInfo {
                     libtorch_lib_dir = Some(PathBuf::from(path))
                 }
             }
-            match (cxx11_abi, minor) {
-                (Some(cxx11_abi), Some(minor)) => (cxx11_abi, minor),
-                _ => anyhow::bail!(
+            match cxx11_abi {
+                Some(cxx11_abi) => cxx11_abi,
+                None => anyhow::bail!(
                     "no torch found by {python_interpreter:?} (ovsw builds against the installed torch 2.{}-2.{}): {}",
                     SUPPORTED_MINORS.start(),
                     SUPPORTED_MINORS.end(),
@@ -303,16 +310,15 @@ impl SystemInfo {
                 .unwrap_or_else(|_| libtorch.clone());
             let mut version_file = libtorch;
             version_file.push("build-version");
-            let mut minor = *SUPPORTED_MINORS.start();
             if version_file.exists() {
                 if let Ok(version) = std::fs::read_to_string(&version_file) {
-                    minor = version_check(&version)?
+                    version_check(&version)?
                 }
             }
             libtorch_include_dirs.push(includes.join("include"));
             libtorch_include_dirs.push(includes.join("include/torch/csrc/api/include"));
             libtorch_lib_dir = Some(lib.join("lib"));
-            (env_var_rerun("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned()), minor)
+            env_var_rerun("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned())
         };
         let libtorch_lib_dir = libtorch_lib_dir.expect("no libtorch lib dir found");
         // ovsw: build again when the torch found changes (another environment, or torch
@@ -450,16 +456,13 @@ impl SystemInfo {
                 // against them too (DEP_TCH_CXX_STD in ovsw's build.rs).
                 println!("cargo:cxx_std={}", self.header_facts.cxx_std);
                 let mut build = cc::Build::new();
-                for has in &self.header_facts.defines {
-                    build.define(has, "1");
-                }
+                self.header_facts.apply(&mut build);
                 build
                     .cpp(true)
                     .pic(true)
                     .warnings(false)
                     .includes(&self.libtorch_include_dirs)
                     .flag(format!("-Wl,-rpath={}", self.libtorch_lib_dir.display()))
-                    .flag(format!("-std={}", self.header_facts.cxx_std))
                     .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", self.cxx11_abi))
                     .flag("-DGLOG_USE_GLOG_EXPORT")
                     .files(&c_files)
@@ -470,15 +473,12 @@ impl SystemInfo {
                 //       Not yet supported by cc=rs.
                 //       https://github.com/alexcrichton/cc-rs/issues/323
                 let mut build = cc::Build::new();
-                for has in &self.header_facts.defines {
-                    build.define(has, "1");
-                }
+                self.header_facts.apply(&mut build);
                 build
                     .cpp(true)
                     .pic(true)
                     .warnings(false)
                     .includes(&self.libtorch_include_dirs)
-                    .flag(format!("/std:{}", self.header_facts.cxx_std))
                     .flag("/p:DefineConstants=GLOG_USE_GLOG_EXPORT")
                     .files(&c_files)
                     .compile("tch");
