@@ -88,8 +88,8 @@ run 3 "benchmark" "$PY" benchmarks/bench_train_step.py --device cuda --steps 5 -
 CFG=configs/smallscale/w1a1-ovsw-resnet20-digits.yaml
 RUNS=$(mktemp -d)/runs
 cli_epochs() {
-    "$PY" -m ovsw --config "$CFG" --epochs 1 --log-dir "$RUNS" &&
-        "$PY" -m ovsw --config "$CFG" --epochs 2 --log-dir "$RUNS" \
+    "$PY" -m ovsw.train --config "$CFG" --epochs 1 --log-dir "$RUNS" &&
+        "$PY" -m ovsw.train --config "$CFG" --epochs 2 --log-dir "$RUNS" \
             --resume "$RUNS/w1a1-ovsw-resnet20-digits/default"
 }
 run 4 "CLI epoch + resume" cli_epochs

@@ -409,9 +409,9 @@ def test_digits_end_to_end_then_evaluate(tmp_path, capsys):
     assert (run_dir / "0" / "settings.txt").exists()
     capsys.readouterr()
 
-    # python -m ovsw --evaluate --pretrained the checkpoint it wrote.
+    # python -m ovsw.train --evaluate --pretrained the checkpoint it wrote.
     proc = subprocess.run(
-        [sys.executable, "-m", "ovsw", "--config", DIGITS, "--evaluate", "--pretrained",
+        [sys.executable, "-m", "ovsw.train", "--config", DIGITS, "--evaluate", "--pretrained",
          str(run_dir / "checkpoints" / "model_best.pth"), "--batch-size", "128"],
         capture_output=True,
         text=True,
@@ -651,7 +651,7 @@ def test_run_folder_under_a_read_only_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_console_script_errors_are_one_line(tmp_path):
-    """The real entry point (python -m ovsw): status 2, one stderr line, no traceback."""
+    """The real entry point (python -m ovsw.train): status 2, one stderr line, no traceback."""
     broken = _digits_checkpoint(tmp_path / "checkpoint.pth")
     broken.write_bytes(broken.read_bytes()[:1000])
     for argv in (
@@ -659,7 +659,7 @@ def test_console_script_errors_are_one_line(tmp_path):
         ["--config", DIGITS, "--resume", str(broken), "--log-dir", str(tmp_path / "r")],
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", "ovsw", *argv],
+            [sys.executable, "-m", "ovsw.train", *argv],
             capture_output=True, text=True, cwd=tmp_path, timeout=300,
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr

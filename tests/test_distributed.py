@@ -229,7 +229,7 @@ def test_torchrun_launch(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "ovsw", "--distributed", "True", "--config", DIGITS, "--epochs", "1",
+        "-m", "ovsw.train", "--distributed", "True", "--config", DIGITS, "--epochs", "1",
         *TINY, "--log-dir", str(tmp_path / "runs"),
     ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

@@ -79,3 +79,20 @@ def test_deploy_reaches_the_application_through_public_names_only():
             and node.value.id in app_modules
         ):
             assert not node.attr.startswith("_"), f"{node.value.id}.{node.attr}"
+
+
+def test_python_dash_m_ovsw_names_the_commands_and_runs_none():
+    """``python -m ovsw`` belongs to the library: it lists the entry points on stderr,
+    exits with 2 and imports nothing of the application."""
+    code = (
+        "import runpy, sys\n"
+        "try:\n"
+        "    runpy.run_module('ovsw', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code)\n"
+        f"print(' '.join(m for m in {APP_ONLY!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["exit", "2"], proc.stdout
+    assert "ovsw-train" in proc.stderr and "python -m ovsw.train" in proc.stderr
