@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The test job: set up, lint, then run the whole test suite against the installed package.
+# The test job: format checks, set up, lint, then run the whole test suite against the installed package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+cargo fmt --check
 bash scripts/setup.sh
-.venv/bin/ruff check python tests examples benchmarks build_backend
+LINTED=(python tests examples benchmarks build_backend scripts)
+.venv/bin/ruff check "${LINTED[@]}"
+.venv/bin/ruff format --check "${LINTED[@]}"
 # Rust unit tests (deploy kernels against a bit-by-bit reference); the test binary finds
 # libtorch in the installed torch.
 TORCH_LIB=$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
