@@ -9,12 +9,12 @@ On CUDA (issue 11) it times a user's loop with no syncs inside (forward under au
 for AMP, backward, AGS+SAD, SGD; AMP is float16 with GradScaler, whose own inf check is
 the one sync per step, the same for every implementation) for ResNet18_1w1a at batch 256
 and 224x224 and cResNet20_1w1a at batch 128, fp32 and AMP, for three implementations in
-one process: "oracle" (tests/oracle.py, the ops upstream runs), "ovsw" (the package as
+one process: "oracle" (``ovsw.testing``'s reference, the ops upstream runs), "ovsw" (the package as
 users get it: OvSWConv2d and OvSW on the fused CUDA route) and "libtorch" (the same
 package with its CUDA kernels turned off, ``ovsw.cuda.disabled()``). Like with like: no
 side reads anything back to the host per layer. The oracle's AGS+SAD is
 ``OracleOvSW(host_figures=False)``: per layer the SPEC formula in torch ops
-(``ovsw._reference.ags_sad_layer``, a dozen small kernels) with each layer's two figures
+(``ovsw.testing.ags_sad_layer``, a dozen small kernels) with each layer's two figures
 left as 0-dim tensors on the GPU; ovsw runs its two fused launches for all layers
 ("libtorch": its libtorch ops for all layers) with the figures left in one [L, 2] GPU
 tensor. Neither syncs inside ``step()`` (GradScaler's inf check aside, the same for all
@@ -37,7 +37,7 @@ one's first step (which compiles) and the median step after the warmup, and the 
 compiled / eager (on the CPU).
 
 Otherwise (on the CPU), for each case, both implementations get the same model (same
-weights, the oracle's binary convs swapped in by tests/oracle.py) and the same batch. A
+weights, the oracle's binary convs swapped in by ``ovsw.testing.to_oracle``) and the same batch. A
 step is forward, backward, AGS+SAD, SGD (the oracle reads its figures per layer there, a
 plain memory read on the CPU, no sync). Steps of the two are interleaved so that machine
 noise hits both alike; the median over steps is reported. Peak memory of a step is
@@ -57,20 +57,14 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import OVSW_IMAGENET
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from _common import OVSW_IMAGENET  # noqa: E402
-
-import ovsw  # noqa: E402
-from oracle import OracleOvSW, to_oracle  # noqa: E402
+import ovsw
+from ovsw.testing import OracleOvSW, to_oracle
 
 CASES = [
     # (arch, num_classes, batch, resolution)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ovsw
-from numerics import assert_close
+from ovsw.testing import assert_close
 from ovsw.train import args as train_args
 from ovsw.train import checkpoints, cli, configs, optimizers, sweep
 from ovsw.train import data as datasets

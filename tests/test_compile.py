@@ -31,7 +31,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 import ovsw
-from numerics import rel_err, within
+from ovsw.testing import rel_err, within
 
 STEPS = 10
 OPTIONS = dict(

@@ -14,8 +14,8 @@ from torch import nn
 
 import ovsw
 import ovsw.deploy as deploy
-from numerics import rel_err_per_sample, within
 from ovsw import OvSWConv2d, OvSWLinear
+from ovsw.testing import rel_err_per_sample, within
 
 # (name, linear, training resolution): large enough that the last stage keeps more than
 # one value per channel in the batch (BatchNorm of two values passes no gradient).

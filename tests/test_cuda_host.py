@@ -6,7 +6,7 @@ needed: these tests run in CI.
 - float32: the fused route equals the CPU route within 1e-5 of each tensor's largest
   magnitude (NaN and inf where the CPU route has them, nowhere else).
 - float16 and bfloat16 (and AMP's float32 weights with float16/bfloat16 activations):
-  against the float64 oracle (tests/oracle.py) on the same rounded operands, within
+  against the float64 oracle (``ovsw.testing``) on the same rounded operands, within
   bounds derived from the formats' rounding (:func:`within_rounding` says how); each
   bound is shown to reject a planted error just beyond it.
 
@@ -23,9 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import oracle
-from numerics import as_f64, rel_err, within
-from ovsw import _core, ops
+from ovsw import _core, ops, testing
+from ovsw.testing import as_f64, rel_err, within
 
 FP32_TOL = 1e-5
 
@@ -190,7 +189,7 @@ def test_conv_float32_equals_the_cpu_route(host, case):
 
 
 ACT_W_SCALE = [("ste", False), ("hardtanh", True), ("ste_v2", True), ("hardtanhv2", False)]
-assert {a for a, _ in ACT_W_SCALE} == set(oracle.ACT_W)
+assert {a for a, _ in ACT_W_SCALE} == set(testing.ACT_W)
 
 
 @pytest.mark.parametrize("act_w, learnable", ACT_W_SCALE)
@@ -377,23 +376,23 @@ def conv_masses(x, w, b, s, act_w, geo, g, training):
     bd = b.detach().double().requires_grad_() if b is not None else None
     sd = s.detach().double().requires_grad_() if s is not None else None
     gd = g.double()
-    y = oracle.oracle_binary_conv2d(xd, wd, bd, sd, act_w, *geo, training)
+    y = testing.oracle_binary_conv2d(xd, wd, bd, sd, act_w, *geo, training)
     leaves = [t for t in (xd, wd, bd, sd) if t is not None]
     grads = torch.autograd.grad(y, leaves, gd)
     spread = zip(["gx", "gw", "gb", "gs"], _spread(grads, b, s))
     ref = {"y": y.detach(), **{k: v for k, v in spread if v is not None}}
     with torch.no_grad():
         if training:
-            std = (xd.var(dim=(1, 2, 3), keepdim=True) + oracle.EPS).sqrt()
+            std = testing.sample_std(xd)
             ref["std"] = std
         else:
             std = torch.ones(1, dtype=torch.float64)
         xh = xd / std
-        alpha = oracle.channel_alpha(wd)
+        alpha = testing.channel_alpha(wd)
         if s is None:
             ref["alpha"] = alpha
     a_abs = xh.detach().sign().abs().requires_grad_()
-    wb_abs = oracle.binarize_weight(wd.detach(), act_w).abs().requires_grad_()
+    wb_abs = testing.binarize_weight(wd.detach(), act_w).abs().requires_grad_()
     s_abs = (sd if sd is not None else alpha).detach().abs().requires_grad_()
     b_abs = bd.detach().abs().requires_grad_() if bd is not None else None
     conv = F.conv2d(a_abs, wb_abs, b_abs, *geo)
@@ -608,8 +607,8 @@ def test_ags_sad_float32_equals_the_cpu_route(host, channels_last):
         assert torch.equal(h[3], c[3]) and torch.equal(h[1], layers[i][1])
     # The case covers channels AGS rescales and channels it leaves alone.
     g0, w0 = layers[0][0].double(), layers[0][1].double()
-    r = g0.norm(dim=1).clamp_min(oracle.GRAD_NORM_FLOOR) / w0.norm(dim=1).clamp_min(
-        oracle.WEIGHT_NORM_FLOOR
+    r = g0.norm(dim=1).clamp_min(testing.GRAD_NORM_FLOOR) / w0.norm(dim=1).clamp_min(
+        testing.WEIGHT_NORM_FLOOR
     )
     assert (r < AGS_CFG["delta"]).any() and (r >= AGS_CFG["delta"]).any()
     # A planted error just beyond 1e-5 is refused.
@@ -653,7 +652,7 @@ def test_ags_sad_low_precision_within_rounding_of_the_oracle(host, dtype):
     figures, got = run_ags(layers, True)
     for i, (layer, g) in enumerate(zip(layers, got)):
         grad, w, tracker, prev = (t.double() for t in layer)
-        ags, silent = oracle.oracle_ags_sad(grad, w, tracker, prev, **AGS_CFG)
+        ags, silent = testing.oracle_ags_sad(grad, w, tracker, prev, **AGS_CFG)
         k = w[0].numel()
         eps_f = (k + 8) * F32_U
         assert within(abs(figures[i, 0].item() - ags) / ags, eps_f), i
@@ -661,8 +660,8 @@ def test_ags_sad_low_precision_within_rounding_of_the_oracle(host, dtype):
         # masses, from the inputs
         g0, w0, t0, p0 = (t.double() for t in layer)
         o = w0.shape[0]
-        gn = g0.reshape(o, -1).norm(dim=1).clamp_min(oracle.GRAD_NORM_FLOOR)
-        wn = w0.reshape(o, -1).norm(dim=1).clamp_min(oracle.WEIGHT_NORM_FLOOR)
+        gn = g0.reshape(o, -1).norm(dim=1).clamp_min(testing.GRAD_NORM_FLOOR)
+        wn = w0.reshape(o, -1).norm(dim=1).clamp_min(testing.WEIGHT_NORM_FLOOR)
         r = gn / wn
         f = torch.where(r < AGS_CFG["delta"], AGS_CFG["delta"] * wn / gn, torch.ones_like(r))
         f = f.reshape((o,) + (1,) * (w0.dim() - 1))

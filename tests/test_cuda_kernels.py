@@ -5,7 +5,7 @@ kernel compiles for sm_80 and sm_90 and the PTX declares every entry point; the 
 counters leave CPU ops out; the generic backward rebuilds what a fused forward did not
 keep. The tests marked ``cuda`` need a GPU and are skipped (not passed) without one:
 ``OvSWConv2d`` and ``OvSW`` themselves on the fused route against the CPU oracle
-(tests/oracle.py, float64) and against their own libtorch route, in float32, float16
+(``ovsw.testing``, float64) and against their own libtorch route, in float32, float16
 and bfloat16, channels_last included, with the route counters showing that the kernels
 ran; each fused pass against the oracle through ``_core.cuda_*``; the routes declined
 where they must be; 20 AMP steps (fp16 and bf16) on both routes.
@@ -22,12 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import numerics
 import ovsw
 import ovsw.cuda
-from numerics import fraction_outside, within
-from oracle import oracle_ags_sad, oracle_binary_conv2d
-from ovsw import _core
+from ovsw import _core, testing
+from ovsw.testing import fraction_outside, oracle_ags_sad, oracle_binary_conv2d, within
 
 needs_nvrtc = pytest.mark.skipif(
     torch.version.cuda is None, reason="a CPU-only torch ships no NVRTC"
@@ -224,7 +222,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def rel_err(got, ref):
     """max |got - ref| / max |ref| (``inf`` where got holds a NaN or inf ref does not)."""
-    return numerics.rel_err(got, ref, floor=1e-30)
+    return testing.rel_err(got, ref, floor=1e-30)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

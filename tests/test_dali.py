@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from numerics import max_abs_err, within
+from ovsw.testing import max_abs_err, within
 from ovsw.train import args as train_args
 from ovsw.train import checkpoints, cli
 from ovsw.train import dali as ovsw_dali

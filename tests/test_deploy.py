@@ -16,12 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-import numerics
 import ovsw
 import ovsw.deploy as deploy
-from numerics import max_abs_err, rel_err_per_sample, within
-from ovsw import models
+from ovsw import models, testing
 from ovsw.deploy._bench import calibrated
+from ovsw.testing import max_abs_err, rel_err_per_sample, within
 
 ARCHS = [
     ("cResNet20_1w1a", 32),
@@ -92,7 +91,7 @@ def explain_difference(engine, model: nn.Module, x: torch.Tensor, i: int, arch: 
         res = ours[op["residual"]] if op.get("residual") is not None else None
         got = as_nchw(engine.run_op(op["name"], ours[op["x"]], res))
         want = anchor_tensor(seen, arch, op["name"])[i : i + 1].numpy()
-        if not within(numerics.rel_err(got, want), REL):
+        if not within(testing.rel_err(got, want), REL):
             assert np.isfinite(got).all(), f"{op['name']}: NaN or inf in the engine's output"
             assert op["op"] == "bconv2d", f"first difference at {op['name']} ({op['op']})"
             a, b = ours[op["x"]], theirs[op["x"]]
@@ -673,7 +672,7 @@ def test_every_op_matches_its_layers_on_the_same_input(arch, size, tmp_path):
         want = anchor_tensor(seen, arch, op["name"])
         got = engine.run_op(op["name"], src.numpy(), None if res is None else res.numpy())
         want_np = want.numpy().reshape(got.shape)
-        err = numerics.rel_err(got, want_np, floor=1e-12)
+        err = testing.rel_err(got, want_np, floor=1e-12)
         assert within(err, REL), f"{op['name']} ({op['op']}): relative error {err:.2e}"
         produced[op["y"]] = want
         checked += 1

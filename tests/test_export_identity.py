@@ -52,9 +52,9 @@ from torch import nn
 
 import ovsw
 import ovsw.deploy as deploy
-from numerics import assert_close, elementwise_rel_err, max_abs_err, within
 from ovsw import models
 from ovsw.deploy import _export
+from ovsw.testing import assert_close, elementwise_rel_err, max_abs_err, within
 
 #: Per architecture: the binary-weight binarizer, whether some binary weights are
 #: exactly zero (+0.0 and -0.0, so the file carries weight masks), and which binary and

@@ -24,7 +24,7 @@ than twice upstream's own float32 error, with a floor: 1e-5 for forward quantiti
 (logits, loss), 5e-5 for gradients and the state after the step. Nothing in the bound
 depends on our own answer, so a wrong answer fails: ``test_check_rejects_*`` perturb one
 element by 1e-3 relative and expect the check to refuse it. Errors are measured by
-``numerics.rel_err``: NaN or inf never passes.
+``ovsw.testing.rel_err``: NaN or inf never passes.
 
 1. The full step (forward, backward, OvSW step, eval forward), for both records at 1
    and 2 intra-op threads (8 threads also passes, measured on a 2-core machine, and was
@@ -35,7 +35,7 @@ element by 1e-3 relative and expect the check to refuse it. Errors are measured 
    ``.grad`` set to the recorded ``grads_raw``, one OvSW step. These are the inputs of
    upstream's own float32 record, so ours is compared with that record:
    (a) the change ``grads_final - grads_raw`` of every binary conv weight element by
-   element (``numerics.elementwise_rel_err``: each element's error over its own recorded
+   element (``ovsw.testing.elementwise_rel_err``: each element's error over its own recorded
    change, floored at 1e-3 of the tensor's largest change) within ``CHANGE_TOL`` = 2e-4,
    and every final gradient with :func:`check`;
    (b) every ``tracker`` and ``weight_prev`` after the step exactly (``torch.equal``),
@@ -77,8 +77,7 @@ import torch
 import torch.nn.functional as F
 
 import ovsw
-from numerics import elementwise_rel_err, rel_err, within
-from oracle import oracle_ags_sad
+from ovsw.testing import elementwise_rel_err, oracle_ags_sad, rel_err, within
 
 DATA = Path(__file__).parent / "data"
 #: The recorded steps: "plain" (upstream's CIFAR-10 settings, SAD barely visible) and
@@ -144,7 +143,7 @@ def intra_op_threads(n: int):
 def check(ours, record, ref64, floor: float) -> str | None:
     """None when ``ours`` is within ``REL`` of upstream's float32 ``record``, or when
     ``rel(ours, ref64) <= max(2 * rel(record, ref64), floor)``; else why not. Errors are
-    :func:`numerics.rel_err` (largest error over largest expected magnitude): NaN or inf
+    :func:`ovsw.testing.rel_err` (largest error over largest expected magnitude): NaN or inf
     in ``ours`` is an infinite error and never passes."""
     to_record = rel_err(ours, record)
     if within(to_record, REL):

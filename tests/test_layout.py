@@ -31,10 +31,77 @@ def _imported_after(statement: str) -> list[str]:
         "import ovsw.deploy",
         "import ovsw.nn, ovsw.optim, ovsw.models",
         "import ovsw.analysis",
+        "import ovsw.testing",
     ],
 )
 def test_the_library_imports_none_of_the_application(statement):
     assert _imported_after(statement) == []
+
+
+# ovsw.testing loaded as a package of its own, every ovsw module but its own blocked
+# (``sys.modules[name] = None`` makes importing ``name`` raise ImportError), then run: a
+# float64 conv with its backward, a linear layer, AGS+SAD, a comparison. It prints the
+# ovsw modules it loaded.
+_TESTING_ALONE = """
+import sys, types
+from pathlib import Path
+
+pkg = Path(sys.argv[1])
+for name in ("ovsw._core", "ovsw.ops", "ovsw.nn", "ovsw.optim", "ovsw.cuda", "ovsw.convert"):
+    sys.modules[name] = None
+ovsw = types.ModuleType("ovsw")
+ovsw.__path__ = [str(pkg)]  # ovsw/__init__.py (which loads the core) is not run
+sys.modules["ovsw"] = ovsw
+import torch
+import ovsw.testing as ot
+
+torch.manual_seed(0)
+x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+conv = ot.OracleConv2d(3, 4, 3, padding=1, act_w="hardtanhv2", dtype=torch.float64)
+conv(x).sum().backward()
+assert x.grad is not None and conv.weight.grad is not None
+lin = ot.to_oracle(ot.OracleLinear(5, 2, dtype=torch.float64))
+lin(torch.randn(3, 5, dtype=torch.float64)).sum().backward()
+conv.setup_sad()
+opt = ot.OracleOvSW(torch.optim.SGD(conv.parameters(), lr=0.1), conv, enable_ags=True,
+                    enable_dampen=True, dampen_weight=1e-3)
+opt.step()
+assert opt.stats()[0]["ags_ratio"] > 0
+assert ot.within(ot.rel_err(x.grad, x.grad.clone()), 0.0)
+print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] == "ovsw" and sys.modules[m])))
+"""
+
+
+def test_the_testing_reference_runs_without_the_core():
+    """``ovsw.testing`` is independent of the core it checks: with ``ovsw._core``,
+    ``ovsw.ops``, ``ovsw.nn`` (and the other modules that reach the core) unimportable
+    and ``ovsw/__init__.py`` not run, it imports and computes, loading no ovsw module
+    but its own."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _TESTING_ALONE, str(ROOT / "python" / "ovsw")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = proc.stdout.split()
+    assert "ovsw.testing" in loaded
+    assert [m for m in loaded if m != "ovsw" and not m.startswith("ovsw.testing")] == []
+
+
+def test_the_testing_reference_imports_only_torch_numpy_and_standard_modules():
+    """The same, read from the source: every import in ``python/ovsw/testing/`` is of
+    torch, numpy, a few standard modules or ``ovsw.testing`` itself (relative)."""
+    allowed = {"torch", "numpy", "__future__", "copy", "math", "sys", "typing"}
+    files = sorted((ROOT / "python" / "ovsw" / "testing").glob("*.py"))
+    assert {f.name for f in files} >= {"__init__.py", "reference.py", "compare.py"}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            for name in _module_names(node):
+                if name.startswith("."):
+                    assert not name.startswith(".."), f"{path.name}: {name}"
+                    continue
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
 
 
 def test_the_check_sees_an_application_import():

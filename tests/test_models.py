@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ovsw
-from numerics import max_abs_err, rel_err, within
 from ovsw import OvSWConv2d
+from ovsw.testing import max_abs_err, rel_err, within
 
 DATA = Path(__file__).parent / "data" / "upstream_state_dict_keys.json"
 UPSTREAM = json.loads(DATA.read_text())

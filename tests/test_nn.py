@@ -135,8 +135,7 @@ def test_a_nan_input_binarizes_to_zero_as_torch_sign(training, act_w, linear):
     # torch.sign(nan) is 0, in upstream's formula and here: a NaN activation contributes
     # nothing (in training it makes its whole sample's std NaN, so that sample's
     # activations all binarize to 0), and the other outputs stay finite.
-    from numerics import assert_close
-    from oracle import to_oracle
+    from ovsw.testing import assert_close, to_oracle
 
     torch.manual_seed(0)
     if linear:

@@ -1,4 +1,4 @@
-"""The shared comparisons (tests/numerics.py) fail on NaN and inf where a number was
+"""The shared comparisons (``ovsw.testing.compare``) fail on NaN and inf where a number was
 expected, and measure what they say they measure."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from numerics import (
+from ovsw.testing import (
     assert_close,
     elementwise_rel_err,
     fraction_outside,

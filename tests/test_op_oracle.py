@@ -1,4 +1,4 @@
-"""The Rust core against the plain-PyTorch oracle of SPEC sections 1-3 (tests/oracle.py).
+"""The Rust core against the plain-PyTorch oracle of SPEC sections 1-3 (``ovsw.testing``).
 
 - the binary convolution (OvSWConv2d forward and backward) over random geometries,
   binarizers, scale options, modes and dtypes;
@@ -20,19 +20,21 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ovsw
-from numerics import max_abs_err, rel_err, within
-from oracle import (
+from ovsw import _core
+from ovsw.testing import (
     ACT_W,
     OracleConv2d,
     OracleLinear,
     OracleOvSW,
     channel_abs_mean,
+    max_abs_err,
     oracle_ags_sad,
     oracle_binary_conv2d,
     oracle_binary_linear,
+    rel_err,
     to_oracle,
+    within,
 )
-from ovsw import _core
 
 SETTINGS = settings(
     max_examples=60,

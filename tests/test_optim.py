@@ -353,7 +353,7 @@ def test_half_precision_ags_takes_its_norms_in_float32(dtype):
     factor delta * ||W_o|| / ||G_o||; each element is then one half-precision rounding
     from the float64 answer (2^-9 relative for bfloat16, 2^-12 for float16, with room;
     before the fix, float16 was 0.63 off and bfloat16 1.2e-2)."""
-    from numerics import elementwise_rel_err, rel_err
+    from ovsw.testing import elementwise_rel_err, rel_err
 
     g = torch.Generator().manual_seed(0)
     shape = (8, 16, 3, 3)

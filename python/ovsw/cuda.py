@@ -14,9 +14,10 @@ compiles every kernel for each architecture (no GPU needed) and reports each ent
 point with what ptxas says it uses (registers per thread, static shared memory, spill
 stores and loads; any spill is a failure); on a machine with a GPU it also runs every
 kernel on random inputs in float32, float16 and bfloat16 and prints the maximum errors:
-the passes and the conv against the libtorch path, the AGS+SAD figures against a float64
-reference (:func:`ags_sad_reference`) within bounds derived from the formats' rounding.
-It exits non-zero on any failure.
+the passes against the reference formulas of :mod:`ovsw.testing` run by libtorch in the
+kernels' dtype, the conv against the libtorch path, the AGS+SAD figures against
+:mod:`ovsw.testing`'s float64 reference (:func:`ags_sad_reference`) within bounds
+derived from the formats' rounding. It exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from . import _core
-from ._reference import ags_sad_layer
+from . import testing as _testing
 
 __all__ = [
     "status",
@@ -217,37 +218,6 @@ def _rel_err(got: torch.Tensor | None, ref: torch.Tensor | None) -> float:
     return (got - ref).abs().max().item() / scale
 
 
-def _ref_std(x: torch.Tensor) -> torch.Tensor:
-    return (x.var(dim=(1, 2, 3), keepdim=True) + 1e-5).sqrt()
-
-
-def _bireal_ref(g, x, std):
-    g = g.to(x.dtype)
-    x_hat = x / std if std is not None else x
-    t = (x_hat.abs() * -2.0 + 2.0).clamp_min(0.0)
-    out = g * t
-    return out / std if std is not None else out
-
-
-def _abs_mean(w):
-    return w.reshape(w.shape[0], -1).abs().mean(dim=1)
-
-
-def _binarized(w, act_w):
-    wb = w.sign()
-    if act_w == "ste_v2":
-        wb = wb * _abs_mean(w).view(-1, 1, 1, 1)
-    return wb
-
-
-def _mask(w, act_w):
-    if act_w == "hardtanh":
-        return (w.abs() < 1).to(w.dtype)
-    if act_w == "hardtanhv2":
-        return (w.abs() < _abs_mean(w).view(-1, 1, 1, 1)).to(w.dtype)
-    return torch.ones_like(w)
-
-
 @contextlib.contextmanager
 def _ieee_float32_convs() -> Iterator[None]:
     """Within the block cuDNN runs float32 convolutions in IEEE float32, not TF32 (whose
@@ -262,9 +232,10 @@ def _ieee_float32_convs() -> Iterator[None]:
 
 
 def compare_on_gpu(device: str = "cuda", seed: int = 0) -> list[tuple[str, str, float, float]]:
-    """Run every kernel on random inputs in each dtype against the libtorch path (with
-    IEEE float32 convolutions), the library's ops on the fused route against themselves
-    on the libtorch route, the AGS+SAD figures against the float64 reference.
+    """Run every kernel on random inputs in each dtype against :mod:`ovsw.testing`'s
+    formulas run by libtorch in that dtype (with IEEE float32 convolutions), the
+    library's ops on the fused route against themselves on the libtorch route, the
+    AGS+SAD figures against the float64 reference.
 
     Returns ``(kernel, case, max relative error, tolerance)`` rows; needs a CUDA device
     and the kernels available (it raises where they are not).
@@ -280,7 +251,8 @@ def _compare_all(device: str, seed: int) -> list[tuple[str, str, float, float]]:
     def randn(*shape, dtype=torch.float32, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
-    spec_names = ("ste", "hardtanh", "ste_v2", "hardtanhv2")
+    # The reference values: ovsw.testing's formulas run by libtorch in the kernels' dtype
+    # (each op rounded to it, as the kernels round), the scale's sum in float64.
     for dt in DTYPES:
         tol = TOLERANCE[dt]
         name = str(dt).replace("torch.", "")
@@ -291,29 +263,31 @@ def _compare_all(device: str, seed: int) -> list[tuple[str, str, float, float]]:
             case = f"{name} {layout}"
             # Forward glue: std and sign(x / std) in the input's dtype.
             a, std = _core.cuda_binarize_activation(x, True, name)
-            ref_std = _ref_std(x)
+            ref_std = _testing.sample_std(x)
             rows.append(("sample std", case, _rel_err(std, ref_std), tol))
-            mism = (a != (x / ref_std).sign()).float().mean().item()
+            mism = (a != _testing.binarize_activation(x / ref_std)).float().mean().item()
             rows.append(("sign(x/std)", case, mism, 1e-3 if dt != torch.float32 else 0.0))
             rows.append(("layout kept", case, float(a.stride() != x.stride()), 0.0))
             # Bi-Real backward (an NCHW gradient, also against channels_last x).
             grad_a = randn(6, 16, 9, 11, dtype=dt)
             got = _core.cuda_bireal_backward(grad_a, x, ref_std)
-            ref = _bireal_ref(grad_a, x, ref_std)
+            ref = _testing.activation_grad(grad_a, x, ref_std)
             rows.append(("bireal backward", case, _rel_err(got, ref), tol))
-        for act_w in spec_names:
+        for act_w in _testing.ACT_W:
             w = randn(12, 4, 3, 3, dtype=dt, scale=0.5)
             case = f"{name} {act_w}"
             w_eff, alpha, _ = _core.cuda_weight_operand(w, act_w, None, None, False, name)
-            rows.append(("weight w_b", case, _rel_err(w_eff, _binarized(w, act_w)), tol))
-            rows.append(("weight alpha", case, _rel_err(alpha, _core.channel_alpha(w)), tol))
+            w_b = _testing.binarize_weight(w, act_w)
+            rows.append(("weight w_b", case, _rel_err(w_eff, w_b), tol))
+            rows.append(("weight alpha", case, _rel_err(alpha, _testing.channel_alpha(w)), tol))
             gw = randn(12, 4, 3, 3, dtype=dt)
             s = alpha
             got_w, got_s, _ = _core.cuda_weight_grads(
                 gw, None, w, act_w, s, None, (True, True, False)
             )
-            ref_w = (gw * s.view(-1, 1, 1, 1)) * _mask(w, act_w)
-            ref_s = (gw.double() * _binarized(w, act_w).double()).sum(dim=(1, 2, 3))
+            # w_eff = w_b * s: the gradient of w_b is gw * s, that of s is sum(gw * w_b).
+            ref_w = (gw * s.view(-1, 1, 1, 1)) * _testing.weight_grad_mask(w, act_w)
+            ref_s = (gw.double() * w_b.double()).sum(dim=(1, 2, 3))
             rows.append(("weight grad", case, _rel_err(got_w, ref_w), tol))
             rows.append(("scale grad", case, _rel_err(got_s, ref_s), tol * 10))
     rows += _compare_conv(device, g)
@@ -388,7 +362,7 @@ def ags_sad_reference(
 ) -> dict[str, Any]:
     """The float64 reference for the figures of ``_core.ags_sad_step(cfg, grads, ...)``
     on these inputs (taken before the step; none is modified), with the bounds within
-    which the fused figures must lie. SPEC 2 and 3 as ``ovsw._reference.ags_sad_layer``
+    which the fused figures must lie. SPEC 2 and 3 as :func:`ovsw.testing.ags_sad_layer`
     (plain torch ops) on float64 copies.
 
     Returns ``{"figures", "ags_bound", "silent_low", "silent_high"}``: ``figures`` the
@@ -414,7 +388,7 @@ def ags_sad_reference(
         g, w = grad.detach().double().clone(), weight.detach().double().clone()
         t = None if tracker is None else tracker.double().clone()
         p = None if prev is None else prev.double().clone()
-        r, mask = ags_sad_layer(
+        r, mask = _testing.ags_sad_layer(
             g,
             w,
             t,

@@ -1,19 +1,31 @@
-"""A plain-PyTorch oracle for SPEC sections 1-3, written from the SPEC text alone.
+"""The float64 reference of SPEC sections 1-3 in plain PyTorch ops, written from the SPEC
+text alone.
 
-Nothing here calls ``ovsw._core``: the binary convolution is built from torch ops
-(with small autograd Functions for the surrogate gradients) and AGS/SAD from tensor
-ops (``ovsw._reference.ags_sad_layer``, the one copy of that formula, which
-``python -m ovsw.cuda check`` also uses), so tests (``tests/test_op_oracle.py``) and
-benchmarks can hold the Rust core to it.
+Nothing here calls the Rust core (``ovsw._core``, ``ovsw.ops``, ``ovsw.nn``): the binary
+convolution is built from torch ops, with small autograd Functions for the surrogate
+gradients, and AGS/SAD from tensor ops. The tests hold the core to it, and ``python -m
+ovsw.cuda check`` judges the CUDA kernels by it. Every function computes in the dtype of
+the tensors it is given: pass float64 tensors for an exact reference (the check also runs
+the elementwise formulas in the kernels' own dtype, as libtorch would).
 
-- :func:`oracle_binary_conv2d` / :class:`OracleConv2d`: SPEC 1 (forward type "xnor").
+SPEC section 1, the binary convolution (forward type "xnor"):
+
+- :func:`sample_std` (1.1), :func:`binarize_activation` and :func:`bireal_derivative`
+  (1.2), :func:`activation_grad` (1.1 and 1.2 together, the backward to ``x``),
+  :func:`binarize_weight` and :func:`weight_grad_mask` (1.3), :func:`channel_abs_mean`
+  and :func:`channel_alpha` (1.4).
+- :func:`oracle_binary_conv2d` / :class:`OracleConv2d`: 1.1-1.5 with autograd.
 - :func:`oracle_binary_linear` / :class:`OracleLinear`: the same layer around a matrix
   product (``ovsw.OvSWLinear``): per-sample normalisation over all non-batch dims,
   alpha per output feature.
 - :func:`to_oracle`: a deep copy of a model with every ``ovsw.OvSWConv2d`` replaced by
   an :class:`OracleConv2d` and every ``ovsw.OvSWLinear`` by an :class:`OracleLinear`
   holding the same parameters and buffers.
-- :func:`oracle_ags_sad`: SPEC 2 and 3 on one layer, in place.
+
+SPEC sections 2 and 3, AGS and SAD:
+
+- :func:`ags_sad_layer`: both on one layer, in place, the figures left as tensors.
+- :func:`oracle_ags_sad`: the same with the figures read back as Python floats.
 - :class:`OracleOvSW`: a minimal stand-in for ``ovsw.OvSW`` built on the above (with
   ``host_figures=False`` its figures stay 0-dim tensors on the device: no host read).
 """
@@ -21,37 +33,40 @@ benchmarks can hold the Rust core to it.
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# SPEC 2 and 3 are written once, in plain torch ops, in the package (no call into the
-# Rust core there either): python -m ovsw.cuda check judges the kernels by it too.
-from ovsw._reference import GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR
-from ovsw._reference import ags_sad_layer as _ags_sad_device
-
 __all__ = [
     "EPS",
     "GRAD_NORM_FLOOR",
     "WEIGHT_NORM_FLOOR",
     "ACT_W",
+    "sample_std",
     "channel_abs_mean",
     "channel_alpha",
+    "bireal_derivative",
     "binarize_activation",
+    "activation_grad",
     "binarize_weight",
+    "weight_grad_mask",
     "oracle_binary_conv2d",
     "OracleConv2d",
     "oracle_binary_linear",
     "OracleLinear",
     "to_oracle",
+    "ags_sad_layer",
     "oracle_ags_sad",
     "OracleOvSW",
 ]
 
 EPS = 1e-5  # SPEC 1.1 and 1.4: added to variances before the square root
-ACT_W = ("ste", "hardtanh", "ste_v2", "hardtanhv2")
+GRAD_NORM_FLOOR = 1e-6  # SPEC 2: g_o = max(||G_o||, 1e-6)
+WEIGHT_NORM_FLOOR = 1e-3  # SPEC 2: w_o = max(||W_o||, 1e-3)
+ACT_W = ("ste", "hardtanh", "ste_v2", "hardtanhv2")  # SPEC 1.3's weight binarizers
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,19 +77,35 @@ def _per_channel_view(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(v.shape[0], *([1] * (ndim - 1)))
 
 
+def sample_std(x: Tensor) -> Tensor:
+    """SPEC 1.1: ``sqrt(Var(x_n) + 1e-5)`` per sample ``n``, the unbiased variance taken
+    over every dim but the first ((C, H, W) for a convolution's input), with the first
+    dim's size and the others 1 (``keepdim``); detached, a constant for autograd.
+    ``x / sample_std(x)`` is ``x_hat`` in training mode."""
+    dims = tuple(range(1, x.dim()))
+    return torch.sqrt(x.detach().var(dim=dims, keepdim=True, unbiased=True) + EPS)
+
+
 def channel_abs_mean(weight: Tensor) -> Tensor:
-    """``mean_o |W|``: mean absolute value per output channel, shape ``[O]``."""
+    """SPEC 1.3 and 1.4's ``mean_o |W|``: the mean absolute value per output channel
+    (over every dim but the first), shape ``[O]``, detached."""
     return weight.detach().reshape(weight.shape[0], -1).abs().mean(dim=1)
 
 
 def channel_alpha(weight: Tensor) -> Tensor:
-    """SPEC 1.4 without a learnable scale:
+    """SPEC 1.4 without a learnable scale, shape ``[O]``:
     ``alpha_o = mean(|(W_o - mean(W_o)) / sqrt(Var(W_o) + 1e-5)|)`` (no gradient)."""
     with torch.no_grad():
         w = weight.detach().reshape(weight.shape[0], -1)
         mu = w.mean(dim=1, keepdim=True)
         sd = torch.sqrt(w.var(dim=1, keepdim=True, unbiased=True) + EPS)
         return ((w - mu) / sd).abs().mean(dim=1)
+
+
+def bireal_derivative(x_hat: Tensor) -> Tensor:
+    """SPEC 1.2's surrogate derivative of ``sign``: ``d a / d x_hat = max(0, 2 - 2
+    |x_hat|)`` (the Bi-Real approximation), elementwise."""
+    return torch.clamp(2.0 - 2.0 * x_hat.abs(), min=0.0)
 
 
 class _SignBiReal(torch.autograd.Function):
@@ -88,7 +119,7 @@ class _SignBiReal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
+        return grad * bireal_derivative(x)
 
 
 class _WeightSTE(torch.autograd.Function):
@@ -114,7 +145,7 @@ class _WeightHardtanh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (w,) = ctx.saved_tensors
-        return grad * (w.abs() < 1).to(grad.dtype)
+        return grad * weight_grad_mask(w, "hardtanh").to(grad.dtype)
 
 
 class _WeightSTEv2(torch.autograd.Function):
@@ -140,8 +171,7 @@ class _WeightHardtanhV2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (w,) = ctx.saved_tensors
-        bound = _per_channel_view(channel_abs_mean(w), w.dim())
-        return grad * (w.abs() < bound).to(grad.dtype)
+        return grad * weight_grad_mask(w, "hardtanhv2").to(grad.dtype)
 
 
 _WEIGHT_BINARIZERS = {
@@ -153,17 +183,45 @@ _WEIGHT_BINARIZERS = {
 
 
 def binarize_activation(x_hat: Tensor) -> Tensor:
-    """SPEC 1.2 ("binary"): sign with the Bi-Real surrogate gradient."""
+    """SPEC 1.2 (act_a "binary"): ``a = sign(x_hat)``, with :func:`bireal_derivative` as
+    its gradient under autograd."""
     return _SignBiReal.apply(x_hat)
 
 
+def activation_grad(grad: Tensor, x: Tensor, std: Tensor | None) -> Tensor:
+    """SPEC 1.1 and 1.2 backward: the gradient reaching ``x`` through ``a =
+    sign(x / std)`` from ``grad`` (the gradient of ``a``), ``std`` a constant (SPEC 1.1):
+    ``grad * max(0, 2 - 2 |x / std|) / std``; with ``std`` None (eval mode, ``x_hat =
+    x``) ``grad * max(0, 2 - 2 |x|)``. Computed in the dtype of ``grad`` and ``x``."""
+    x_hat = x / std if std is not None else x
+    out = grad * bireal_derivative(x_hat)
+    return out / std if std is not None else out
+
+
 def binarize_weight(weight: Tensor, act_w: str) -> Tensor:
-    """SPEC 1.3: the binarized weight ``w_b`` with the binarizer's surrogate backward."""
+    """SPEC 1.3: the binarized weight ``w_b`` (``sign(W)``; "ste_v2": ``sign(W) *
+    mean_o |W|``), with the binarizer's surrogate backward (:func:`weight_grad_mask`)
+    under autograd."""
     try:
         fn = _WEIGHT_BINARIZERS[act_w]
     except KeyError:
         raise ValueError(f"unknown act_w {act_w!r}; expected one of {ACT_W}") from None
     return fn.apply(weight)
+
+
+def weight_grad_mask(weight: Tensor, act_w: str) -> Tensor:
+    """SPEC 1.3 backward: the factor the weight binarizer ``act_w`` multiplies the
+    gradient of ``w_b`` by to give the gradient of ``W``, in W's shape and dtype: 1 for
+    "ste" and "ste_v2", ``1[|W| < 1]`` for "hardtanh", ``1[|W| < mean_o |W|]`` for
+    "hardtanhv2"."""
+    w = weight.detach()
+    if act_w in ("ste", "ste_v2"):
+        return torch.ones_like(w)
+    if act_w == "hardtanh":
+        return (w.abs() < 1).to(w.dtype)
+    if act_w == "hardtanhv2":
+        return (w.abs() < _per_channel_view(channel_abs_mean(w), w.dim())).to(w.dtype)
+    raise ValueError(f"unknown act_w {act_w!r}; expected one of {ACT_W}")
 
 
 def _pair(v) -> Any:
@@ -194,8 +252,7 @@ def oracle_binary_conv2d(
     if training:
         # 1.1: per-sample normalisation, unbiased variance over (C, H, W); the divisor is
         # a constant for autograd.
-        std = torch.sqrt(x.detach().var(dim=(1, 2, 3), keepdim=True, unbiased=True) + EPS)
-        x_hat = x / std
+        x_hat = x / sample_std(x)
     else:
         x_hat = x
     a = binarize_activation(x_hat)  # 1.2
@@ -295,9 +352,7 @@ def oracle_binary_linear(
     """SPEC 1.1-1.5 with ``F.linear`` for the convolution: ``x`` is ``[N, *, in]``,
     normalised per sample over every dim but the first; alpha is per output feature."""
     if training:
-        dims = tuple(range(1, x.dim()))
-        std = torch.sqrt(x.detach().var(dim=dims, keepdim=True, unbiased=True) + EPS)
-        x_hat = x / std
+        x_hat = x / sample_std(x)
     else:
         x_hat = x
     a = binarize_activation(x_hat)
@@ -348,20 +403,22 @@ class OracleLinear(nn.Linear):
         )
 
 
+def _library_class(name: str) -> type | None:
+    """``ovsw.nn``'s class ``name`` where that module has been imported, else None.
+    Looked up, never imported (this module runs no part of the core): a model cannot
+    hold an ``ovsw.OvSWConv2d`` unless ``ovsw.nn`` was imported."""
+    module = sys.modules.get("ovsw.nn")
+    return getattr(module, name, None) if module is not None else None
+
+
 def _is_ovsw_conv(m: nn.Module) -> bool:
-    try:
-        from ovsw import OvSWConv2d
-    except ImportError:  # pragma: no cover - the oracle works without ovsw too
-        return False
-    return isinstance(m, OvSWConv2d)
+    cls = _library_class("OvSWConv2d")
+    return cls is not None and isinstance(m, cls)
 
 
 def _is_ovsw_linear(m: nn.Module) -> bool:
-    try:
-        from ovsw import OvSWLinear
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(m, OvSWLinear)
+    cls = _library_class("OvSWLinear")
+    return cls is not None and isinstance(m, cls)
 
 
 def _move_tensors(old: nn.Module, new: nn.Module) -> nn.Module:
@@ -425,6 +482,50 @@ def to_oracle(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # SPEC 2 and 3: AGS and SAD
 # ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def ags_sad_layer(
+    grad: Tensor,
+    weight: Tensor,
+    tracker: Tensor | None,
+    weight_prev: Tensor | None,
+    *,
+    enable_ags: bool,
+    delta: float,
+    enable_dampen: bool,
+    dampen_weight: float,
+    track_momentum: float,
+    track_threshold: float,
+) -> tuple[Tensor | None, Tensor | None]:
+    """AGS (SPEC 2) then SAD (SPEC 3) on one layer, in place on ``grad``, ``tracker``
+    and ``weight_prev``.
+
+    Returns ``(r, mask)``: the per-channel ratios ``r_o = g_o / w_o`` (shape ``[O]``)
+    and the silent mask ``tracker < track_threshold`` (bool, the weight's shape), each
+    ``None`` where its part is disabled. ``r.mean()`` is the layer's ``ags_ratio`` and
+    ``mask.mean()`` its ``silent_ratio``. It computes in the dtype of the tensors it is
+    given (float64 copies give the exact figures) and reads nothing back to the host: the
+    figures stay tensors on the tensors' device.
+    """
+    r = mask = None
+    o = weight.shape[0]
+    if enable_ags:
+        g = grad.reshape(o, -1).norm(p=2, dim=1).clamp_min(GRAD_NORM_FLOOR)
+        w = weight.reshape(o, -1).norm(p=2, dim=1).clamp_min(WEIGHT_NORM_FLOOR)
+        r = g / w
+        factor = torch.where(r < delta, delta * w / g, torch.ones_like(r))
+        grad.mul_(factor.reshape(o, *([1] * (weight.dim() - 1))))
+    if enable_dampen:
+        if tracker is None or weight_prev is None:
+            raise ValueError("SAD needs tracker and weight_prev")
+        m = track_momentum
+        flipped = (torch.sign(weight) != torch.sign(weight_prev)).to(tracker.dtype)
+        tracker.mul_(m).add_(flipped * (1.0 - m))
+        mask = tracker < track_threshold
+        grad.add_(dampen_weight * mask.to(weight.dtype) * weight)
+        weight_prev.copy_(weight)
+    return r, mask
+
+
 def oracle_ags_sad(
     grad: Tensor,
     weight: Tensor,
@@ -441,10 +542,9 @@ def oracle_ags_sad(
     """AGS (SPEC 2) then SAD (SPEC 3) on one layer, in place on ``grad``, ``tracker``
     and ``weight_prev``. Returns ``(ags_ratio, silent_ratio)``, ``None`` where disabled.
 
-    The formula is ``ovsw._reference.ags_sad_layer`` (plain torch ops, shared with
-    ``python -m ovsw.cuda check``); this reads its two figures back to the host.
+    The formula is :func:`ags_sad_layer`; this reads its two figures back to the host.
     """
-    r, mask = _ags_sad_device(
+    r, mask = ags_sad_layer(
         grad,
         weight,
         tracker,
@@ -523,7 +623,7 @@ class OracleOvSW:
         for name, layer in self.layers:
             ags = silent = None
             if layer.weight.grad is not None:
-                step = oracle_ags_sad if self.host_figures else _ags_sad_device
+                step = oracle_ags_sad if self.host_figures else ags_sad_layer
                 ags, silent = step(
                     layer.weight.grad,
                     layer.weight,

@@ -1,11 +1,15 @@
-"""The one place where tests compare numbers.
+"""NaN-safe comparisons of results against a reference (``ovsw.testing``'s second half).
 
-Every comparison here treats NaN and inf as wrong answers wherever the expected value is a
-finite number: ``NaN >= tol`` is False in Python, so a hand-written ``err <= tol`` or
-``not err >= tol`` lets a NaN through one way or the other. Here a non-finite value in
-``actual`` where ``expected`` is finite makes the error ``inf``; where ``expected`` itself
-holds NaN or inf (a test of NaN propagation), ``actual`` must hold the same non-finite
-value at the same place, and only the finite places are measured.
+The tests compare numbers with these functions only. Every comparison here treats NaN
+and inf as wrong answers wherever the expected value is a finite number: ``NaN >= tol``
+is False in Python, so a hand-written ``err <= tol`` or ``not err >= tol`` lets a NaN
+through one way or the other. Here a non-finite value in ``actual`` where ``expected``
+is finite makes the error ``inf``; where ``expected`` itself holds NaN or inf (a test of
+NaN propagation), ``actual`` must hold the same non-finite value at the same place, and
+only the finite places are measured.
+
+Every function takes tensors (any device or dtype), numpy arrays, lists or numbers and
+measures in float64 on the host. It needs numpy and torch only.
 """
 
 from __future__ import annotations
@@ -14,6 +18,17 @@ import math
 
 import numpy as np
 import torch
+
+__all__ = [
+    "as_f64",
+    "max_abs_err",
+    "rel_err",
+    "rel_err_per_sample",
+    "elementwise_rel_err",
+    "fraction_outside",
+    "within",
+    "assert_close",
+]
 
 
 def as_f64(x) -> np.ndarray:
