@@ -32,7 +32,7 @@ def _references(code: str) -> list[tuple[str, str | None]]:
     refs: list[tuple[str, str | None]] = []
     path = None
     for token in re.findall(r"`([^`]+)`", code):
-        if re.match(r"^(src|python|csrc)/", token):
+        if re.match(r"^(src|python|csrc|crates)/", token):
             path = token.rstrip("/")
             refs.append((path, None))
         elif path is not None and re.fullmatch(r"[A-Za-z_][\w:]*", token):
