@@ -438,6 +438,18 @@ def test_export_metadata_and_atomic_write(tmp_path):
     assert meta["user"] == {"run": "abc"}
 
 
+def test_export_write_errors_are_os_errors_and_leave_nothing(tmp_path):
+    # the engine writes the file (a temporary file beside it, renamed into place)
+    model = models.create("cResNet20_1w1a", num_classes=3).eval()
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        deploy.export(model, tmp_path / "no-such-folder" / "m.ovsw")
+    assert list(tmp_path.iterdir()) == []
+    target = tmp_path / "m.ovsw"
+    deploy.export(model, target, metadata={"note": "caf\u00e9 \u2713", "ok": [1.5, None]})
+    assert deploy.load(target).metadata["user"] == {"note": "caf\u00e9 \u2713", "ok": [1.5, None]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ovsw"]
+
+
 def test_export_refuses_training_mode_and_unknown_models(tmp_path):
     with pytest.raises(ValueError, match="eval"):
         deploy.export(models.create("cResNet20_1w1a"), tmp_path / "a.ovsw")
