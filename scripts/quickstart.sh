@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ovsw-train --config configs/smallscale/w1a1-ovsw-resnet20-digits.yaml "$@"
 RUN=$(.venv/bin/python -c 'import csv; print(list(csv.DictReader(open("runs/results.csv")))[-1]["run_dir"])')
-.venv/bin/python -m ovsw.deploy export "$RUN"
+.venv/bin/ovsw-export "$RUN"

@@ -36,6 +36,18 @@ impl From<tch::TchError> for Error {
     }
 }
 
+/// The deploy engine's errors (`ovsw-engine`, which has no Python) as the core's. A file
+/// the system refuses is `OSError` at the Python boundary (`deploy/py.rs` maps it
+/// before this conversion); anywhere else it is a runtime failure.
+impl From<ovsw_engine::error::Error> for Error {
+    fn from(e: ovsw_engine::error::Error) -> Self {
+        match e {
+            ovsw_engine::error::Error::Value(m) => Error::Value(m),
+            e @ ovsw_engine::error::Error::Io { .. } => Error::Unsupported(e.to_string()),
+        }
+    }
+}
+
 impl From<Error> for PyErr {
     fn from(e: Error) -> Self {
         match e {

@@ -4,8 +4,10 @@
 //! 1.4), [`conv`] (the binary convolution, SPEC section 1), [`linear`] (the binary
 //! fully connected layer, the same math around a matrix product) and [`optim`] (AGS
 //! and SAD, sections 2 and 3); [`cuda`] holds fused CUDA kernels, compiled at run time
-//! by NVRTC, which conv and optim choose on CUDA tensors; [`deploy`] runs exported
-//! networks by XNOR and popcount without PyTorch. Each family's Python bindings sit
+//! by NVRTC, which conv and optim choose on CUDA tensors; [`deploy`] binds the deploy
+//! engine (the crate `ovsw-engine`, `crates/ovsw-engine/`, which writes, reads and runs
+//! exported networks by XNOR and popcount without PyTorch) and reads the tensors it
+//! exports out of libtorch. Each family's Python bindings sit
 //! beside it (`conv/py.rs`, `linear/py.rs`, `optim/py.rs`, `cuda/py.rs`,
 //! `deploy/py.rs`); the layers' and the optimizer's are the bodies of the
 //! `torch.ops.ovsw` custom ops (`python/ovsw/ops.py`, conventions in [`op_args`]). This

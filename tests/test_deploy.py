@@ -437,6 +437,18 @@ def test_export_metadata_and_atomic_write(tmp_path):
     assert meta["user"] == {"run": "abc"}
 
 
+def test_export_write_errors_are_os_errors_and_leave_nothing(tmp_path):
+    # the engine writes the file (a temporary file beside it, renamed into place)
+    model = models.create("cResNet20_1w1a", num_classes=3).eval()
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        deploy.export(model, tmp_path / "no-such-folder" / "m.ovsw")
+    assert list(tmp_path.iterdir()) == []
+    target = tmp_path / "m.ovsw"
+    deploy.export(model, target, metadata={"note": "caf\u00e9 \u2713", "ok": [1.5, None]})
+    assert deploy.load(target).metadata["user"] == {"note": "caf\u00e9 \u2713", "ok": [1.5, None]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ovsw"]
+
+
 def test_export_refuses_training_mode_and_unknown_models(tmp_path):
     with pytest.raises(ValueError, match="eval"):
         deploy.export(models.create("cResNet20_1w1a"), tmp_path / "a.ovsw")
@@ -681,8 +693,8 @@ def test_every_op_matches_its_layers_on_the_same_input(arch, size, tmp_path):
 
 @pytest.mark.slow
 def test_export_a_training_run_and_score_it(tmp_path, capsys):
-    from ovsw.deploy._run import export_run
     from ovsw.train import cli
+    from ovsw.train.export import export_run
 
     logs = tmp_path / "runs"
     config = "configs/smallscale/w1a1-ovsw-resnet20-digits.yaml"
@@ -702,17 +714,29 @@ def test_export_a_training_run_and_score_it(tmp_path, capsys):
     assert meta["user"]["epoch"] == 1
     # the command-line form, and its error for a folder that is not a run
     proc = subprocess.run(
-        [sys.executable, "-m", "ovsw.deploy", "export", str(run_dir), "-o",
+        [sys.executable, "-m", "ovsw.train.export", str(run_dir), "-o",
          str(tmp_path / "m.ovsw"), "--no-check"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m.ovsw").is_file()
     proc = subprocess.run(
-        [sys.executable, "-m", "ovsw.deploy", "export", str(tmp_path)],
+        [sys.executable, "-m", "ovsw.train.export", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 1 and "not an ovsw-train run folder" in proc.stderr
+
+
+def test_the_old_export_command_names_the_new_one():
+    # the run-folder export moved into the application (ovsw-export); the library's
+    # command line says so in one line instead of failing with a traceback
+    proc = subprocess.run(
+        [sys.executable, "-m", "ovsw.deploy", "export", "runs/x"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "ovsw-export RUN_DIR" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_differing_sample_is_traced_to_a_rounding_level_sign_flip(tmp_path):

@@ -3,7 +3,7 @@
 For each of the five architectures a deterministic model is exported and the SHA-256
 of the file is compared with a hash recorded from the exporter as it was before the
 lowering (sign packing, scale/bias/BatchNorm folding) moved from numpy into Rust
-(``src/deploy/lower.rs``). A changed byte anywhere (a bit of the packed weights, the
+(``crates/ovsw-engine/src/lower.rs``). A changed byte anywhere (a bit of the packed weights, the
 last bit of a folded scale, the header) changes the hash.
 
 The hashes must not depend on the machine, so nothing in the model or the file may:

@@ -113,7 +113,7 @@ def test_console_scripts_point_at_the_application():
     text = (ROOT / "pyproject.toml").read_text()
     section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
     scripts = dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', section, re.M))
-    assert set(scripts) == {"ovsw-train", "ovsw-sweep", "ovsw-experiment"}
+    assert set(scripts) == {"ovsw-train", "ovsw-sweep", "ovsw-experiment", "ovsw-export"}
     for target in scripts.values():
         module, func = target.split(":")
         assert module.startswith("ovsw.train.")
@@ -128,24 +128,42 @@ def _module_names(node: ast.AST) -> list[str]:
     return []
 
 
-def test_deploy_reaches_the_application_through_public_names_only():
-    """deploy/_run.py imports the application inside functions only and uses no name of
-    it that starts with an underscore."""
-    tree = ast.parse((ROOT / "python/ovsw/deploy/_run.py").read_text())
-    top = [n for node in tree.body for n in _module_names(node)]
-    assert not [m for m in top if "train" in m], top
-    app_modules = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("train"):
-            app_modules.update(a.asname or a.name for a in node.names)
-    assert app_modules, "export_run no longer uses ovsw.train?"
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name)
-            and node.value.id in app_modules
-        ):
-            assert not node.attr.startswith("_"), f"{node.value.id}.{node.attr}"
+def _application_imports(source: str, package: list[str]) -> list[str]:
+    """The modules of ``ovsw.train`` that ``source`` (a module of ``package``) imports
+    anywhere, relative imports resolved."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        for name in _module_names(node):
+            level = len(name) - len(name.lstrip("."))
+            base = package[: len(package) - level + 1] if level else []
+            module = ".".join([*base, name.lstrip(".")]).strip(".")
+            names = [module]
+            if isinstance(node, ast.ImportFrom):
+                names += [f"{module}.{a.name}" for a in node.names]
+            found += [n for n in names if n == "ovsw.train" or n.startswith("ovsw.train.")]
+    return found
+
+
+def test_the_import_check_sees_an_application_import():
+    lib = ["ovsw", "deploy"]
+    assert _application_imports("def f():\n    from ..train import runs\n", lib)
+    assert _application_imports("from .. import train\n", lib) == ["ovsw.train"]
+    assert _application_imports("import ovsw.train.cli\n", lib) == ["ovsw.train.cli"]
+    assert _application_imports("from ..nn import OvSWConv2d\nfrom . import _ops\n", lib) == []
+
+
+def test_no_library_module_imports_the_application():
+    """No module of the library (``python/ovsw`` outside ``train/``) imports anything of
+    ``ovsw.train``, at module level or inside a function: the run-folder export is the
+    application's ``ovsw-export``, and ``python -m ovsw`` only names the commands."""
+    found = []
+    for path in sorted((ROOT / "python/ovsw").rglob("*.py")):
+        rel = path.relative_to(ROOT / "python/ovsw")
+        if rel.parts[0] == "train":
+            continue
+        package = ["ovsw", *rel.parts[:-1]]
+        found += [f"{rel}: {m}" for m in _application_imports(path.read_text(), package)]
+    assert found == []
 
 
 def test_python_dash_m_ovsw_names_the_commands_and_runs_none():

@@ -1,9 +1,10 @@
-"""The export lowering bindings (``ovsw._core.deploy_*``, src/deploy/lower.rs) refuse bad
-input with a Python exception naming what is wrong, never a panic or a crash.
+"""The export lowering bindings (``ovsw._core.deploy_*``: src/deploy/from_torch.rs and
+crates/ovsw-engine/src/lower.rs) refuse bad input with a Python exception naming what is
+wrong, never a panic or a crash.
 
 What they compute is checked elsewhere: byte for byte against the numpy exporter they
 replaced (tests/test_export_identity.py), against SPEC 1.3-1.5 there and in the Rust
-unit tests of src/deploy/lower.rs, and end to end against ``model.eval()`` in
+unit tests of crates/ovsw-engine/src/lower.rs, and end to end against ``model.eval()`` in
 tests/test_deploy.py.
 """
 

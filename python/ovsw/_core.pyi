@@ -1,6 +1,7 @@
 """Type stubs for ovsw._core, the Rust core (src/lib.rs; checked against the compiled
 module by tests/test_stubs.py)."""
 
+import os
 from collections.abc import Sequence
 from typing import Literal, TypedDict, final
 
@@ -50,6 +51,8 @@ __all__ = [
     "deploy_fold_batchnorm",
     "deploy_fold_conv2d",
     "deploy_fold_bconv2d",
+    "deploy_write",
+    "DEPLOY_FORMAT_VERSION",
     "__version__",
 ]
 
@@ -233,7 +236,7 @@ def flip_monitor_step(
     on the weights' device (flipped, never flipped, silent, bias-corrected flip rate),
     with no device-to-host copy."""
 
-# -- deploy engine (src/deploy/, wrapped by ovsw.deploy) ----------------------------------
+# -- deploy engine (crates/ovsw-engine/, bound in src/deploy/, wrapped by ovsw.deploy) --
 
 @final
 class DeployEngine:
@@ -347,7 +350,7 @@ def cuda_weight_grads(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad_weight, grad_scale, grad_bias) from the gradients of the folded operands."""
 
-# -- export lowering (src/deploy/lower.rs, called by ovsw.deploy.export) ------------------
+# -- export lowering (src/deploy/from_torch.rs, called by ovsw.deploy.export) -------------
 
 def deploy_pack_signs(weight: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
     """Sign bits of a conv weight [O, C, kh, kw] (read as float32) as uint64
@@ -387,4 +390,26 @@ def deploy_fold_bconv2d(
     BatchNorm fold bn = (k, c) applied.
 
     Raises ValueError for an unknown act_w or vectors whose length is not O.
+    """
+
+# -- the deploy file (crates/ovsw-engine/src/writer.rs, called by ovsw.deploy.export) -----
+
+DEPLOY_FORMAT_VERSION: int
+"""The deploy file format version the engine writes and reads."""
+
+def deploy_write(
+    path: str | os.PathLike[str],
+    metadata: str,
+    tensors: Sequence[tuple[str, np.ndarray]],
+    ops: str,
+    output: int,
+) -> int:
+    """Writes a deploy file to path atomically (a temporary file beside it, renamed into
+    place): the header's metadata (a JSON object's text), the tensors (name, float32 or
+    uint64 array) in table order at 64-byte-aligned offsets, ops (a JSON array's text)
+    and the output value, then the CRC-32. Returns the bytes written.
+
+    Raises ValueError for malformed JSON, a reserved metadata key or a duplicated
+    tensor name, TypeError for an array of another dtype, OSError when the file cannot
+    be written.
     """

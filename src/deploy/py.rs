@@ -11,12 +11,28 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
-use super::bitconv::{cpu_flags, Kernel};
-use super::lower::{self, ChannelAffine};
-use super::tensor::Tensor4;
-use super::Engine;
+use ovsw_engine::bitconv::{cpu_flags, Kernel};
+use ovsw_engine::engine::Engine;
+use ovsw_engine::format::{self, DType};
+use ovsw_engine::lower::ChannelAffine;
+use ovsw_engine::nhwc::Tensor4;
+use ovsw_engine::writer::{self, TensorData};
+
+use super::from_torch as lower;
 use crate::binarize::ActW;
-use crate::error::boundary;
+use crate::error::{boundary, Error};
+
+/// An engine result for Python: a refused file operation as the `OSError` subclass its
+/// kind names (`FileNotFoundError`, `PermissionError`, ...), anything else as the
+/// core's error.
+fn from_engine<T>(r: ovsw_engine::error::Result<T>) -> PyResult<T> {
+    r.map_err(|e| match e {
+        ovsw_engine::error::Error::Io { message, source } => {
+            PyErr::from(std::io::Error::new(source.kind(), message))
+        }
+        e => Error::from(e).into(),
+    })
+}
 
 /// A bit-packed network loaded from an `ovsw.deploy.export` file (see `ovsw.deploy`).
 #[pyclass(module = "ovsw._core", name = "DeployEngine")]
@@ -57,7 +73,7 @@ fn input_tensor(x: &Bound<'_, PyAny>) -> PyResult<Tensor4> {
             Tensor4::from_nchw(&owned, n, c, h, w)
         }
     };
-    Ok(tensor?)
+    from_engine(tensor)
 }
 
 /// The engine's output as numpy: `(N, K)` when it is one pixel, else `(N, C, H, W)`.
@@ -83,8 +99,9 @@ impl DeployEngine {
     #[pyo3(signature = (data, threads, kernel = "auto"))]
     fn new(py: Python<'_>, data: &[u8], threads: usize, kernel: &str) -> PyResult<Self> {
         boundary(|| {
-            let kernel = Kernel::parse(kernel)?;
-            let engine = py.allow_threads(|| Engine::from_bytes(data, threads, kernel))?;
+            let kernel = from_engine(Kernel::parse(kernel))?;
+            let engine = py.allow_threads(|| Engine::from_bytes(data, threads, kernel));
+            let engine = from_engine(engine)?;
             Ok(DeployEngine { engine })
         })
     }
@@ -94,7 +111,7 @@ impl DeployEngine {
         boundary(|| {
             let py = x.py();
             let input = input_tensor(x)?;
-            let y = py.allow_threads(|| self.engine.run(input))?;
+            let y = from_engine(py.allow_threads(|| self.engine.run(input)))?;
             output_array(py, y)
         })
     }
@@ -104,7 +121,7 @@ impl DeployEngine {
         boundary(|| {
             let py = x.py();
             let input = input_tensor(x)?;
-            let (y, times) = py.allow_threads(|| self.engine.profile(input))?;
+            let (y, times) = from_engine(py.allow_threads(|| self.engine.profile(input)))?;
             let times = times
                 .into_iter()
                 .map(|t| {
@@ -128,7 +145,7 @@ impl DeployEngine {
             let py = x.py();
             let input = input_tensor(x)?;
             let residual = residual.map(input_tensor).transpose()?;
-            let y = py.allow_threads(|| self.engine.run_op(name, input, residual))?;
+            let y = from_engine(py.allow_threads(|| self.engine.run_op(name, input, residual)))?;
             output_array(py, y)
         })
     }
@@ -140,7 +157,7 @@ impl DeployEngine {
 
     #[setter]
     fn set_threads(&mut self, threads: usize) -> PyResult<()> {
-        boundary(|| Ok(self.engine.set_threads(threads)?))
+        boundary(|| from_engine(self.engine.set_threads(threads)))
     }
 
     #[getter]
@@ -169,24 +186,29 @@ impl DeployEngine {
 /// Kernels this CPU can run, best first (`"portable"` always).
 #[pyfunction]
 fn deploy_kernels() -> PyResult<Vec<&'static str>> {
-    boundary(|| Ok(Kernel::available()?.into_iter().map(Kernel::name).collect()))
+    boundary(|| {
+        Ok(from_engine(Kernel::available())?
+            .into_iter()
+            .map(Kernel::name)
+            .collect())
+    })
 }
 
 /// The kernel `name` selects on this CPU (`"auto"`: the best); `ValueError` naming the
 /// missing CPU flag for one this CPU cannot run.
 #[pyfunction]
 fn deploy_kernel(name: &str) -> PyResult<&'static str> {
-    boundary(|| Ok(Kernel::parse(name)?.name()))
+    boundary(|| Ok(from_engine(Kernel::parse(name))?.name()))
 }
 
 /// The CPU flags the kernels use that this CPU has, as `/proc/cpuinfo` names them
 /// (less those `OVSW_DISABLE_CPU_FEATURES` hides).
 #[pyfunction]
 fn deploy_cpu_flags() -> PyResult<Vec<&'static str>> {
-    boundary(|| Ok(cpu_flags()?))
+    boundary(|| from_engine(cpu_flags()))
 }
 
-// -- export lowering (super::lower) -------------------------------------------------
+// -- export lowering (super::from_torch) -------------------------------------------------
 
 /// A BatchNorm's `(k, c)` as `ovsw.deploy` passes it between the folds.
 type Fold<'py> = (PyReadonlyArray1<'py, f64>, PyReadonlyArray1<'py, f64>);
@@ -199,7 +221,7 @@ type ConvArrays<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyArray1<f32>>>);
 
 fn fold_of(fold: Option<Fold<'_>>) -> PyResult<Option<ChannelAffine>> {
     Ok(match fold {
-        Some((k, c)) => Some(ChannelAffine::new(k.to_vec()?, c.to_vec()?)?),
+        Some((k, c)) => Some(from_engine(ChannelAffine::new(k.to_vec()?, c.to_vec()?))?),
         None => None,
     })
 }
@@ -311,6 +333,63 @@ fn deploy_fold_bconv2d<'py>(
     })
 }
 
+// -- the file (ovsw_engine::writer) --------------------------------------------------
+
+/// A float32 or uint64 numpy array as a tensor of the file (little-endian bytes).
+fn tensor_data(name: String, array: &Bound<'_, PyAny>) -> PyResult<TensorData> {
+    if let Ok(a) = array.downcast::<PyArrayDyn<f32>>() {
+        let a = a.readonly();
+        let shape = a.shape().to_vec();
+        let bytes = a.as_array().iter().flat_map(|v| v.to_le_bytes()).collect();
+        return Ok(TensorData {
+            name,
+            dtype: DType::F32,
+            shape,
+            bytes,
+        });
+    }
+    if let Ok(a) = array.downcast::<PyArrayDyn<u64>>() {
+        let a = a.readonly();
+        let shape = a.shape().to_vec();
+        let bytes = a.as_array().iter().flat_map(|v| v.to_le_bytes()).collect();
+        return Ok(TensorData {
+            name,
+            dtype: DType::U64,
+            shape,
+            bytes,
+        });
+    }
+    Err(PyTypeError::new_err(format!(
+        "tensor '{name}': expected a float32 or uint64 numpy array"
+    )))
+}
+
+/// Writes a deploy file to `path` atomically: the header's `metadata` (a JSON object's
+/// text), `tensors` (`(name, float32 or uint64 array)` in table order), `ops` (a JSON
+/// array's text) and the `output` value. Returns the number of bytes written.
+#[pyfunction]
+#[pyo3(signature = (path, metadata, tensors, ops, output))]
+fn deploy_write(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    metadata: &str,
+    tensors: Vec<(String, Bound<'_, PyAny>)>,
+    ops: &str,
+    output: usize,
+) -> PyResult<usize> {
+    boundary(|| {
+        let tensors = tensors
+            .into_iter()
+            .map(|(name, a)| tensor_data(name, &a))
+            .collect::<PyResult<Vec<_>>>()?;
+        from_engine(py.allow_threads(|| {
+            let bytes = writer::to_bytes(metadata, &tensors, ops, output)?;
+            writer::write_atomic(&path, &bytes)?;
+            Ok(bytes.len())
+        }))
+    })
+}
+
 /// Adds the deploy engine's classes and functions to `ovsw._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DeployEngine>()?;
@@ -321,5 +400,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(deploy_fold_batchnorm, m)?)?;
     m.add_function(wrap_pyfunction!(deploy_fold_conv2d, m)?)?;
     m.add_function(wrap_pyfunction!(deploy_fold_bconv2d, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_write, m)?)?;
+    m.add("DEPLOY_FORMAT_VERSION", format::VERSION)?;
     Ok(())
 }

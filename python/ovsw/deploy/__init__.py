@@ -28,7 +28,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _core
-from ._export import FORMAT_VERSION, export, pack_signs
+from ._export import FORMAT_VERSION, export
+from ._ops import pack_signs
 
 __all__ = [
     "export",

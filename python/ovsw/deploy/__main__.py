@@ -1,10 +1,17 @@
-"""``python -m ovsw.deploy {bench,export} ...``: measure the engine on this machine, or
-export a model trained by ``ovsw-train``."""
+"""``python -m ovsw.deploy bench ...``: measure the engine on this machine. (A model
+trained by ``ovsw-train`` is exported by the application: ``ovsw-export RUN_DIR``.)"""
 
 import sys
 
 USAGE = """usage: python -m ovsw.deploy bench [--threads N ...] [--repeats N]
-       python -m ovsw.deploy export RUN_DIR [-o FILE] [--checkpoint best|last|PATH]"""
+(to export a model trained by ovsw-train: ovsw-export RUN_DIR [-o FILE] [--checkpoint ...])"""
+
+#: What ``python -m ovsw.deploy export`` says now that the command lives in the
+#: training application.
+MOVED = (
+    "python -m ovsw.deploy export is now ovsw-export RUN_DIR "
+    "(python -m ovsw.train.export RUN_DIR; needs ovsw[train])"
+)
 
 
 def main(argv=None) -> int:
@@ -14,9 +21,8 @@ def main(argv=None) -> int:
 
         return bench(argv[1:])
     if argv and argv[0] == "export":
-        from ._run import main as export
-
-        return export(argv[1:])
+        print(MOVED, file=sys.stderr)
+        return 2
     print(USAGE, file=sys.stderr)
     return 2
 

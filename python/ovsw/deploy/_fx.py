@@ -33,7 +33,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..nn import BinaryLayer, OvSWConv2d, OvSWLinear
-from . import _export as ex
+from . import _ops
 
 __all__ = ["lower"]
 
@@ -64,7 +64,7 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
 
 
 class _Lowering:
-    def __init__(self, g: ex._Graph, gm: fx.GraphModule) -> None:
+    def __init__(self, g: _ops._Graph, gm: fx.GraphModule) -> None:
         self.g = g
         self.gm = gm
         self.modules = dict(gm.named_modules())
@@ -195,7 +195,7 @@ class _Lowering:
         if kind in ("conv", "bconv", "blinear", "bn", "add"):
             return self._block(node, None, self._name(node))
         if kind == "pool":
-            return ex._pool(
+            return _ops._pool(
                 self.g, self.value(self._arg(node)), self._name(node), self._module(node)
             )
         if kind == "adaptive_pool":
@@ -207,7 +207,7 @@ class _Lowering:
             return self.g.op("flatten", self._name(node), self.value(src))
         if kind == "linear":
             self._check_features(node)
-            return ex._linear(
+            return _ops._linear(
                 self.g, self.value(self._arg(node)), self._name(node), self._module(node)
             )
         raise TypeError(f"no deploy lowering for {_describe(node, self.modules)}")
@@ -231,7 +231,7 @@ class _Lowering:
             channels=channels,
             scale=self.g.tensor(name + ".scale", np.ones(channels)),
             shift=self.g.tensor(name + ".shift", np.zeros(channels)),
-            **ex._act_fields(self.g, name, act),
+            **_ops._act_fields(self.g, name, act),
         )
 
     def _is_binary_block(self, node: fx.Node) -> bool:
@@ -279,7 +279,7 @@ class _Lowering:
                 node = inner
                 name = self._name(node)
             else:
-                return ex._affine(self.g, self.value(inner), name, self._module(node), act)
+                return _ops._affine(self.g, self.value(inner), name, self._module(node), act)
         layer = self._module(node)
         kind = self.kinds[node]
         if kind == "blinear":
@@ -287,10 +287,10 @@ class _Lowering:
         x = self.value(self._arg(node))
         r = self.value(residual) if residual is not None else None
         if kind == "conv":
-            return ex._fp_conv(self.g, x, name, layer, bn, act)
+            return _ops._fp_conv(self.g, x, name, layer, bn, act)
         if kind == "bconv":
-            return ex._bconv(self.g, x, name, layer, bn, act, residual=r)
-        return ex._blinear(self.g, x, name, layer, bn, act, residual=r)
+            return _ops._bconv(self.g, x, name, layer, bn, act, residual=r)
+        return _ops._blinear(self.g, x, name, layer, bn, act, residual=r)
 
     def _adaptive_pool(self, node: fx.Node) -> int:
         src = self._arg(node)
@@ -299,7 +299,7 @@ class _Lowering:
         x = self.value(src)
         name = self._name(node)
         if (oh, ow) == (1, 1):
-            return ex._global_pool(self.g, x, name)
+            return _ops._global_pool(self.g, x, name)
         if (oh, ow) == (h, w):
             return x
         if h % oh or w % ow:
@@ -330,7 +330,7 @@ def _first_conv(model: nn.Module) -> nn.Conv2d:
     )
 
 
-def lower(g: ex._Graph, model: nn.Module, height: int, width: int) -> int:
+def lower(g: _ops._Graph, model: nn.Module, height: int, width: int) -> int:
     """Lower ``model`` (eval mode) into ``g``; returns the input channel count."""
     try:
         gm = fx.GraphModule(model, _Tracer().trace(model))

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Train or evaluate a binary network with OvSW (upstream's main.py).",
-        epilog="Boolean flags take True/False; a bare boolean flag means True.",
+        epilog="Boolean flags take True/False; a bare boolean flag means True. "
+        "To deploy a trained run: ovsw-export RUN_DIR.",
     )
     B = dict(type=str2bool, nargs="?", const=True, metavar="BOOL")
     for add in (_data_and_model, _training, _binary_network, _ovsw, _distributed_flags):

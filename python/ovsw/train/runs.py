@@ -6,8 +6,8 @@ with ``logs/`` (TensorBoard), ``checkpoints/`` (``checkpoint.pth`` every epoch,
 ``<log-dir>/results.csv`` when it finishes. ``--resume`` of a run folder's checkpoint
 without ``--name`` continues in that folder and updates its row.
 
-:func:`load_model` rebuilds a run's trained model from its folder (``python -m
-ovsw.deploy export RUN_DIR`` uses it).
+:func:`load_model` rebuilds a run's trained model from its folder (``ovsw-export
+RUN_DIR``, :mod:`ovsw.train.export`, uses it).
 """
 
 from __future__ import annotations

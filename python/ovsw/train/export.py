@@ -1,21 +1,28 @@
-"""``python -m ovsw.deploy export RUN_DIR``: deploy a model trained by ``ovsw-train``.
+"""``ovsw-export RUN_DIR`` (``python -m ovsw.train.export RUN_DIR``): deploy a model
+trained by ``ovsw-train``.
 
 Rebuilds the model of the run folder with :func:`ovsw.train.runs.load_model` (its
-``args.yaml`` and checkpoint), writes the deploy file and, with ``--check``, scores the
-engine and PyTorch side by side on the run's validation set. The training application
-(:mod:`ovsw.train`, the ``ovsw[train]`` extra) is imported only when a run is exported.
+``args.yaml`` and checkpoint), writes the deploy file with :func:`ovsw.deploy.export`
+and, unless ``--no-check``, scores the engine and PyTorch side by side on the run's
+validation set. Part of the training application (it reads run folders and datasets);
+the library :mod:`ovsw.deploy` knows nothing of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import export, load
+from ..deploy import export, load
+from . import loaders, runs
+from .errors import CLIError
+
+PROG = "ovsw-export"
 
 
 def export_run(
@@ -29,8 +36,6 @@ def export_run(
 ) -> dict:
     """Export a run's checkpoint (``"best"``, ``"last"`` or a path) and, with ``check``,
     compare engine and PyTorch on the validation set. Returns the figures."""
-    from ..train import loaders, runs
-
     run_dir = Path(run_dir)
     trained = runs.load_model(run_dir, checkpoint)
     model, args, ckpt_path, state = trained.model, trained.args, trained.checkpoint, trained.state
@@ -80,7 +85,7 @@ def export_run(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ovsw.deploy export",
+        prog=PROG,
         description="Export a model trained by ovsw-train to a deploy file.",
     )
     parser.add_argument("run_dir", help="the ovsw-train run folder (holds args.yaml)")
@@ -93,8 +98,6 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="engine threads")
     args = parser.parse_args(argv)
-    from ..train.errors import CLIError
-
     try:
         export_run(
             args.run_dir,
@@ -106,3 +109,7 @@ def main(argv=None) -> int:
     except CLIError as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

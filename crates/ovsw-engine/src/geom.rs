@@ -1,8 +1,8 @@
 //! Convolution geometry shared by the binary and the float convolution: sizes, the
 //! output size rule and the taps of an output pixel that fall inside the input.
 
-use super::tensor::Tensor4;
 use crate::error::{value_err, Result};
+use crate::nhwc::Tensor4;
 
 /// The most inputs one output may sum (`kh * kw * cin / groups`): binary dot products
 /// stay far inside `i32`.

@@ -1,13 +1,14 @@
 //! Export lowering: the tensors the engine's ops read, made from a trained layer's.
 //!
 //! `ovsw.deploy.export` walks the module graph in Python and hands each layer's tensors
-//! here (through [`super::py`]); this module computes what the file stores:
+//! here (read out of libtorch by the root crate's `src/deploy/from_torch.rs`); this
+//! module computes what the file stores:
 //!
 //! - the sign bits of a binary weight in the layout of [`super::bits`] (the one the
 //!   engine packs activations in), with a non-zero mask when a weight is exactly 0;
 //! - one per-channel scale and shift for a binary conv, folding the layer's eval-mode
-//!   affine map (SPEC 1.3 to 1.5, [`binarize::eval_affine`], the rule the training
-//!   forward applies too), its bias and the BatchNorm after it;
+//!   affine map (SPEC 1.3 to 1.5, given by the root crate's `binarize::eval_affine`, the
+//!   rule the training forward applies too), its bias and the BatchNorm after it;
 //! - a float conv's weight in the engine's `[O][kh][kw][C/groups]` order with the
 //!   BatchNorm after it folded in, and a standalone BatchNorm as a per-channel affine.
 //!
@@ -15,13 +16,8 @@
 //! product and sum is one IEEE operation (no fused multiply-add), so a file's bytes
 //! depend on the model only.
 
-use tch::{Device, Kind, Tensor};
-
-use super::bits::{pack_channels, words_for};
-use crate::binarize::{self, ActW};
+use crate::bits::{pack_channels, words_for};
 use crate::error::{value_err, Result};
-use crate::ffi;
-use crate::tensor;
 
 /// A conv weight `[O][C][kh][kw]` (row-major) in the engine's order `[O][kh][kw][C]`.
 pub fn to_ohwc<T: Copy>(w: &[T], [o, c, kh, kw]: [usize; 4]) -> Vec<T> {
@@ -152,7 +148,8 @@ impl ChannelAffine {
         (f32s(&self.scale), f32s(&self.shift))
     }
 
-    fn check_channels(&self, n: usize, what: &str) -> Result<()> {
+    /// `Ok` when the map has `n` channels, else an error naming `what`.
+    pub fn check_channels(&self, n: usize, what: &str) -> Result<()> {
         if n != self.channels() {
             return value_err!("{what} has {n} channels, the layer {}", self.channels());
         }
@@ -215,128 +212,6 @@ pub fn fold_conv(
         shape: [o, kh, kw, c],
         weight: f32s(&to_ohwc(&w, shape)),
         bias: folded_bias,
-    })
-}
-
-/// `Ok` unless the tensor is a meta tensor, which has no values to export.
-fn readable(f: &tensor::Facts) -> Result<()> {
-    if f.storage == tensor::Storage::Meta {
-        return value_err!(
-            "cannot export a meta tensor (it holds no values); load the weights first"
-        );
-    }
-    Ok(())
-}
-
-/// A tensor's elements on the CPU as `kind`, row-major.
-fn host<T: tch::kind::Element + Copy>(t: &Tensor, kind: Kind) -> Result<Vec<T>> {
-    readable(&tensor::facts(t)?)?;
-    let t = t
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(kind)?
-        .f_contiguous()?;
-    let n = tensor::facts(&t)?.numel();
-    let mut out = vec![T::ZERO; n];
-    t.f_copy_data(&mut out, n)?;
-    Ok(out)
-}
-
-/// A floating tensor's elements as float64 (exact for every floating dtype).
-fn host_f64(t: &Tensor, what: &str) -> Result<Vec<f64>> {
-    tensor::check_float(&tensor::facts(t)?, what)?;
-    host(t, Kind::Double)
-}
-
-/// The shape of a 4-D floating conv weight.
-fn conv_shape(weight: &Tensor) -> Result<[usize; 4]> {
-    let f = tensor::facts(weight)?;
-    tensor::check_float(&f, "weight")?;
-    readable(&f)?;
-    match f.sizes[..] {
-        [o, c, kh, kw] => Ok([o, c, kh, kw].map(|s| s.max(0) as usize)),
-        _ => value_err!(
-            "a conv weight must be 4-D [O, C/groups, kh, kw], got shape {:?}",
-            f.sizes
-        ),
-    }
-}
-
-/// A 1-D tensor of `n` values, or the error naming it.
-fn channel_vector(t: &Tensor, n: Option<usize>, what: &str) -> Result<Vec<f64>> {
-    let f = tensor::facts(t)?;
-    if f.dim() != 1 || n.is_some_and(|n| f.sizes[0] as usize != n) {
-        let want = n.map_or_else(|| "one dimension".to_owned(), |n| format!("shape [{n}]"));
-        return value_err!("{what} must have {want}, got shape {:?}", f.sizes);
-    }
-    host_f64(t, what)
-}
-
-/// [`pack_signs`] of a weight tensor `[O, C/groups, kh, kw]`, read as float32 on the
-/// CPU first (as the engine's float32 activations are).
-pub fn pack_signs_of(weight: &Tensor) -> Result<PackedSigns> {
-    let _guard = ffi::no_grad();
-    let shape = conv_shape(weight)?;
-    pack_signs(&host::<f32>(weight, Kind::Float)?, shape)
-}
-
-/// [`ChannelAffine::batchnorm`] of a BatchNorm's tensors.
-pub fn batchnorm_of(
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    weight: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    eps: f64,
-) -> Result<ChannelAffine> {
-    let _guard = ffi::no_grad();
-    let mean = channel_vector(running_mean, None, "BatchNorm running_mean")?;
-    let n = Some(mean.len());
-    let var = channel_vector(running_var, n, "BatchNorm running_var")?;
-    let gamma = weight
-        .map(|t| channel_vector(t, n, "BatchNorm weight"))
-        .transpose()?;
-    let beta = bias
-        .map(|t| channel_vector(t, n, "BatchNorm bias"))
-        .transpose()?;
-    ChannelAffine::batchnorm(&mean, &var, gamma.as_deref(), beta.as_deref(), eps)
-}
-
-/// [`fold_conv`] of a float conv's tensors.
-pub fn float_conv_of(
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    bn: Option<&ChannelAffine>,
-) -> Result<FloatConv> {
-    let _guard = ffi::no_grad();
-    let shape = conv_shape(weight)?;
-    let bias = bias
-        .map(|b| channel_vector(b, Some(shape[0]), "bias"))
-        .transpose()?;
-    fold_conv(&host_f64(weight, "weight")?, shape, bias.as_deref(), bn)
-}
-
-/// The per-channel `(scale, shift)` of a binary conv's `bconv2d` op: the layer's
-/// eval-mode affine map of its +-1 dot product ([`binarize::eval_affine`], from the
-/// weight read as float32 on the CPU), then the BatchNorm after it.
-pub fn binary_conv_of(
-    weight: &Tensor,
-    scaling_factor: Option<&Tensor>,
-    bias: Option<&Tensor>,
-    act_w: ActW,
-    bn: Option<&ChannelAffine>,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let _guard = ffi::no_grad();
-    let [o, ..] = conv_shape(weight)?;
-    let cpu = |t: &Tensor| t.f_to_device(Device::Cpu);
-    let weight = cpu(weight)?.f_to_kind(Kind::Float)?;
-    let scaling_factor = scaling_factor.map(cpu).transpose()?;
-    let bias = bias.map(cpu).transpose()?;
-    let (scale, shift) =
-        binarize::eval_affine(&weight, scaling_factor.as_ref(), bias.as_ref(), act_w)?;
-    let layer = ChannelAffine::new(host_f64(&scale, "scale")?, host_f64(&shift, "shift")?)?;
-    layer.check_channels(o, "the layer's scale")?;
-    Ok(match bn {
-        Some(bn) => layer.then(bn)?.to_f32(),
-        None => layer.to_f32(),
     })
 }
 
@@ -443,24 +318,5 @@ mod tests {
         );
         let wrong = ChannelAffine::new(vec![1.0; 3], vec![0.0; 3]).unwrap();
         assert!(fold_conv(&w, [2, 1, 1, 2], None, Some(&wrong)).is_err());
-    }
-
-    #[test]
-    fn binary_conv_scale_and_shift_follow_spec() {
-        // ste_v2: scale alpha * mean|W| * k, shift (alpha * bias) * k + c.
-        let w = Tensor::from_slice(&[0.5f32, -0.5, 0.25, -0.75, 0.0, 1.0, -1.0, 2.0])
-            .reshape([2, 4, 1, 1]);
-        let alpha = Tensor::from_slice(&[2.0f32, 0.5]);
-        let bias = Tensor::from_slice(&[1.0f32, -4.0]);
-        let bn = ChannelAffine::new(vec![3.0, 0.25], vec![0.5, -1.0]).unwrap();
-        let (scale, shift) =
-            binary_conv_of(&w, Some(&alpha), Some(&bias), ActW::SteV2, Some(&bn)).unwrap();
-        assert_eq!(scale, vec![2.0 * 0.5 * 3.0, 0.5 * 1.0 * 0.25]);
-        assert_eq!(shift, vec![2.0 * 1.0 * 3.0 + 0.5, 0.5 * -4.0 * 0.25 - 1.0]);
-        // ste: the magnitude of W does not scale the dot product.
-        let (scale, shift) = binary_conv_of(&w, Some(&alpha), None, ActW::Ste, None).unwrap();
-        assert_eq!((scale, shift), (vec![2.0, 0.5], vec![0.0, 0.0]));
-        let short = Tensor::from_slice(&[1.0f32]);
-        assert!(binary_conv_of(&w, Some(&short), None, ActW::Ste, None).is_err());
     }
 }

@@ -2,9 +2,8 @@
 //! target has it (see `x86_popcnt`) and to NEON `CNT` on aarch64. Its loops are also the
 //! masked kernel of the instruction sets without one of their own.
 
-use super::super::LANES;
-use super::{sealed, Isa, Tile};
-use crate::deploy::bits::pack_channels;
+use super::isa::{sealed, Isa, Tile, LANES};
+use crate::bits::pack_channels;
 
 /// Every CPU runs the portable kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

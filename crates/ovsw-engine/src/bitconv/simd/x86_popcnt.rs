@@ -1,7 +1,8 @@
 //! The portable kernel compiled for the x86-64 `popcnt` instruction.
 
+use super::cpu::Flag;
+use super::isa::{sealed, Isa, Job, Tile};
 use super::portable;
-use super::{sealed, Flag, Isa, Job, Tile};
 
 /// Proof that the CPU has `popcnt`: made only by [`Popcnt::new`], which checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

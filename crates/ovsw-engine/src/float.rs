@@ -7,9 +7,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::geom::ConvGeom;
-use super::tensor::{Act, Tensor4};
 use crate::error::{value_err, Result};
+use crate::geom::ConvGeom;
+use crate::nhwc::{Act, Tensor4};
 
 /// Output pixels per parallel task of the float convolution: large enough that the
 /// GEMM's packing is amortised, small enough for four tasks per thread.

@@ -16,8 +16,9 @@
 //! The JSON header holds `"tensors"` (name -> `{dtype: "f32"|"u64", shape, offset,
 //! nbytes}`, offsets relative to the data section), `"ops"` (the graph, one object per
 //! op, in execution order, reading and writing numbered values; value 0 is the input)
-//! and `"output"` (the value returned). `python/ovsw/deploy/_export.py` writes it and
-//! documents every op; [`super::graph`] checks the ops.
+//! and `"output"` (the value returned). [`crate::writer`] writes it (from what
+//! `python/ovsw/deploy/` lowers; `_export.py` documents every op); [`crate::engine`]
+//! checks the ops.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -28,8 +29,11 @@ use crate::error::{value_err, Result};
 
 pub const MAGIC: &[u8; 8] = b"OVSWNET\0";
 pub const VERSION: u32 = 1;
+/// The header's `"format"` entry.
+pub const FORMAT_NAME: &str = "ovsw-deploy";
 const PREAMBLE: usize = 32;
-const ALIGN: usize = 64;
+/// The alignment of the data section and of each tensor in it, in bytes.
+pub const ALIGN: usize = 64;
 
 /// A tensor's element type in the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +43,8 @@ pub enum DType {
 }
 
 impl DType {
-    fn size(self) -> usize {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::U64 => 8,

@@ -8,9 +8,9 @@
 //! `ovsw_cpu_lacks`), so a kernel this CPU cannot run is reported as ignored, never as
 //! passed.
 
-use super::kernels::{Isa, Job, Run, Runs, Tile};
+use super::simd::isa::{Isa, Job, Run, Runs, Tile};
 use super::*;
-use crate::deploy::lower::{pack_signs, PackedSigns};
+use crate::lower::{pack_signs, PackedSigns};
 
 /// A small xorshift generator (no dependency for test data).
 fn words(n: usize, mut seed: u64) -> Vec<u64> {

@@ -1,5 +1,5 @@
 //! Binary convolution by XNOR and popcount (SPEC 1 in eval mode, bit-packed): the conv
-//! driver. The popcount kernels, one per instruction set, are in [`kernels`].
+//! driver. The popcount kernels, one per instruction set, are in `simd/`.
 //!
 //! Activations arrive as float NHWC. Each pixel's channels are binarized and packed in
 //! the layout of [`super::bits`], 64 per `u64` word, bit set where the value is negative
@@ -24,24 +24,23 @@
 //! scale and shift, the residual and the activation follow in the same pass, compiled
 //! with the kernel's instruction set.
 
-mod kernels;
+mod simd;
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub use self::kernels::{cpu_flags, Kernel, DISABLE_ENV};
-use self::kernels::{Isa, Job, Run, Runs, Tile};
-use super::bits::pack_channels;
-pub use super::bits::{words_for, BITS};
-use super::geom::ConvGeom;
-use super::tensor::{hardtanh, prelu, Act, Tensor4};
+pub use self::simd::cpu::{cpu_flags, DISABLE_ENV};
+pub use self::simd::isa::LANES;
+use self::simd::isa::{Isa, Job, Run, Runs, Tile};
+pub use self::simd::Kernel;
+use crate::bits::pack_channels;
+pub use crate::bits::{words_for, BITS};
 use crate::error::{value_err, Result};
+use crate::geom::ConvGeom;
+use crate::nhwc::{hardtanh, prelu, Act, Tensor4};
 
-/// Output channels computed together by the kernels (weights are stored blocked so
-/// that one step of 8 channels is 64 contiguous bytes).
-pub const LANES: usize = 8;
 /// Output pixels per register tile of the kernels (the least per kernel call).
 pub const TILE: usize = 4;
 /// Pixels packed per parallel task.
@@ -274,7 +273,7 @@ impl Plan {
     }
 }
 
-/// Packs the signs of a chunk of pixels (see [`kernels::Isa::pack`]); returns whether
+/// Packs the signs of a chunk of pixels (see [`simd::isa::Isa::pack`]); returns whether
 /// any value is zero.
 struct PackJob<'a> {
     conv: &'a BinaryConv,

@@ -18,8 +18,9 @@
 
 use std::arch::x86_64::*;
 
-use super::super::{BITS, LANES};
-use super::{sealed, Flag, Isa, Job, Tile};
+use super::cpu::Flag;
+use super::isa::{sealed, Isa, Job, Tile, LANES};
+use crate::bits::BITS;
 
 /// Proof that the CPU has AVX-512F and VPOPCNTDQ: made only by
 /// [`Avx512Vpopcnt::new`], which checks.

@@ -4,8 +4,10 @@
 
 use std::arch::x86_64::*;
 
-use super::super::{BITS, LANES};
-use super::{portable, sealed, Flag, Isa, Job, Run, Tile};
+use super::cpu::Flag;
+use super::isa::{sealed, Isa, Job, Run, Tile, LANES};
+use super::portable;
+use crate::bits::BITS;
 
 /// Proof that the CPU has AVX2: made only by [`Avx2::new`], which checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
