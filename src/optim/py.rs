@@ -4,8 +4,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyTuple};
 use pyo3_tch::PyTensor;
 
+use super::config::{self, Config, Limit, OptionSpec, Value, OPTIONS};
+use super::layer::Layer;
+use super::{initial_state, step};
 use crate::error::{boundary, Error};
-use crate::optim::{self, Config, Layer, Limit, OptionSpec, Value, OPTIONS};
 
 /// OvSW's AGS and SAD settings (SPEC sections 2 and 3), validated on construction.
 #[pyclass(frozen, module = "ovsw._core")]
@@ -55,7 +57,7 @@ impl OvSWConfig {
             if let Some(kwargs) = kwargs {
                 for (k, v) in kwargs.iter() {
                     let name: String = k.extract()?;
-                    let Some(o) = optim::option(&name) else {
+                    let Some(o) = config::option(&name) else {
                         unknown.push(format!("'{name}'"));
                         continue;
                     };
@@ -186,7 +188,7 @@ fn ovsw_options(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
 #[pyfunction]
 fn sad_initial_state(weight: PyTensor, track_ones: bool) -> PyResult<(PyTensor, PyTensor)> {
     boundary(|| {
-        let (t, p) = optim::initial_state(&weight, track_ones)?;
+        let (t, p) = initial_state(&weight, track_ones)?;
         Ok((PyTensor(t), PyTensor(p)))
     })
 }
@@ -227,7 +229,7 @@ fn ags_sad_step(
                     weight_prev: p.as_deref(),
                 })
                 .collect();
-            optim::step(&cfg, &layers)
+            step(&cfg, &layers)
         })?;
         Ok(PyTensor(figures))
     })
