@@ -193,6 +193,16 @@ pub fn option(name: &str) -> Option<&'static OptionSpec> {
     OPTIONS.iter().find(|o| o.name == name)
 }
 
+/// The option called `name`; an unknown name is a TypeError that lists the options.
+pub fn spec(name: &str) -> Result<&'static OptionSpec> {
+    option(name).ok_or_else(|| {
+        Error::Type(format!(
+            "unknown OvSW option '{name}'; the options are {}",
+            OPTIONS.map(|o| o.name).join(", ")
+        ))
+    })
+}
+
 /// OvSW hyperparameters, validated once against [`OPTIONS`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Config {
@@ -222,12 +232,7 @@ impl Config {
             cfg.set(o.name, o.default)?;
         }
         for &(name, value) in given {
-            let Some(o) = option(name) else {
-                return Err(Error::Type(format!(
-                    "unknown OvSW option '{name}'; the options are {}",
-                    OPTIONS.map(|o| o.name).join(", ")
-                )));
-            };
+            let o = spec(name)?;
             o.check(value)?;
             cfg.set(name, value)?;
         }

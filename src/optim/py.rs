@@ -1,5 +1,7 @@
 //! Python bindings of AGS and SAD: `OvSWConfig` and the functions `ovsw/optim.py` calls.
 
+use std::hash::{Hash, Hasher};
+
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyTuple};
 use pyo3_tch::PyTensor;
@@ -9,8 +11,11 @@ use super::layer::Layer;
 use super::{initial_state, step};
 use crate::error::{boundary, Error};
 
-/// OvSW's AGS and SAD settings (SPEC sections 2 and 3), validated on construction.
-#[pyclass(frozen, module = "ovsw._core")]
+/// OvSW's AGS and SAD settings (SPEC sections 2 and 3), validated on construction and
+/// handed as they are to [`ags_sad_step`]. Equal (and hashed) by value, bit for bit;
+/// subclassable, so that `ovsw.ops.OvSWConfig` can make it a value-type opaque object
+/// of `torch.library` (the one argument of the custom op that carries the settings).
+#[pyclass(frozen, subclass, module = "ovsw._core")]
 pub struct OvSWConfig {
     cfg: Config,
 }
@@ -72,7 +77,7 @@ impl OvSWConfig {
             }
             if !unknown.is_empty() {
                 return Err(Error::Type(format!(
-                    "OvSWConfig got unknown option(s) {}; the options are {}",
+                    "unknown OvSW option(s) {}; the options are {}",
                     unknown.join(", "),
                     OPTIONS.map(|o| o.name).join(", ")
                 ))
@@ -128,6 +133,16 @@ impl OvSWConfig {
         })
     }
 
+    fn __eq__(&self, other: &Self) -> bool {
+        self.bits() == other.bits()
+    }
+
+    fn __hash__(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.bits().hash(&mut h);
+        h.finish()
+    }
+
     fn __repr__(&self) -> String {
         let parts: Vec<String> = OPTIONS
             .iter()
@@ -135,6 +150,16 @@ impl OvSWConfig {
             .map(|(o, v)| format!("{}={}", o.name, value_text(v)))
             .collect();
         format!("OvSWConfig({})", parts.join(", "))
+    }
+}
+
+impl OvSWConfig {
+    /// The values' bits, in table order: what equality and the hash compare.
+    fn bits(&self) -> [u64; 7] {
+        self.cfg.values().map(|v| match v {
+            Value::Bool(b) => u64::from(b),
+            Value::Float(f) => f.to_bits(),
+        })
     }
 }
 
@@ -160,7 +185,8 @@ fn limit_fields(l: Option<Limit>) -> (Option<f64>, bool) {
 
 /// The OvSW options, one dict each in constructor order: `name`, `type` (`"bool"` or
 /// `"float"`), `default`, `min`/`max` (None when unbounded), `min_inclusive`,
-/// `max_inclusive` and `help`. Float options must also be finite.
+/// `max_inclusive`, `range` (the valid range in words, [`OptionSpec::range_text`]; None
+/// for a flag) and `help`. Float options must also be finite.
 #[pyfunction]
 fn ovsw_options(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
     boundary(|| {
@@ -177,10 +203,26 @@ fn ovsw_options(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
                 d.set_item("min_inclusive", min_inclusive)?;
                 d.set_item("max", max)?;
                 d.set_item("max_inclusive", max_inclusive)?;
+                let range = match o.default {
+                    Value::Bool(_) => None,
+                    Value::Float(_) => Some(o.range_text()),
+                };
+                d.set_item("range", range)?;
                 d.set_item("help", o.help)?;
                 Ok(d)
             })
             .collect()
+    })
+}
+
+/// Checks one value of the option `name` against the table: None when valid, else the
+/// error `OvSWConfig` would raise for it (TypeError for an unknown name or a wrong type,
+/// ValueError for a value outside the range). ovsw-train's flags call it.
+#[pyfunction]
+fn ovsw_check_option(name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    boundary(|| {
+        let o = config::spec(name)?;
+        Ok(o.check(value_of(o, value)?)?)
     })
 }
 
@@ -239,6 +281,7 @@ fn ags_sad_step(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<OvSWConfig>()?;
     m.add_function(wrap_pyfunction!(ovsw_options, m)?)?;
+    m.add_function(wrap_pyfunction!(ovsw_check_option, m)?)?;
     m.add_function(wrap_pyfunction!(sad_initial_state, m)?)?;
     m.add_function(wrap_pyfunction!(ags_sad_step, m)?)?;
     Ok(())
