@@ -6,7 +6,7 @@ from typing import Literal, TypedDict, final
 
 import numpy as np
 from torch import Tensor
-from typing_extensions import Self
+from typing_extensions import Self, disjoint_base
 
 __version__: str
 
@@ -72,6 +72,7 @@ class ConvSpec:
     @property
     def forward_type(self) -> str: ...
 
+@disjoint_base
 class OvSWConfig:
     """AGS and SAD settings, validated against the option table (``ovsw_options()``):
     an unknown name or a wrong type raises TypeError, a value outside its range
@@ -103,7 +104,7 @@ class OvSWConfig:
     def track_threshold(self) -> float: ...
     @property
     def track_ones(self) -> bool: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 class _OvSWOption(TypedDict):

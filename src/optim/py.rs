@@ -1,4 +1,6 @@
-//! Python bindings of AGS and SAD: `OvSWConfig` and the functions `ovsw/optim.py` calls.
+//! Python bindings of AGS and SAD: `OvSWConfig` (built once per `ovsw.OvSW`, handed as
+//! it is to each step), the option table with its range text, the check of one option's
+//! value (ovsw-train's flags) and the functions `ovsw/ops.py` and `ovsw/optim.py` call.
 
 use std::hash::{Hash, Hasher};
 
