@@ -103,7 +103,15 @@ def test_opcheck_ags_sad_step(sad):
     grads = [torch.randn(w.shape, generator=g) * 1e-3 for w in weights]
     trackers = [torch.rand(w.shape, generator=g) * 1e-3 for w in weights] if sad else []
     prevs = [w * torch.sign(torch.randn(w.shape, generator=g)) for w in weights] if sad else []
-    args = (grads, weights, trackers, prevs, True, 0.05, sad, 1e-3, 0.9, 1e-3)
+    config = ops.OvSWConfig(
+        enable_ags=True,
+        delta=0.05,
+        enable_dampen=sad,
+        dampen_weight=1e-3,
+        track_momentum=0.9,
+        track_threshold=1e-3,
+    )
+    args = (grads, weights, trackers, prevs, config)
     torch.library.opcheck(torch.ops.ovsw.ags_sad_step.default, args)
 
 

@@ -26,7 +26,7 @@ SPEC_DEFAULTS = {
     "track_threshold": 1e-4,
     "track_ones": False,
 }
-KEYS = {"name", "type", "default", "min", "min_inclusive", "max", "max_inclusive", "help"}
+KEYS = {"name", "type", "default", "min", "min_inclusive", "max", "max_inclusive", "range", "help"}
 
 
 def table():
@@ -62,6 +62,32 @@ def test_ranges_as_the_spec_requires():
     assert ranges["track_momentum"] == (0.0, True, 1.0, False)
     for name in ("delta", "dampen_weight", "track_threshold"):
         assert ranges[name] == (0.0, True, None, False)
+
+
+def test_range_text_is_the_cores_and_rendered_once():
+    """The table carries the range in words (None for a flag); OvSW's docstring and the
+    core's error messages show that very text."""
+    text = {o["name"]: o["range"] for o in table()}
+    assert text["track_momentum"] == "in [0, 1)"
+    assert text["delta"] == "a finite number >= 0"
+    assert text["enable_ags"] is None and text["track_ones"] is None
+    doc = ovsw.OvSW.__doc__
+    assert "track_momentum (float, default 0.999, in [0, 1))" in doc
+    assert "delta (float, default 0.01, a finite number >= 0)" in doc
+    assert "enable_ags (bool, default False)" in doc
+
+
+def test_check_option_is_the_configs_check():
+    _core.ovsw_check_option("delta", 0.0)
+    _core.ovsw_check_option("enable_ags", True)
+    with pytest.raises(ValueError, match=r"^track_momentum must be in \[0, 1\), got 1$"):
+        _core.ovsw_check_option("track_momentum", 1.0)
+    with pytest.raises(ValueError, match=r"^delta must be a finite number >= 0, got inf$"):
+        _core.ovsw_check_option("delta", math.inf)
+    with pytest.raises(TypeError, match="unknown OvSW option 'deltaa'"):
+        _core.ovsw_check_option("deltaa", 0.1)
+    with pytest.raises(TypeError, match="enable_ags must be a bool"):
+        _core.ovsw_check_option("enable_ags", 0.5)
 
 
 def _float_options():
@@ -111,6 +137,15 @@ def test_config_positional_keyword_and_pickle():
         _core.OvSWConfig(True, 0.04, delta=0.1)
     with pytest.raises(TypeError, match="at most 7"):
         _core.OvSWConfig(*([False] * 8))
+
+
+def test_config_equality_and_hash_by_value():
+    a = _core.OvSWConfig(enable_ags=True, delta=0.04)
+    b = _core.OvSWConfig(True, 0.04)
+    assert a == b and hash(a) == hash(b)
+    assert a != _core.OvSWConfig(enable_ags=True, delta=0.05)
+    assert a != (True, 0.04) and a != "OvSWConfig"
+    assert ovsw.ops.OvSWConfig(True, 0.04) == a
 
 
 def test_config_unknown_names_and_wrong_types():
@@ -163,6 +198,25 @@ def test_ovsw_unknown_keywords_name_them():
     model = _model()
     with pytest.raises(TypeError, match="'enable_agss'.*'lamda'"):
         ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, enable_agss=True, lamda=1)
+
+
+def test_the_step_hands_the_built_config_to_the_core(monkeypatch):
+    """Built once by OvSW (validated by the core), then passed as it is, each step."""
+    model = _model()
+    opt = ovsw.OvSW(torch.optim.SGD(model.parameters(), lr=0.1), model, enable_ags=True, delta=0.04)
+    assert isinstance(opt.config, _core.OvSWConfig)
+    seen = []
+    real = _core.ags_sad_step
+
+    def spy(config, *args):
+        seen.append(config)
+        return real(config, *args)
+
+    monkeypatch.setattr(_core, "ags_sad_step", spy)
+    for _ in range(2):
+        model(torch.randn(2, 3, 5, 5)).sum().backward()
+        opt.step()
+    assert len(seen) == 2 and all(c is opt.config for c in seen)
 
 
 def test_ovsw_refuses_what_the_table_refuses():

@@ -7,7 +7,7 @@ from typing import Literal, TypedDict, final
 
 import numpy as np
 from torch import Tensor
-from typing_extensions import Self
+from typing_extensions import Self, disjoint_base
 
 __version__: str
 
@@ -25,6 +25,7 @@ __all__ = [
     "channel_alpha",
     "OvSWConfig",
     "ovsw_options",
+    "ovsw_check_option",
     "sad_initial_state",
     "ags_sad_step",
     "flip_monitor_state",
@@ -74,11 +75,12 @@ class ConvSpec:
     @property
     def forward_type(self) -> str: ...
 
-@final
+@disjoint_base
 class OvSWConfig:
     """AGS and SAD settings, validated against the option table (``ovsw_options()``):
     an unknown name or a wrong type raises TypeError, a value outside its range
-    ValueError. Options go by keyword, or by position in table order."""
+    ValueError. Options go by keyword, or by position in table order. Equal and hashed
+    by value; subclassable (``ovsw.ops.OvSWConfig`` is the op's opaque argument)."""
 
     def __new__(
         cls,
@@ -105,6 +107,8 @@ class OvSWConfig:
     def track_threshold(self) -> float: ...
     @property
     def track_ones(self) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
 
 class _OvSWOption(TypedDict):
     """One entry of ``ovsw_options()``."""
@@ -116,11 +120,17 @@ class _OvSWOption(TypedDict):
     min_inclusive: bool
     max: float | None
     max_inclusive: bool
+    range: str | None
     help: str
 
 def ovsw_options() -> list[_OvSWOption]:
     """The OvSW options in constructor order: name, type, default, valid range (floats
-    must also be finite) and a line of help. The one definition they all derive from."""
+    must also be finite) and its text (None for a flag), and a line of help. The one
+    definition they all derive from."""
+
+def ovsw_check_option(name: str, value: bool | float) -> None:
+    """Checks one value of an option as ``OvSWConfig`` does, raising its error
+    (TypeError for an unknown name or a wrong type, ValueError outside the range)."""
 
 def act_w_names() -> list[str]:
     """The weight binarizers (``act_w``)."""

@@ -25,9 +25,7 @@ text)::
         bool has_bias, Tensor? scale, Tensor std, Tensor alpha, Tensor product,
         str act_w, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor)
     ovsw::ags_sad_step(Tensor(a0!)[] grads, Tensor[] weights,
-        Tensor(a2!)[] trackers, Tensor(a3!)[] weight_prevs, bool enable_ags,
-        float delta, bool enable_dampen, float dampen_weight, float track_momentum,
-        float track_threshold) -> Tensor
+        Tensor(a2!)[] trackers, Tensor(a3!)[] weight_prevs, PyObject config) -> Tensor
 
 - ``binary_conv2d`` is SPEC section 1: it returns ``(y, std, alpha, conv_out)``, the
   layer output and what its backward needs. ``scale`` is the learnable
@@ -51,7 +49,10 @@ text)::
   ``grads``, ``trackers`` and ``weight_prevs`` (pass empty ``trackers`` and
   ``weight_prevs`` lists when SAD is off). It returns the per-layer figures, a float64
   ``[L, 2]`` tensor on the weights' device (column 0 the mean AGS ratio, column 1 the
-  silent fraction; NaN where that part is disabled).
+  silent fraction; NaN where that part is disabled). ``config`` is an
+  :class:`OvSWConfig`, the settings as the core built and validated them once (a
+  value-type opaque object: ``torch.compile`` treats it as a constant and guards on
+  its equality); the op hands it to the core as it is.
 - ``act_w`` is one of ``_core.act_w_names()``. The activation binarizer and the forward
   type have one choice each (``"binary"``, ``"xnor"``), so they are not arguments.
 """
@@ -59,12 +60,13 @@ text)::
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional  # noqa: UP035 (torch.library reads the annotations)
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._library.opaque_object import register_opaque_type
+from torch._opaque_base import OpaqueBase
 
 from . import _core
 
@@ -75,6 +77,7 @@ __all__ = [
     "binary_linear",
     "binary_linear_backward",
     "ags_sad_step",
+    "OvSWConfig",
 ]
 
 _NO_MUTATION: tuple[str, ...] = ()
@@ -321,23 +324,19 @@ binary_linear.register_autograd(_linear_backward, setup_context=_linear_setup_co
 
 
 # -- AGS + SAD ----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _config(
-    enable_ags: bool,
-    delta: float,
-    enable_dampen: bool,
-    dampen_weight: float,
-    track_momentum: float,
-    track_threshold: float,
-) -> _core.OvSWConfig:
-    return _core.OvSWConfig(
-        enable_ags=enable_ags,
-        delta=delta,
-        enable_dampen=enable_dampen,
-        dampen_weight=dampen_weight,
-        track_momentum=track_momentum,
-        track_threshold=track_threshold,
-    )
+class OvSWConfig(_core.OvSWConfig, OpaqueBase):
+    """The AGS and SAD settings (``_core.OvSWConfig``: built and validated once by the
+    core, equal and hashed by value) as a value-type opaque object, the one argument of
+    ``ags_sad_step`` that carries them. :class:`ovsw.OvSW` builds one."""
+
+    __slots__ = ()
+
+    def __fx_repr__(self) -> tuple[str, dict[str, type]]:
+        # The core's repr, OvSWConfig(enable_ags=..., ...), rebuilds it exactly.
+        return repr(self), {"OvSWConfig": type(self)}
+
+
+register_opaque_type(OvSWConfig, typ="value")
 
 
 @torch.library.custom_op("ovsw::ags_sad_step", mutates_args=("grads", "trackers", "weight_prevs"))
@@ -346,17 +345,9 @@ def ags_sad_step(
     weights: list[Tensor],
     trackers: list[Tensor],
     weight_prevs: list[Tensor],
-    enable_ags: bool,
-    delta: float,
-    enable_dampen: bool,
-    dampen_weight: float,
-    track_momentum: float,
-    track_threshold: float,
+    config: OvSWConfig,
 ) -> Tensor:
     """AGS then SAD in place; the per-layer figures ``[L, 2]`` (float64)."""
-    config = _config(
-        enable_ags, delta, enable_dampen, dampen_weight, track_momentum, track_threshold
-    )
     none = [None] * len(weights)
     return _core.ags_sad_step(
         config, grads, weights, list(trackers) or none, list(weight_prevs) or none
@@ -364,7 +355,7 @@ def ags_sad_step(
 
 
 @ags_sad_step.register_fake
-def _ags_sad_step_fake(grads, weights, trackers, weight_prevs, *options):
+def _ags_sad_step_fake(grads, weights, trackers, weight_prevs, config):
     if weights:
         return weights[0].new_empty((len(weights), 2), dtype=torch.float64)
     return torch.empty((0, 2), dtype=torch.float64)

@@ -16,37 +16,22 @@ import torch
 from torch import nn
 
 from . import _core
-from . import ops as _ops  # noqa: F401  (registers torch.ops.ovsw)
+from . import ops as _ops  # registers torch.ops.ovsw
 from .nn import binary_layers
 
 __all__ = ["OvSW"]
 
 
 #: The OvSW options as the Rust core defines them (``_core.ovsw_options()``): name, type,
-#: default, valid range and help, in constructor order.
+#: default, valid range (and its text) and help, in constructor order.
 OPTIONS: tuple[dict[str, Any], ...] = tuple(_core.ovsw_options())
-_OPTION_NAMES = tuple(o["name"] for o in OPTIONS)
-
-
-def _range_text(o: dict[str, Any]) -> str:
-    if o["type"] == "bool":
-        return ""
-    lo, hi = o["min"], o["max"]
-    if lo is not None and hi is not None:
-        left = "[" if o["min_inclusive"] else "("
-        right = "]" if o["max_inclusive"] else ")"
-        return f", in {left}{lo:g}, {hi:g}{right}"
-    if lo is not None:
-        return f", {'>=' if o['min_inclusive'] else '>'} {lo:g}"
-    if hi is not None:
-        return f", {'<=' if o['max_inclusive'] else '<'} {hi:g}"
-    return ""
 
 
 def _options_doc() -> str:
     lines = []
     for o in OPTIONS:
-        head = f"{o['name']} ({o['type']}, default {o['default']!r}{_range_text(o)})"
+        valid = f", {o['range']}" if o["range"] else ""
+        head = f"{o['name']} ({o['type']}, default {o['default']!r}{valid})"
         lines.append(f"            {head}: {o['help']}.")
     return "\n".join(lines)
 
@@ -77,39 +62,21 @@ class OvSW(torch.optim.Optimizer):
         model: nn.Module,
         **options: Any,
     ) -> None:
-        unknown = [k for k in options if k not in _OPTION_NAMES]
-        if unknown:
-            raise TypeError(
-                "OvSW() got unexpected keyword argument(s) "
-                + ", ".join(repr(k) for k in unknown)
-                + "; the OvSW options are "
-                + ", ".join(_OPTION_NAMES)
-            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"OvSW wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, OvSW):
             raise TypeError("OvSW cannot wrap another OvSW")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.config = _core.OvSWConfig(**options)
+        # Built and validated once, by the core; each step hands it to the op as it is.
+        self.config = _ops.OvSWConfig(**options)
         self.layers = binary_layers(model)
         if not self.layers:
             raise ValueError(
                 f"the model ({type(model).__name__}) has no binary layer (OvSWConv2d or "
                 "OvSWLinear) for OvSW to act on; ovsw.binarize(model) converts one"
             )
-        # The options the op takes, as plain Python values (torch.compile reads them as
-        # constants).
-        cfg = self.config
-        self._op_options = (
-            cfg.enable_ags,
-            cfg.delta,
-            cfg.enable_dampen,
-            cfg.dampen_weight,
-            cfg.track_momentum,
-            cfg.track_threshold,
-        )
-        self._dampen = cfg.enable_dampen
+        self._dampen = self.config.enable_dampen
         self.optimizer = optimizer
         # The hook tables torch.optim.Optimizer.__init__ would create; parameters, groups
         # and state stay the wrapped optimizer's (see the properties below).
@@ -195,7 +162,7 @@ class OvSW(torch.optim.Optimizer):
             [m.weight for _, m in active],
             [m.tracker for _, m in active] if sad else [],
             [m.weight_prev for _, m in active] if sad else [],
-            *self._op_options,
+            self.config,
         )
         self._last["names"] = [n for n, _ in active]
         self._last["stats"] = None

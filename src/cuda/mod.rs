@@ -29,20 +29,19 @@
 //! - [`binconv::binarize_activation`], [`binconv::bireal_backward`],
 //!   [`binconv::weight_operand`], [`binconv::weight_grads`]: the four fused passes the
 //!   two ops above are made of (also bound as `_core.cuda_*` for kernel-level checks).
-//! - [`ags::ags_sad_step`]: AGS then SAD on all layers in two launches, figures in a
-//!   float64 `[L, 2]` device tensor: the CUDA route of `optim::step`.
+//! - [`crate::optim::cuda::ags_sad_step`] (in its family's folder): AGS then SAD on
+//!   all layers in two launches, figures in a float64 `[L, 2]` device tensor.
 //!
 //! The ops launch on PyTorch's current stream of the tensors' device, [`current_stream`]
 //! (read through `torch._C`, so the extension never links `libtorch_cuda`).
 
-pub mod ags;
 pub mod binconv;
 pub mod compile;
 pub mod device;
 pub mod host;
 pub mod loader;
 pub mod py;
-mod tensor;
+pub(crate) mod tensor;
 
 #[cfg(not(test))]
 use std::ffi::CString;

@@ -2,7 +2,8 @@
 
 use tch::Tensor;
 
-use super::{Config, Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
+use super::config::Config;
+use super::layer::{Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
 use crate::error::Result;
 use crate::parallel::{parallel_for, SharedMut, GRAIN};
 use crate::tensor::{self, HostF32};

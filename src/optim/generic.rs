@@ -2,7 +2,8 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Config, Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
+use super::config::Config;
+use super::layer::{Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
 use crate::error::{value_err, Result};
 use crate::{ffi, tensor};
 

@@ -1,14 +1,23 @@
-//! Python bindings of AGS and SAD: `OvSWConfig` and the functions `ovsw/optim.py` calls.
+//! Python bindings of AGS and SAD: `OvSWConfig` (built once per `ovsw.OvSW`, handed as
+//! it is to each step), the option table with its range text, the check of one option's
+//! value (ovsw-train's flags) and the functions `ovsw/ops.py` and `ovsw/optim.py` call.
+
+use std::hash::{Hash, Hasher};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyTuple};
 use pyo3_tch::PyTensor;
 
+use super::config::{self, Config, Limit, OptionSpec, Value, OPTIONS};
+use super::layer::Layer;
+use super::{initial_state, step};
 use crate::error::{boundary, Error};
-use crate::optim::{self, Config, Layer, Limit, OptionSpec, Value, OPTIONS};
 
-/// OvSW's AGS and SAD settings (SPEC sections 2 and 3), validated on construction.
-#[pyclass(frozen, module = "ovsw._core")]
+/// OvSW's AGS and SAD settings (SPEC sections 2 and 3), validated on construction and
+/// handed as they are to [`ags_sad_step`]. Equal (and hashed) by value, bit for bit;
+/// subclassable, so that `ovsw.ops.OvSWConfig` can make it a value-type opaque object
+/// of `torch.library` (the one argument of the custom op that carries the settings).
+#[pyclass(frozen, subclass, module = "ovsw._core")]
 pub struct OvSWConfig {
     cfg: Config,
 }
@@ -55,7 +64,7 @@ impl OvSWConfig {
             if let Some(kwargs) = kwargs {
                 for (k, v) in kwargs.iter() {
                     let name: String = k.extract()?;
-                    let Some(o) = optim::option(&name) else {
+                    let Some(o) = config::option(&name) else {
                         unknown.push(format!("'{name}'"));
                         continue;
                     };
@@ -70,7 +79,7 @@ impl OvSWConfig {
             }
             if !unknown.is_empty() {
                 return Err(Error::Type(format!(
-                    "OvSWConfig got unknown option(s) {}; the options are {}",
+                    "unknown OvSW option(s) {}; the options are {}",
                     unknown.join(", "),
                     OPTIONS.map(|o| o.name).join(", ")
                 ))
@@ -126,6 +135,16 @@ impl OvSWConfig {
         })
     }
 
+    fn __eq__(&self, other: &Self) -> bool {
+        self.bits() == other.bits()
+    }
+
+    fn __hash__(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.bits().hash(&mut h);
+        h.finish()
+    }
+
     fn __repr__(&self) -> String {
         let parts: Vec<String> = OPTIONS
             .iter()
@@ -133,6 +152,16 @@ impl OvSWConfig {
             .map(|(o, v)| format!("{}={}", o.name, value_text(v)))
             .collect();
         format!("OvSWConfig({})", parts.join(", "))
+    }
+}
+
+impl OvSWConfig {
+    /// The values' bits, in table order: what equality and the hash compare.
+    fn bits(&self) -> [u64; 7] {
+        self.cfg.values().map(|v| match v {
+            Value::Bool(b) => u64::from(b),
+            Value::Float(f) => f.to_bits(),
+        })
     }
 }
 
@@ -158,7 +187,8 @@ fn limit_fields(l: Option<Limit>) -> (Option<f64>, bool) {
 
 /// The OvSW options, one dict each in constructor order: `name`, `type` (`"bool"` or
 /// `"float"`), `default`, `min`/`max` (None when unbounded), `min_inclusive`,
-/// `max_inclusive` and `help`. Float options must also be finite.
+/// `max_inclusive`, `range` (the valid range in words, [`OptionSpec::range_text`]; None
+/// for a flag) and `help`. Float options must also be finite.
 #[pyfunction]
 fn ovsw_options(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
     boundary(|| {
@@ -175,6 +205,11 @@ fn ovsw_options(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
                 d.set_item("min_inclusive", min_inclusive)?;
                 d.set_item("max", max)?;
                 d.set_item("max_inclusive", max_inclusive)?;
+                let range = match o.default {
+                    Value::Bool(_) => None,
+                    Value::Float(_) => Some(o.range_text()),
+                };
+                d.set_item("range", range)?;
                 d.set_item("help", o.help)?;
                 Ok(d)
             })
@@ -182,11 +217,22 @@ fn ovsw_options(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
     })
 }
 
+/// Checks one value of the option `name` against the table: None when valid, else the
+/// error `OvSWConfig` would raise for it (TypeError for an unknown name or a wrong type,
+/// ValueError for a value outside the range). ovsw-train's flags call it.
+#[pyfunction]
+fn ovsw_check_option(name: &str, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    boundary(|| {
+        let o = config::spec(name)?;
+        Ok(o.check(value_of(o, value)?)?)
+    })
+}
+
 /// Fresh SAD buffers for a weight: `(tracker, weight_prev)`.
 #[pyfunction]
 fn sad_initial_state(weight: PyTensor, track_ones: bool) -> PyResult<(PyTensor, PyTensor)> {
     boundary(|| {
-        let (t, p) = optim::initial_state(&weight, track_ones)?;
+        let (t, p) = initial_state(&weight, track_ones)?;
         Ok((PyTensor(t), PyTensor(p)))
     })
 }
@@ -227,7 +273,7 @@ fn ags_sad_step(
                     weight_prev: p.as_deref(),
                 })
                 .collect();
-            optim::step(&cfg, &layers)
+            step(&cfg, &layers)
         })?;
         Ok(PyTensor(figures))
     })
@@ -237,6 +283,7 @@ fn ags_sad_step(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<OvSWConfig>()?;
     m.add_function(wrap_pyfunction!(ovsw_options, m)?)?;
+    m.add_function(wrap_pyfunction!(ovsw_check_option, m)?)?;
     m.add_function(wrap_pyfunction!(sad_initial_state, m)?)?;
     m.add_function(wrap_pyfunction!(ags_sad_step, m)?)?;
     Ok(())

@@ -107,6 +107,26 @@ def _number(kind, *, lo=None, lo_open=False, hi=None, hi_open=False):
     return convert
 
 
+def _ovsw_option(name: str):
+    """A type for the float OvSW option ``name``: the text is read as a number here and
+    the core checks it (``_core.ovsw_check_option``: the one range check of the option
+    table), so the parser refuses exactly what ``ovsw.OvSW`` refuses, with its message."""
+
+    def convert(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        try:
+            _core.ovsw_check_option(name, x)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return x
+
+    convert.__name__ = "float"
+    return convert
+
+
 def _optional(convert):
     """``convert``, with ``None``/``null`` meaning None (for values a YAML file nulls)."""
 
@@ -259,9 +279,9 @@ def _binary_network(p: argparse.ArgumentParser, B: dict) -> None:
 
 
 def _ovsw(p: argparse.ArgumentParser, B: dict) -> None:
-    """AGS and SAD: one flag per option of :class:`ovsw.OvSW`, with the name, default,
-    valid range and help of the core's option table (``_core.ovsw_options()``), so the
-    parser refuses exactly the values the core refuses."""
+    """AGS and SAD: one flag per option of :class:`ovsw.OvSW`, with the name, default
+    and help of the core's option table (``_core.ovsw_options()``); the core checks each
+    value (:func:`_ovsw_option`), so the parser refuses exactly the values it refuses."""
     g = p.add_argument_group("OvSW")
     g.add_argument("--trainers", default="ovsw", type=_choice(TRAINERS))
     for opt in _core.ovsw_options():
@@ -269,14 +289,9 @@ def _ovsw(p: argparse.ArgumentParser, B: dict) -> None:
         if opt["type"] == "bool":
             g.add_argument(flag, default=opt["default"], help=opt["help"], **B)
             continue
-        convert = _number(
-            float,
-            lo=opt["min"],
-            lo_open=not opt["min_inclusive"],
-            hi=opt["max"],
-            hi_open=not opt["max_inclusive"],
+        g.add_argument(
+            flag, default=opt["default"], type=_ovsw_option(opt["name"]), help=opt["help"]
         )
-        g.add_argument(flag, default=opt["default"], type=convert, help=opt["help"])
 
 
 def _distributed_flags(p: argparse.ArgumentParser, B: dict) -> None:

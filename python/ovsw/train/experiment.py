@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lr", default=0.1, type=num(float, lo=0))
     e.add_argument("--momentum", default=0.9, type=num(float, lo=0))
     e.add_argument("--wd", "--weight-decay", default=5e-4, type=num(float, lo=0), dest="wd")
-    e.add_argument("--delta", default=0.04, type=num(float, lo=0), help="OvSW: AGS delta")
+    e.add_argument(
+        "--delta", default=0.04, type=train_args._ovsw_option("delta"), help="OvSW: AGS delta"
+    )
     e.add_argument("--dampen-weight", default=9e-4, type=num(float, lo=0), help="OvSW: SAD lambda")
     e.add_argument("--augment", default=False, help="training augmentation", **B)
     e.add_argument(

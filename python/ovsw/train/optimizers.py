@@ -10,8 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .. import _core
-from ..optim import OvSW
+from ..optim import OPTIONS, OvSW
 from .errors import CLIError
 
 __all__ = ["lr_at", "build_optimizer", "build_ovsw"]
@@ -60,7 +59,7 @@ def build_ovsw(net: nn.Module, args: argparse.Namespace) -> OvSW:
     options. Under ``--distributed``, ``net`` is the DDP wrapper (see
     :func:`ovsw.train.distributed.wrap`)."""
     try:
-        options = {o["name"]: getattr(args, o["name"]) for o in _core.ovsw_options()}
+        options = {o["name"]: getattr(args, o["name"]) for o in OPTIONS}
         return OvSW(build_optimizer(net, args), net, **options)
     except ValueError as e:  # a value the core refuses (the parser should have)
         raise CLIError(f"OvSW: {e}") from None

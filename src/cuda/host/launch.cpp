@@ -11,7 +11,7 @@
 
 #include <cstring>
 
-// The layouts src/cuda/ags.rs writes (8 x 8 bytes per layer; 2 ints and 5 floats).
+// The layouts src/optim/cuda.rs writes (8 x 8 bytes per layer; 2 ints and 5 floats).
 static_assert(sizeof(AgsLayer) == 64, "AgsLayer is 8 x 8 bytes");
 static_assert(sizeof(AgsParams) == 28, "AgsParams is 2 x i32 + 5 x f32");
 

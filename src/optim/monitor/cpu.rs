@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{MonitorConfig, MonitorLayer};
+use super::config::{MonitorConfig, MonitorLayer};
 use crate::error::Result;
 use crate::parallel::{parallel_for, SharedMut, GRAIN};
 use crate::tensor::{self, Place, Storage};

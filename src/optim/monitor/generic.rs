@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{MonitorConfig, MonitorLayer};
+use super::config::{MonitorConfig, MonitorLayer};
 use crate::error::Result;
 use crate::tensor;
 

@@ -17,68 +17,22 @@
 //! - [`generic`]: the same through libtorch ops (any device, any floating dtype).
 //!
 //! Either way the figures come back as one float64 `[L, 4]` tensor on the weights'
-//! device and nothing is copied to the host.
+//! device and nothing is copied to the host. The types the dispatcher and the routes
+//! share are in [`config`]; the check of a layer's tensors is the step's
+//! ([`crate::optim::layer::check_layer`]).
 
+pub mod config;
 pub mod cpu;
 pub mod generic;
 pub mod py;
 
 use tch::{Kind, Tensor};
 
-use crate::error::{value_err, Error, Result};
+use self::config::{MonitorConfig, MonitorLayer, COLUMNS};
+use crate::error::{value_err, Result};
 use crate::ffi;
-use crate::optim::{self, Value};
-use crate::tensor::{self, Place};
-
-/// Columns of the figures [`update`] returns (float64 `[L, 4]`):
-/// the share of the layer's weights whose sign changed at this step,
-pub const FLIPPED: usize = 0;
-/// the share that has not changed sign once since monitoring began,
-pub const NEVER_FLIPPED: usize = 1;
-/// the share whose tracker is below the threshold (silent, where SAD decays them),
-pub const SILENT: usize = 2;
-/// and the exponential moving average (momentum `m`) of the per-step flipped share,
-/// bias-corrected: `ema / (1 - m^step)`.
-pub const FLIP_RATE: usize = 3;
-pub const COLUMNS: usize = 4;
-
-/// How the monitor runs.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct MonitorConfig {
-    /// `m`: the tracker's momentum and the flip-rate average's.
-    pub momentum: f64,
-    /// `tau`: a weight whose tracker is below it is silent.
-    pub threshold: f64,
-    /// Whether the monitor owns the trackers and updates them (no SAD), or reads SAD's.
-    pub update_trackers: bool,
-}
-
-impl MonitorConfig {
-    /// A config checked against the ranges of SAD's `track_momentum` and
-    /// `track_threshold` options (one definition of what is valid).
-    pub fn new(momentum: f64, threshold: f64, update_trackers: bool) -> Result<Self> {
-        for (name, v) in [("track_momentum", momentum), ("track_threshold", threshold)] {
-            match optim::option(name) {
-                Some(o) => o.check(Value::Float(v))?,
-                None => return Err(Error::Internal(format!("no option {name}"))),
-            }
-        }
-        Ok(MonitorConfig {
-            momentum,
-            threshold,
-            update_trackers,
-        })
-    }
-}
-
-/// One layer's tensors. `sign`, `ever_flipped` and (when the monitor owns it) `tracker`
-/// are updated in place; `weight` is only read.
-pub struct MonitorLayer<'a> {
-    pub weight: &'a Tensor,
-    pub sign: &'a Tensor,
-    pub ever_flipped: &'a Tensor,
-    pub tracker: &'a Tensor,
-}
+use crate::optim::layer::{check_layer, Dtype};
+use crate::tensor;
 
 /// The monitor's state for a weight: its sign (int8), the ever-flipped mask (bool, all
 /// false) and, with `own_tracker`, a tracker of zeros in W's dtype.
@@ -102,42 +56,15 @@ pub fn initial_state(
     Ok((sign, ever, tracker))
 }
 
-fn check_layer(i: usize, l: &MonitorLayer<'_>) -> Result<Place> {
-    let wf = tensor::facts(l.weight)?;
-    tensor::check_float(&wf, &format!("layer {i}: weight"))?;
-    let tf = tensor::facts(l.tracker)?;
-    tensor::check_float(&tf, &format!("layer {i}: tracker"))?;
-    for (name, t, want) in [
-        ("sign", l.sign, Some(Kind::Int8)),
-        ("ever_flipped", l.ever_flipped, Some(Kind::Bool)),
-        ("tracker", l.tracker, None),
-    ] {
-        let f = tensor::facts(t)?;
-        if f.sizes != wf.sizes {
-            return value_err!(
-                "layer {i}: {name} has shape {:?}, weight {:?}",
-                f.sizes,
-                wf.sizes
-            );
-        }
-        if f.place != wf.place {
-            return value_err!(
-                "layer {i}: {name} is on {}, weight on {}",
-                f.place,
-                wf.place
-            );
-        }
-        if let Some(k) = want {
-            if f.kind != Some(k) || !f.strided {
-                return Err(Error::Type(format!(
-                    "layer {i}: {name} must be a dense {} tensor, got {}",
-                    tensor::kind_name(k),
-                    f.dtype_name()
-                )));
-            }
-        }
-    }
-    Ok(wf.place)
+/// Checks layer `i`: a floating weight, and its int8 sign, bool ever-flipped mask and
+/// floating tracker of its shape and device.
+fn check(i: usize, l: &MonitorLayer<'_>) -> Result<tensor::Place> {
+    let others = [
+        ("sign", l.sign, Dtype::Dense(Kind::Int8)),
+        ("ever_flipped", l.ever_flipped, Dtype::Dense(Kind::Bool)),
+        ("tracker", l.tracker, Dtype::Float),
+    ];
+    check_layer(i, l.weight, false, &others)
 }
 
 /// One monitoring step after an optimizer update: compares every layer's weight signs
@@ -156,7 +83,7 @@ pub fn update(
     }
     let mut place = None;
     for (i, l) in layers.iter().enumerate() {
-        let p = check_layer(i, l)?;
+        let p = check(i, l)?;
         match &place {
             None => place = Some(p),
             Some(first) if *first != p => {
@@ -208,6 +135,7 @@ pub fn update(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use tch::Device;
 
     /// Two steps worked out by hand: m = 0.5, tau = 0.3, own tracker.

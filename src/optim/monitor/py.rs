@@ -3,8 +3,9 @@
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
+use super::config::{MonitorConfig, MonitorLayer};
+use super::{initial_state, update};
 use crate::error::{boundary, Error};
-use crate::optim::monitor::{self, MonitorConfig, MonitorLayer};
 
 /// Fresh monitor state for a weight: `(sign, ever_flipped, tracker)`, the tracker (zeros
 /// in W's dtype) only with `own_tracker`.
@@ -14,7 +15,7 @@ fn flip_monitor_state(
     own_tracker: bool,
 ) -> PyResult<(PyTensor, PyTensor, Option<PyTensor>)> {
     boundary(|| {
-        let (s, e, t) = monitor::initial_state(&weight, own_tracker)?;
+        let (s, e, t) = initial_state(&weight, own_tracker)?;
         Ok((PyTensor(s), PyTensor(e), t.map(PyTensor)))
     })
 }
@@ -61,7 +62,7 @@ fn flip_monitor_step(
                     tracker: t,
                 })
                 .collect();
-            monitor::update(&cfg, &layers, &rates, step)
+            update(&cfg, &layers, &rates, step)
         })?;
         Ok(PyTensor(figures))
     })

@@ -1,12 +1,16 @@
-//! AGS then SAD on every binary conv in one multi-tensor pass (SPEC sections 2 and 3).
+//! The CUDA route of the step: AGS then SAD on every binary layer in one multi-tensor
+//! pass of the fused kernels (`src/cuda/kernels/ags_sad.cu`, SPEC sections 2 and 3),
+//! launched through what [`crate::cuda`] shares between the routes (device, loader,
+//! stream, operands).
 
 use tch::{Kind, Tensor};
 
-use super::device::{arg, Launcher};
-use super::tensor::{dtype_code, operand, ptr, Operand};
-use super::{current_stream, decline, ran, ready, Outcome};
+use super::config::Config;
+use super::layer::Layer;
+use crate::cuda::device::{arg, Launcher};
+use crate::cuda::tensor::{dtype_code, operand, ptr, Operand};
+use crate::cuda::{current_stream, decline, ran, ready, Outcome};
 use crate::error::{Error, Result};
-use crate::optim::{Config, Layer};
 
 /// `AgsParams` of `kernels/ags_sad.cu`.
 #[repr(C)]
