@@ -23,13 +23,17 @@ pub mod conv;
 pub mod cuda;
 pub mod deploy;
 pub mod error;
+pub mod facts;
 mod ffi;
 pub mod geometry;
+pub mod layer;
 pub mod linear;
 mod op_args;
 pub mod optim;
 mod parallel;
-pub mod tensor;
+/// The old path of [`facts`], still named by `optim/` and `deploy/`, whose owners move
+/// them to `crate::facts` (issue 21); remove this line then.
+pub(crate) use facts as tensor;
 
 use pyo3::prelude::*;
 

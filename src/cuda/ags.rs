@@ -3,7 +3,7 @@
 use tch::{Kind, Tensor};
 
 use super::device::{arg, Launcher};
-use super::tensor::{dtype_code, operand, ptr, Operand};
+use super::operand::{dtype_code, operand, ptr, Operand};
 use super::{current_stream, decline, ran, ready, Outcome};
 use crate::error::{Error, Result};
 use crate::optim::{Config, Layer};

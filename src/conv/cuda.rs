@@ -1,4 +1,6 @@
-//! The binary convolution on CUDA with fused elementwise passes (SPEC section 1).
+//! The CUDA route of the binary convolution (SPEC section 1): the whole op on CUDA
+//! tensors, with fused elementwise passes, launched through the shared machinery of
+//! [`crate::cuda`] (device, loader, operands).
 //!
 //! Forward: `binarize_activation` (two kernels: per-sample moments, then `sign(x/std)`
 //! written straight in the convolution's dtype), `weight_operand` (one kernel: `w_b`,
@@ -13,15 +15,16 @@ use std::ffi::c_void;
 
 use tch::{Kind, Tensor};
 
-use super::device::{arg, Launcher};
-use super::tensor::{dtype_code, operand, opt_ptr, ptr, suffix, Operand};
-use super::{conv_mode, current_stream, decline, ran, ready, Outcome, Stream};
+use super::product::over_channels;
 use crate::binarize::{ActW, EPS};
-use crate::conv::{self, Forward, Grads, Needs, Saved, Scale};
+use crate::cuda::device::{arg, Launcher};
+use crate::cuda::operand::{dtype_code, operand, opt_ptr, ptr, suffix, Operand};
+use crate::cuda::{conv_mode, current_stream, decline, host, ran, ready, Outcome, Stream};
 use crate::error::{Error, Result};
+use crate::facts;
 use crate::ffi;
 use crate::geometry::Geometry;
-use crate::tensor;
+use crate::layer::{foldable, Forward, Grads, Needs, Saved, Scale};
 
 /// The code of `act_w` in the kernels.
 fn act_code(act_w: ActW) -> i32 {
@@ -41,7 +44,7 @@ fn device_of(t: &Operand) -> Outcome<Launcher> {
 fn same_device(t: &Operand, dev: Launcher, what: &str) -> Result<Outcome<()>> {
     if t.index != dev.index() {
         let name = |i: usize| match i {
-            super::host::HOST_INDEX => "cpu".to_string(),
+            host::HOST_INDEX => "cpu".to_string(),
             i => format!("cuda:{i}"),
         };
         decline!("{what} is on {}, not {}", name(t.index), name(dev.index()));
@@ -485,14 +488,14 @@ pub fn weight_grads(
     }))
 }
 
-/// The binary convolution's forward on CUDA, the CUDA route of [`conv::forward`]
+/// The binary convolution's forward on CUDA, the CUDA route of [`crate::conv::forward`]
 /// (which validated the arguments): the same contract and result (SPEC 1.1 to 1.5),
 /// through the fused passes. `conv_out` follows the one contract of every route and the
 /// fake implementation (`ops._fake_layer_outputs`): kept (`conv(a, w_b)`, `[N, O, H, W]`
 /// in the convolution's dtype) exactly when the scale is a learnable `scaling_factor`,
 /// absent otherwise; this backward does not read it. Declines (the generic route runs)
 /// for tensors other than float32, float16 and bfloat16 CUDA memory, layouts other than
-/// dense batch-major, and a learnable scale together with a bias ([`conv::foldable`]).
+/// dense batch-major, and a learnable scale together with a bias ([`foldable`]).
 ///
 /// The computed alpha is folded into the weight when the convolution runs in W's dtype
 /// (no autocast) and, for float32, without TF32: `y = conv(a, w_b * alpha, bias *
@@ -508,7 +511,7 @@ pub fn forward(
     geom: &Geometry,
     training: bool,
 ) -> Result<Outcome<Forward>> {
-    if !conv::foldable(scale.is_some(), bias.is_some()) {
+    if !foldable(scale.is_some(), bias.is_some()) {
         decline!("a learnable scaling_factor together with a bias");
     }
     let xo = ran!(operand(x, "the input"));
@@ -546,12 +549,12 @@ pub fn forward(
         geom.dilation,
         geom.groups,
     )?;
-    let conv_kind = tensor::kind(&out)?;
-    let (y, conv_out) = if fold {
+    let product_kind = facts::kind(&out)?;
+    let (y, product) = if fold {
         (out, None)
     } else if let Some(s) = scale {
         // The learnable scale's product is kept: y is a tensor of its own.
-        (out.f_mul(&conv::over_channels(s)?)?, Some(out))
+        (out.f_mul(&over_channels(s)?)?, Some(out))
     } else {
         let Some(s) = &op.alpha else {
             return Err(Error::Internal("weight_operand returned no alpha".into()));
@@ -559,12 +562,12 @@ pub fn forward(
         let y = if wo.kind == ck {
             // `out` is this op's own and keeps its dtype: scale it in place.
             let mut out = out;
-            let _ = out.f_mul_(&conv::over_channels(s)?)?;
+            let _ = out.f_mul_(&over_channels(s)?)?;
             out
         } else {
             // Under autocast: conv_out in ck times s in W's dtype promotes (to float32
             // for float32 weights), as the libtorch route gives.
-            out.f_mul(&conv::over_channels(s)?)?
+            out.f_mul(&over_channels(s)?)?
         };
         (y, None)
     };
@@ -572,12 +575,12 @@ pub fn forward(
         y,
         std,
         alpha: op.alpha,
-        conv_out,
-        conv_kind,
+        product,
+        product_kind,
     }))
 }
 
-/// The binary convolution's backward on CUDA, the CUDA route of [`conv::backward`]
+/// The binary convolution's backward on CUDA, the CUDA route of [`crate::conv::backward`]
 /// (which validated what it was handed): the same contract and result, from what
 /// either route's forward saved (`conv_out` is not read). Declines where [`forward`]
 /// does. It always convolves against the folded weight `w_b * s`, so the incoming
@@ -593,14 +596,14 @@ pub fn backward(
     let (x, weight) = (saved.x, saved.weight);
     let scale = saved.scale()?;
     let learnable = matches!(scale, Scale::Learnable(_));
-    if !conv::foldable(learnable, saved.has_bias) {
+    if !foldable(learnable, saved.has_bias) {
         decline!("a learnable scaling_factor together with a bias");
     }
     let xo = ran!(operand(x, "the input"));
     let wo = ran!(operand(weight, "the weight"));
     ran!(operand(grad_y, "the output gradient"));
     let dev = ran!(Ok::<_, Error>(device_of(&xo)));
-    let ck = saved.conv_kind;
+    let ck = saved.product_kind;
     if dtype_code(ck).is_none() {
         decline!("the convolution ran in {ck:?}");
     }
@@ -649,11 +652,11 @@ pub fn backward(
     // reads it in W's.
     let gweff = match gweff {
         Some(g) => {
-            let gf = tensor::facts(&g)?;
+            let gf = facts::facts(&g)?;
             if gf.strides == wo.strides() {
                 Some(g)
             } else {
-                let mut like = wo.empty_like(tensor::kind(&g)?)?;
+                let mut like = wo.empty_like(facts::kind(&g)?)?;
                 like.f_copy_(&g)?;
                 Some(like)
             }

@@ -134,31 +134,6 @@ pub fn kind_name(k: Kind) -> &'static str {
     }
 }
 
-/// c10::ScalarType codes of the dtypes the core names (c10/core/ScalarType.h).
-pub(crate) fn kind_of(scalar_type: i32) -> Option<Kind> {
-    Some(match scalar_type {
-        0 => Kind::Uint8,
-        1 => Kind::Int8,
-        2 => Kind::Int16,
-        3 => Kind::Int,
-        4 => Kind::Int64,
-        5 => Kind::Half,
-        6 => Kind::Float,
-        7 => Kind::Double,
-        8 => Kind::ComplexHalf,
-        9 => Kind::ComplexFloat,
-        10 => Kind::ComplexDouble,
-        11 => Kind::Bool,
-        15 => Kind::BFloat16,
-        _ => return None,
-    })
-}
-
-/// The c10::ScalarType code of a dtype the core names (the inverse of `kind_of`).
-pub fn scalar_type(kind: Kind) -> Option<i32> {
-    (0..16).find(|&code| kind_of(code) == Some(kind))
-}
-
 /// The refusal of a tensor without storage, naming the likely cause.
 fn no_storage(python: bool) -> Error {
     let kind = if python {
@@ -193,7 +168,7 @@ pub fn facts(t: &Tensor) -> Result<Facts> {
     Ok(Facts {
         sizes,
         strides,
-        kind: kind_of(raw.scalar_type),
+        kind: ffi::kind_of(raw.scalar_type),
         place,
         strided: raw.strided != 0,
         contiguous: raw.contiguous != 0,
