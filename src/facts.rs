@@ -47,7 +47,7 @@ pub enum Storage {
 }
 
 /// The facts about one tensor that decide validation and the route.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Facts {
     pub sizes: Vec<i64>,
     /// Element strides, one per dim (zeros for a layout other than strided).
@@ -233,10 +233,18 @@ pub enum Route {
 impl Route {
     /// The route for `tensors`; a RuntimeError if one of them has no storage.
     pub fn of(tensors: &[&Tensor]) -> Result<Route> {
+        let facts = tensors
+            .iter()
+            .map(|t| facts(t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Route::of_facts(&facts.iter().collect::<Vec<_>>()))
+    }
+
+    /// The route for the tensors whose facts are `facts` (read once by the op).
+    pub fn of_facts(facts: &[&Facts]) -> Route {
         let mut host = true;
         let mut cuda: Option<Option<usize>> = None;
-        for t in tensors {
-            let f = facts(t)?;
+        for f in facts {
             host &= f.is_host_f32();
             let device = f.cuda_kernel_device();
             cuda = match cuda {
@@ -245,13 +253,13 @@ impl Route {
                 Some(_) => Some(None),
             };
         }
-        Ok(match (host, cuda) {
+        match (host, cuda) {
             // The host launcher runs the CUDA route on CPU memory.
             (_, Some(Some(index))) if index == crate::cuda::host::HOST_INDEX => Route::Cuda(index),
             (true, _) => Route::HostF32,
             (false, Some(Some(index))) => Route::Cuda(index),
             _ => Route::Generic,
-        })
+        }
     }
 }
 

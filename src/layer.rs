@@ -98,6 +98,13 @@ impl<'a> Saved<'a> {
     }
 }
 
+/// The facts of an op's input and weight, read once by its validation and handed to
+/// its route.
+pub struct OpFacts {
+    pub x: Facts,
+    pub weight: Facts,
+}
+
 /// Whether a route's backward may work from the folded operands,
 /// `product(a, w_b * s, bias * s) == product(a, w_b, bias) * s`, without the kept
 /// product. Always, except a learnable scale together with a bias: the scale's
@@ -232,14 +239,15 @@ pub(crate) fn check_vectors(
 
 /// What a binary layer's backward checks alike in what its forward saved: the
 /// per-sample std `[N, 1, ..., 1]`, the scale and alpha vectors `[O]`, and the kept
-/// product (named `what`), shaped like `grad_output`.
+/// product (named `what`), shaped like `grad_output`. Returns the std's facts.
 pub(crate) fn check_saved_parts(
     xf: &Facts,
     gf: &Facts,
     o: i64,
     saved: &Saved<'_>,
     what: &str,
-) -> Result<()> {
+) -> Result<Option<Facts>> {
+    let mut std = None;
     if let Some(s) = saved.std {
         let sf = facts::facts(s)?;
         check_float(&sf, "std")?;
@@ -248,6 +256,7 @@ pub(crate) fn check_saved_parts(
         if sf.sizes != shape {
             return value_err!("std must have shape {shape:?}, got {:?}", sf.sizes);
         }
+        std = Some(sf);
     }
     for (t, name) in [(saved.scale, "scaling_factor"), (saved.alpha, "alpha")] {
         if let Some(t) = t {
@@ -264,7 +273,7 @@ pub(crate) fn check_saved_parts(
             );
         }
     }
-    Ok(())
+    Ok(std)
 }
 
 /// The forward of a binary layer (SPEC 1.1 to 1.5) on the elementwise parts `k` of the

@@ -24,20 +24,20 @@ use crate::facts::{self, check_float, Facts, Route};
 use crate::ffi;
 use crate::geometry::Geometry;
 use crate::layer::{
-    self, check_same_device, check_saved_parts, check_vectors, Forward, Grads, Needs, Product,
-    Saved,
+    self, check_same_device, check_saved_parts, check_vectors, Forward, Grads, Needs, OpFacts,
+    Product, Saved,
 };
 use product::Conv;
 
 /// Checks the arguments of a binary convolution, naming the first thing that is wrong;
-/// returns the input's facts.
+/// returns the input's and the weight's facts.
 pub fn validate(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     scale: Option<&Tensor>,
     geom: &Geometry,
-) -> Result<Facts> {
+) -> Result<OpFacts> {
     let xf = facts::facts(x)?;
     if xf.dim() != 4 {
         return value_err!(
@@ -72,7 +72,7 @@ pub fn validate(
         );
     }
     check_vectors(&xf, o, bias, scale)?;
-    Ok(xf)
+    Ok(OpFacts { x: xf, weight: wf })
 }
 
 /// Forward of the binary convolution (SPEC 1.1 to 1.5).
@@ -85,11 +85,11 @@ pub fn forward(
     geom: &Geometry,
     training: bool,
 ) -> Result<Forward> {
-    validate(x, weight, bias, scale, geom)?;
+    let args = validate(x, weight, bias, scale, geom)?;
     let _guard = ffi::no_grad();
-    let route = Route::of(&[x])?;
+    let route = Route::of_facts(&[&args.x]);
     let fused = fused(Op::ConvForward, route, || {
-        cuda::forward(x, weight, bias, scale, act_w, geom, training)
+        cuda::forward(&args, bias, scale, act_w, geom, training)
     })?;
     if let Some(f) = fused {
         return Ok(f);
@@ -98,9 +98,17 @@ pub fn forward(
     layer::forward(&Conv(geom), k, x, weight, bias, scale, act_w, training)
 }
 
+/// What [`validate_saved`] read: the input's and weight's facts, the output
+/// gradient's and the saved std's.
+struct SavedFacts {
+    args: OpFacts,
+    grad_y: Facts,
+    std: Option<Facts>,
+}
+
 /// Checks what the backward was handed against the input and weight; returns the
-/// weight's dtype.
-fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<Kind> {
+/// weight's dtype and the facts it read.
+fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<(Kind, SavedFacts)> {
     let xf = facts::facts(saved.x)?;
     if xf.dim() != 4 {
         return value_err!("x must be 4-D [N, C, H, W], got shape {:?}", xf.sizes);
@@ -123,8 +131,13 @@ fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<Kind> {
             gf.sizes
         );
     }
-    check_saved_parts(&xf, &gf, o, saved, Conv::NAME)?;
-    Ok(weight_kind)
+    let std = check_saved_parts(&xf, &gf, o, saved, Conv::NAME)?;
+    let read = SavedFacts {
+        args: OpFacts { x: xf, weight: wf },
+        grad_y: gf,
+        std,
+    };
+    Ok((weight_kind, read))
 }
 
 /// Backward of the binary convolution, given the gradient of its output.
@@ -135,13 +148,13 @@ pub fn backward(
     geom: &Geometry,
     needs: Needs,
 ) -> Result<Grads> {
-    let weight_kind = validate_saved(grad_y, saved)?;
+    let (weight_kind, read) = validate_saved(grad_y, saved)?;
     let _guard = ffi::no_grad();
-    let mut activations = vec![saved.x];
-    activations.extend(saved.std);
-    let route = Route::of(&activations)?;
+    let mut activations = vec![&read.args.x];
+    activations.extend(read.std.as_ref());
+    let route = Route::of_facts(&activations);
     let fused = fused(Op::ConvBackward, route, || {
-        cuda::backward(grad_y, saved, act_w, geom, needs)
+        cuda::backward(grad_y, saved, &read.args, &read.grad_y, act_w, geom, needs)
     })?;
     if let Some(g) = fused {
         return Ok(g);

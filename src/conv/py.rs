@@ -7,6 +7,7 @@
 use crate::binarize::{self, ActA, ActW, ForwardType};
 use crate::conv;
 use crate::conv::cuda::{self, Std, WantGrads};
+use crate::cuda::operand::operand;
 use crate::cuda::py::{on_stream, parse_kind, plan_for};
 use crate::error::{boundary, Error};
 use crate::ffi;
@@ -271,7 +272,9 @@ fn cuda_binarize_activation(
                     (None, true) => Std::Compute,
                     (None, false) => Std::None,
                 };
-                cuda::binarize_activation(&x, mode, kind, stream)?.required("binarize_activation")
+                let what = "binarize_activation";
+                let xo = operand(&x, "the input")?.required(what)?;
+                cuda::binarize_activation(&xo, mode, kind, stream)?.required(what)
             })?)
         })?;
         Ok((PyTensor(a), s.map(PyTensor)))
@@ -292,8 +295,9 @@ fn cuda_bireal_backward(
         let plan = plan_for(&x, stream)?;
         let out = on_stream(py, plan, |stream| {
             Ok(py.allow_threads(move || {
-                cuda::bireal_backward(&grad_a, &x, std.as_deref(), stream)?
-                    .required("bireal_backward")
+                let what = "bireal_backward";
+                let xo = operand(&x, "the input")?.required(what)?;
+                cuda::bireal_backward(&grad_a, &xo, std.as_deref(), stream)?.required(what)
             })?)
         })?;
         Ok(PyTensor(out))
@@ -320,8 +324,9 @@ fn cuda_weight_operand(
         let plan = plan_for(&weight, stream)?;
         let op = on_stream(py, plan, |stream| {
             Ok(py.allow_threads(move || {
+                let wo = operand(&weight, "the weight")?.required("weight_operand")?;
                 cuda::weight_operand(
-                    &weight,
+                    &wo,
                     act_w,
                     scale.as_deref(),
                     bias.as_deref(),
@@ -365,10 +370,11 @@ fn cuda_weight_grads(
         };
         let g = on_stream(py, plan, |stream| {
             Ok(py.allow_threads(move || {
+                let wo = operand(&weight, "the weight")?.required("weight_grads")?;
                 cuda::weight_grads(
                     grad_weff.as_deref(),
                     grad_beff.as_deref(),
-                    &weight,
+                    &wo,
                     act_w,
                     &s,
                     bias.as_deref(),

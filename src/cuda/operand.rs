@@ -3,7 +3,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::{decline, Outcome};
+use super::Outcome;
 use crate::error::Result;
 use crate::facts::{self, Facts};
 
@@ -33,19 +33,28 @@ pub struct Operand {
 
 /// `t` as an [`Operand`], or why the kernels cannot take it (`what` names it).
 pub fn operand(t: &Tensor, what: &str) -> Result<Outcome<Operand>> {
-    let facts = facts::facts(t)?;
+    Ok(operand_of(&facts::facts(t)?, what))
+}
+
+/// The tensor whose facts (read once, by the op's validation) are `facts` as an
+/// [`Operand`], or why the kernels cannot take it (`what` names it).
+pub fn operand_of(facts: &Facts, what: &str) -> Outcome<Operand> {
     let Some(index) = facts.cuda_kernel_device() else {
-        decline!(
+        return Outcome::Declined(format!(
             "{what} is a {} tensor on {}; the kernels take float32, float16 and bfloat16 \
              CUDA memory",
             facts.dtype_name(),
             facts.place
-        );
+        ));
     };
     let Some(kind) = facts.kind else {
-        decline!("{what} has an unknown dtype");
+        return Outcome::Declined(format!("{what} has an unknown dtype"));
     };
-    Ok(Outcome::Ran(Operand { facts, index, kind }))
+    Outcome::Ran(Operand {
+        facts: facts.clone(),
+        index,
+        kind,
+    })
 }
 
 /// The device address of a tensor's first element (0 when it has none).
