@@ -14,14 +14,14 @@
 
 extern "C" {
 
-// Where a tensor's elements are. Kept in sync with `Storage` in src/tensor.rs.
+// Where a tensor's elements are. Kept in sync with `Storage` in src/facts.rs.
 enum OvswStorage : int32_t {
   OVSW_STORAGE_READABLE = 0,  // real memory (data null only when empty or not strided)
   OVSW_STORAGE_META = 1,      // a meta tensor: shape and dtype, no elements
   OVSW_STORAGE_NONE = 2,      // no readable storage: FakeTensor, FunctionalTensor, ...
 };
 
-// Kept in sync with `Place` in src/tensor.rs.
+// Kept in sync with `Place` in src/facts.rs.
 enum OvswPlace : int32_t {
   OVSW_PLACE_CPU = 0,
   OVSW_PLACE_CUDA = 1,
@@ -29,7 +29,7 @@ enum OvswPlace : int32_t {
   OVSW_PLACE_OTHER = 3,
 };
 
-// Kept in sync with `RawFacts` in src/tensor.rs.
+// Kept in sync with `RawFacts` in src/ffi.rs.
 struct OvswTensorFacts {
   int64_t dim;
   int32_t defined;

@@ -1,13 +1,14 @@
 //! Safe wrappers over the C++ shim in `csrc/`: `at::convolution_backward`,
-//! `at::parallel_for`, the fallible tensor accessor behind [`crate::tensor::facts`] and
-//! autograd's grad mode. Every call returns an error instead of letting a C++
-//! exception or a Rust panic cross the boundary.
+//! `at::parallel_for`, the fallible tensor accessor that [`crate::facts`] reads its
+//! facts with, c10's dtype codes and autograd's grad mode. Every call returns an error
+//! instead of letting a C++ exception or a Rust panic cross the boundary. A leaf of the
+//! crate: it uses only [`crate::error`] and [`crate::geometry`].
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::{Error, Result};
@@ -187,16 +188,41 @@ pub fn device_name(raw: &RawFacts) -> String {
     shim_message(&raw.device_name)
 }
 
+/// c10::ScalarType codes of the dtypes the core names (c10/core/ScalarType.h).
+pub(crate) fn kind_of(scalar_type: i32) -> Option<Kind> {
+    Some(match scalar_type {
+        0 => Kind::Uint8,
+        1 => Kind::Int8,
+        2 => Kind::Int16,
+        3 => Kind::Int,
+        4 => Kind::Int64,
+        5 => Kind::Half,
+        6 => Kind::Float,
+        7 => Kind::Double,
+        8 => Kind::ComplexHalf,
+        9 => Kind::ComplexFloat,
+        10 => Kind::ComplexDouble,
+        11 => Kind::Bool,
+        15 => Kind::BFloat16,
+        _ => return None,
+    })
+}
+
+/// The c10::ScalarType code of a dtype the core names (the inverse of `kind_of`).
+pub(crate) fn scalar_type(kind: Kind) -> Option<i32> {
+    (0..16).find(|&code| kind_of(code) == Some(kind))
+}
+
 /// A float64 tensor of `sizes` filled with `value` on `like`'s device (any device,
 /// meta included: tch can name only some).
 pub fn new_full_f64(like: &Tensor, sizes: &[i64], value: f64) -> Result<Tensor> {
-    new_full(like, sizes, value, tch::Kind::Double)
+    new_full(like, sizes, value, Kind::Double)
 }
 
 /// A tensor of `kind` and `sizes` filled with `value` on `like`'s device (any device,
 /// meta included).
-pub fn new_full(like: &Tensor, sizes: &[i64], value: f64, kind: tch::Kind) -> Result<Tensor> {
-    let scalar_type = crate::tensor::scalar_type(kind)
+pub fn new_full(like: &Tensor, sizes: &[i64], value: f64, kind: Kind) -> Result<Tensor> {
+    let scalar_type = scalar_type(kind)
         .ok_or_else(|| Error::Internal(format!("new_full: no ScalarType for {kind:?}")))?;
     let mut err = [0 as c_char; 512];
     // SAFETY: `like` is a live tensor borrowed for the call; `sizes` has the length

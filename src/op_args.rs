@@ -12,7 +12,7 @@ use pyo3_tch::PyTensor;
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use crate::{ffi, tensor};
+use crate::{facts, ffi};
 
 /// `t`, or the absent marker of dtype `kind` on `like`'s device.
 pub fn or_absent(t: Option<Tensor>, like: &Tensor, kind: Kind) -> Result<PyTensor> {
@@ -24,11 +24,11 @@ pub fn or_absent(t: Option<Tensor>, like: &Tensor, kind: Kind) -> Result<PyTenso
 
 /// `t`, or the absent marker in `like`'s dtype.
 pub fn or_absent_like(t: Option<Tensor>, like: &Tensor) -> Result<PyTensor> {
-    or_absent(t, like, tensor::kind(like)?)
+    or_absent(t, like, facts::kind(like)?)
 }
 
 /// `None` for the absent marker, else the tensor.
 pub fn present(t: &Tensor) -> Result<Option<&Tensor>> {
-    let f = tensor::facts(t)?;
+    let f = facts::facts(t)?;
     Ok(if f.sizes == [0] { None } else { Some(t) })
 }

@@ -139,7 +139,7 @@ def test_cpu_ops_are_not_counted_on_the_cuda_route(net):
 
 
 def test_conv_mode_follows_autocast_and_the_tf32_setting():
-    """What decides the fold (see src/cuda/binconv.rs) is libtorch's own state of this
+    """What decides the fold (see src/conv/cuda.rs) is libtorch's own state of this
     thread: CUDA autocast and ``torch.backends.cudnn.conv.fp32_precision``."""
     conv = torch.backends.cudnn.conv
     was = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))

@@ -6,22 +6,22 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Kernels, EPS};
+use super::{Elementwise, EPS};
 use crate::error::{value_err, Result};
+use crate::facts::{self, HostF32};
 use crate::parallel::{parallel_for, segments, SharedMut, GRAIN};
-use crate::tensor::{self, HostF32};
 
-/// The [`Kernels`] of the float32 CPU route. Every activation-side tensor it is given is
+/// The [`Elementwise`] of the float32 CPU route. Every activation-side tensor it is given is
 /// contiguous float32 CPU memory (the route's condition); `grad_a` is made so here.
 pub struct Fused;
 
-impl Kernels for Fused {
+impl Elementwise for Fused {
     fn sample_std(&self, x: &Tensor) -> Result<Tensor> {
         let (n, per) = samples(x)?;
         let src = HostF32::of(x)?;
         // SAFETY: x is borrowed for the call and only read.
         let stds = sample_std(unsafe { src.as_slice() }, n, per, EPS)?;
-        let mut shape = vec![1i64; tensor::dim(x)?];
+        let mut shape = vec![1i64; facts::dim(x)?];
         shape[0] = n as i64;
         Ok(Tensor::f_from_slice(&stds)?.f_reshape(shape.as_slice())?)
     }
@@ -59,7 +59,7 @@ impl Kernels for Fused {
 
 /// `(N, elements per sample)` of an activation tensor.
 fn samples(x: &Tensor) -> Result<(usize, usize)> {
-    let f = tensor::facts(x)?;
+    let f = facts::facts(x)?;
     let n = f.sizes.first().map_or(0, |&n| n.max(0) as usize);
     Ok((n, f.numel() / n.max(1)))
 }

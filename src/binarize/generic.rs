@@ -4,16 +4,16 @@
 
 use tch::{Kind, Tensor};
 
-use super::{ActW, Kernels, EPS};
+use super::{ActW, Elementwise, EPS};
 use crate::error::{value_err, Result};
-use crate::tensor;
+use crate::facts;
 
-/// The [`Kernels`] of the generic route.
+/// The [`Elementwise`] of the generic route.
 pub struct Ops;
 
-impl Kernels for Ops {
+impl Elementwise for Ops {
     fn sample_std(&self, x: &Tensor) -> Result<Tensor> {
-        let dims: Vec<i64> = (1..tensor::dim(x)? as i64).collect();
+        let dims: Vec<i64> = (1..facts::dim(x)? as i64).collect();
         Ok(x.f_var_dim(dims.as_slice(), true, true)?
             .f_add_scalar(EPS)?
             .f_sqrt()?)
@@ -27,7 +27,7 @@ impl Kernels for Ops {
     }
 
     fn bireal_backward(&self, grad_a: &Tensor, x: &Tensor, std: Option<&Tensor>) -> Result<Tensor> {
-        let grad_a = grad_a.f_to_kind(tensor::kind(x)?)?;
+        let grad_a = grad_a.f_to_kind(facts::kind(x)?)?;
         let scaled;
         let x_hat = match std {
             Some(s) => {
@@ -52,10 +52,10 @@ impl Kernels for Ops {
 /// `(O, dims)` of a floating weight `[O, ...]` with at least two dims, or the error
 /// naming what is wrong.
 pub(super) fn weight_shape(weight: &Tensor) -> Result<(i64, usize)> {
-    let facts = tensor::facts(weight)?;
+    let facts = facts::facts(weight)?;
     match facts.dim0() {
         Some(o) if facts.dim() >= 2 => {
-            tensor::check_float(&facts, "weight")?;
+            facts::check_float(&facts, "weight")?;
             Ok((o, facts.dim()))
         }
         _ => value_err!(
@@ -120,7 +120,7 @@ pub fn binarize_weight(weight: &Tensor, act_w: ActW) -> Result<Tensor> {
 /// in `W`'s dtype.
 pub fn weight_grad(grad_wb: &Tensor, weight: &Tensor, act_w: ActW) -> Result<Tensor> {
     let (_, dim) = weight_shape(weight)?;
-    let grad_wb = grad_wb.f_to_kind(tensor::kind(weight)?)?;
+    let grad_wb = grad_wb.f_to_kind(facts::kind(weight)?)?;
     Ok(match act_w {
         ActW::Ste | ActW::SteV2 => grad_wb,
         ActW::Hardtanh => {

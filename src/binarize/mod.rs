@@ -2,14 +2,14 @@
 //! deviation, the activation binarizer `sign(x / std)` and its Bi-Real backward, the
 //! weight binarizers and the per-output-channel scale.
 //!
-//! Shared by every binary layer (today [`crate::conv`]). An op picks its [`Kernels`]
-//! once, with [`kernels_for`] (or [`kernels`] for a [`Route`] it already chose), from
+//! Shared by every binary layer ([`crate::layer`]'s skeleton runs on them). An op picks
+//! its [`Elementwise`] parts once, with [`for_route`] for the [`Route`] it chose from
 //! its activation tensors:
 //! - [`cpu`]: fused loops over contiguous float32 CPU memory;
 //! - [`generic`]: libtorch ops, any device and floating dtype.
 //!
-//! On CUDA tensors ([`Route::Cuda`]) the fused kernels of [`crate::cuda`] run the whole
-//! op, for they fuse more than these parts (the std with the sign, the scale into the
+//! On CUDA tensors ([`Route::Cuda`]) the conv's fused kernels ([`crate::conv::cuda`])
+//! run the whole op, for they fuse more than these parts (the std with the sign, the scale into the
 //! weight); where they decline, the op's elementwise parts take [`generic`].
 
 pub mod cpu;
@@ -18,7 +18,7 @@ pub mod generic;
 use tch::{Kind, Tensor};
 
 use crate::error::{value_err, Result};
-use crate::tensor::{self, Route};
+use crate::facts::{self, Route};
 
 /// Added to variances before the square root, as upstream does (SPEC 1.1 and 1.4).
 pub const EPS: f64 = 1e-5;
@@ -108,9 +108,9 @@ fn quoted(names: &[&str]) -> String {
 /// The elementwise parts of a binary layer, one implementation per route.
 ///
 /// Activation tensors are `[N, ...]` with the sample in dim 0; `std` is the per-sample
-/// standard deviation as [`Kernels::sample_std`] returns it, `[N, 1, ..., 1]`. The
+/// standard deviation as [`Elementwise::sample_std`] returns it, `[N, 1, ..., 1]`. The
 /// weight-side parts act on small tensors and default to libtorch ops on every route.
-pub trait Kernels: Sync {
+pub trait Elementwise: Sync {
     /// Per-sample `sqrt(Var(x_n) + eps)` (unbiased, over all dims but 0), shaped
     /// `[N, 1, ..., 1]` with `x.dim()` dims, in `x`'s dtype (SPEC 1.1).
     fn sample_std(&self, x: &Tensor) -> Result<Tensor>;
@@ -141,15 +141,10 @@ pub trait Kernels: Sync {
     }
 }
 
-/// The kernels for an op whose activation-side tensors are `activations`, chosen once
-/// per op (see [`Route`]).
-pub fn kernels_for(activations: &[&Tensor]) -> Result<&'static dyn Kernels> {
-    Ok(kernels(Route::of(activations)?))
-}
-
-/// The kernels of `route`. A [`Route::Cuda`] op gets here only when the fused CUDA
-/// kernels declined it: libtorch ops then.
-pub fn kernels(route: Route) -> &'static dyn Kernels {
+/// The elementwise parts of `route`, chosen once per op (see [`Route`]). A
+/// [`Route::Cuda`] op gets here only when the fused CUDA kernels declined it (or its
+/// layer has no CUDA route): libtorch ops then.
+pub fn for_route(route: Route) -> &'static dyn Elementwise {
     match route {
         Route::HostF32 => &cpu::Fused,
         Route::Cuda(_) | Route::Generic => &generic::Ops,
@@ -157,7 +152,7 @@ pub fn kernels(route: Route) -> &'static dyn Kernels {
 }
 
 /// The scale alpha of SPEC 1.4 that a layer uses: its learnable `scaling_factor` when
-/// it owns one, else the one computed from W at every forward ([`Kernels::channel_alpha`]).
+/// it owns one, else the one computed from W at every forward ([`Elementwise::channel_alpha`]).
 pub enum Alpha<'a> {
     Learnable(&'a Tensor),
     FromWeight(Tensor),
@@ -165,7 +160,7 @@ pub enum Alpha<'a> {
 
 impl<'a> Alpha<'a> {
     pub fn of(
-        k: &dyn Kernels,
+        k: &dyn Elementwise,
         weight: &Tensor,
         scaling_factor: Option<&'a Tensor>,
     ) -> Result<Self> {
@@ -204,8 +199,8 @@ pub fn eval_affine(
     let (o, _) = generic::weight_shape(weight)?;
     for (t, what) in [(scaling_factor, "scaling_factor"), (bias, "bias")] {
         if let Some(t) = t {
-            let f = tensor::facts(t)?;
-            tensor::check_float(&f, what)?;
+            let f = facts::facts(t)?;
+            facts::check_float(&f, what)?;
             if f.sizes != [o] {
                 return value_err!("{what} must have shape [{o}], got {:?}", f.sizes);
             }

@@ -1,14 +1,19 @@
 //! Python bindings of the binary convolution: `ConvSpec` (the options of a binary
 //! layer, the linear one's too) and the bodies of the `ovsw::binary_conv2d` custom ops
-//! that `ovsw/ops.py` registers. They convert arguments, release the GIL around the
+//! that `ovsw/ops.py` registers, and the CUDA route's fused passes one by one
+//! (`_core.cuda_binarize_activation`, ...). They convert arguments, release the GIL around the
 //! work and map errors to Python exceptions; absent tensors follow [`op_args`].
 
 use crate::binarize::{self, ActA, ActW, ForwardType};
 use crate::conv;
+use crate::conv::cuda::{self, Std, WantGrads};
+use crate::cuda::operand::operand;
+use crate::cuda::py::{on_stream, parse_kind, plan_for};
 use crate::error::{boundary, Error};
 use crate::ffi;
 use crate::geometry::Geometry;
-use crate::{op_args, tensor};
+use crate::layer::{Needs, Saved};
+use crate::{facts, op_args};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
@@ -129,7 +134,7 @@ fn binary_conv2d_forward(
                 PyTensor(f.y),
                 op_args::or_absent_like(f.std, &x)?,
                 op_args::or_absent_like(f.alpha, &weight)?,
-                op_args::or_absent(f.conv_out, &x, f.conv_kind)?,
+                op_args::or_absent(f.product, &x, f.product_kind)?,
             ))
         })?;
         Ok(out)
@@ -162,22 +167,22 @@ fn binary_conv2d_backward(
     boundary(|| {
         let geom = geometry(stride, padding, dilation, groups)?;
         let act_w = ActW::parse(act_w)?;
-        let needs = conv::Needs {
+        let needs = Needs {
             input: needs[0],
             weight: needs[1],
             bias: needs[2],
             scale: needs[3],
         };
         let out = py.allow_threads(move || {
-            let saved = conv::Saved {
+            let saved = Saved {
                 x: &x,
                 weight: &weight,
                 has_bias,
                 scale: scale.as_deref(),
                 std: op_args::present(&std)?,
                 alpha: op_args::present(&alpha)?,
-                conv_out: op_args::present(&conv_out)?,
-                conv_kind: tensor::kind(&conv_out)?,
+                product: op_args::present(&conv_out)?,
+                product_kind: facts::kind(&conv_out)?,
             };
             let g = conv::backward(&grad_y, &saved, act_w, &geom, needs)?;
             Ok::<_, Error>((
@@ -240,6 +245,153 @@ fn forward_type_names() -> PyResult<Vec<&'static str>> {
     boundary(|| Ok(ForwardType::names()))
 }
 
+// -- the CUDA route's fused passes one by one (`_core.cuda_*`, for kernel-level checks).
+// They ask for the kernels explicitly: where they do not apply they raise
+// `RuntimeError` with the reason instead of falling back; `stream=` as in
+// `crate::cuda::py`.
+
+/// `(a, std)`: `sign(x / std)` in `out_dtype` and the per-sample std (training without
+/// `std`); with `std` given, `sign(x / std)` only; with `training=False`, `sign(x)`.
+#[pyfunction]
+#[pyo3(signature = (x, training, out_dtype, std = None, stream = None))]
+fn cuda_binarize_activation(
+    py: Python<'_>,
+    x: PyTensor,
+    training: bool,
+    out_dtype: &str,
+    std: Option<PyTensor>,
+    stream: Option<u64>,
+) -> PyResult<(PyTensor, Option<PyTensor>)> {
+    boundary(|| {
+        let kind = parse_kind(out_dtype)?;
+        let plan = plan_for(&x, stream)?;
+        let (a, s) = on_stream(py, plan, |stream| {
+            Ok(py.allow_threads(move || {
+                let mode = match (&std, training) {
+                    (Some(s), _) => Std::Given(s),
+                    (None, true) => Std::Compute,
+                    (None, false) => Std::None,
+                };
+                let what = "binarize_activation";
+                let xo = operand(&x, "the input")?.required(what)?;
+                cuda::binarize_activation(&xo, mode, kind, stream)?.required(what)
+            })?)
+        })?;
+        Ok((PyTensor(a), s.map(PyTensor)))
+    })
+}
+
+/// `grad_a * max(0, 2 - 2|x / std|) / std` in x's dtype and layout.
+#[pyfunction]
+#[pyo3(signature = (grad_a, x, std = None, stream = None))]
+fn cuda_bireal_backward(
+    py: Python<'_>,
+    grad_a: PyTensor,
+    x: PyTensor,
+    std: Option<PyTensor>,
+    stream: Option<u64>,
+) -> PyResult<PyTensor> {
+    boundary(|| {
+        let plan = plan_for(&x, stream)?;
+        let out = on_stream(py, plan, |stream| {
+            Ok(py.allow_threads(move || {
+                let what = "bireal_backward";
+                let xo = operand(&x, "the input")?.required(what)?;
+                cuda::bireal_backward(&grad_a, &xo, std.as_deref(), stream)?.required(what)
+            })?)
+        })?;
+        Ok(PyTensor(out))
+    })
+}
+
+/// `(w_eff, alpha, bias_eff)`: see `conv::cuda::weight_operand`.
+#[pyfunction]
+#[pyo3(signature = (weight, act_w, scale, bias, fold, out_dtype, stream = None))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_weight_operand(
+    py: Python<'_>,
+    weight: PyTensor,
+    act_w: &str,
+    scale: Option<PyTensor>,
+    bias: Option<PyTensor>,
+    fold: bool,
+    out_dtype: &str,
+    stream: Option<u64>,
+) -> PyResult<(PyTensor, Option<PyTensor>, Option<PyTensor>)> {
+    boundary(|| {
+        let act_w = ActW::parse(act_w)?;
+        let kind = parse_kind(out_dtype)?;
+        let plan = plan_for(&weight, stream)?;
+        let op = on_stream(py, plan, |stream| {
+            Ok(py.allow_threads(move || {
+                let wo = operand(&weight, "the weight")?.required("weight_operand")?;
+                cuda::weight_operand(
+                    &wo,
+                    act_w,
+                    scale.as_deref(),
+                    bias.as_deref(),
+                    fold,
+                    kind,
+                    stream,
+                )?
+                .required("weight_operand")
+            })?)
+        })?;
+        Ok((
+            PyTensor(op.w_eff),
+            op.alpha.map(PyTensor),
+            op.bias_eff.map(PyTensor),
+        ))
+    })
+}
+
+/// `(grad_weight, grad_scale, grad_bias)`: see `conv::cuda::weight_grads`.
+#[pyfunction]
+#[pyo3(signature = (grad_weff, grad_beff, weight, act_w, s, bias, want, stream = None))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_weight_grads(
+    py: Python<'_>,
+    grad_weff: Option<PyTensor>,
+    grad_beff: Option<PyTensor>,
+    weight: PyTensor,
+    act_w: &str,
+    s: PyTensor,
+    bias: Option<PyTensor>,
+    want: (bool, bool, bool),
+    stream: Option<u64>,
+) -> PyResult<(Option<PyTensor>, Option<PyTensor>, Option<PyTensor>)> {
+    boundary(|| {
+        let act_w = ActW::parse(act_w)?;
+        let plan = plan_for(&weight, stream)?;
+        let want = WantGrads {
+            weight: want.0,
+            scale: want.1,
+            bias: want.2,
+        };
+        let g = on_stream(py, plan, |stream| {
+            Ok(py.allow_threads(move || {
+                let wo = operand(&weight, "the weight")?.required("weight_grads")?;
+                cuda::weight_grads(
+                    grad_weff.as_deref(),
+                    grad_beff.as_deref(),
+                    &wo,
+                    act_w,
+                    &s,
+                    bias.as_deref(),
+                    want,
+                    stream,
+                )?
+                .required("weight_grads")
+            })?)
+        })?;
+        Ok((
+            g.weight.map(PyTensor),
+            g.scale.map(PyTensor),
+            g.bias.map(PyTensor),
+        ))
+    })
+}
+
 /// Adds the conv's classes and functions to the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ConvSpec>()?;
@@ -251,5 +403,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(binarize_weight, m)?)?;
     m.add_function(wrap_pyfunction!(channel_abs_mean, m)?)?;
     m.add_function(wrap_pyfunction!(channel_alpha, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_binarize_activation, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_bireal_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_weight_operand, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_weight_grads, m)?)?;
     Ok(())
 }

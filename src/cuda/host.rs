@@ -3,7 +3,7 @@
 //! The kernels of `kernels/` are also compiled for the CPU (`host/launch.cpp`, under
 //! `host/cuda_host.h`: each block's threads are real threads with real barriers). When
 //! the host launcher is selected, CPU tensors in float32, float16 and bfloat16 count as
-//! memory of a device of their own ([`HOST_INDEX`]): [`crate::tensor::Route::of`] gives
+//! memory of a device of their own ([`HOST_INDEX`]): [`crate::facts::Route::of`] gives
 //! them the CUDA route, and the same launch code as on a GPU (grid sizes, argument
 //! order, the `AgsLayer`/`AgsParams` layouts) hands its launches to [`launch`] instead
 //! of the driver. What runs is the route a GPU user gets, minus the hardware: for tests.
@@ -182,8 +182,9 @@ mod tests {
     use tch::{Device, Kind, Tensor};
 
     use crate::binarize::ActW;
-    use crate::conv::{self, Needs, Saved};
+    use crate::conv;
     use crate::geometry::Geometry;
+    use crate::layer::{Needs, Saved};
     use crate::optim::{self, Config, Layer};
 
     /// `max |got - want| <= 1e-5 max |want|` (float32 within 1e-5 relative to the
@@ -244,8 +245,8 @@ mod tests {
                     scale,
                     std: f.std.as_ref(),
                     alpha: f.alpha.as_ref(),
-                    conv_out: f.conv_out.as_ref(),
-                    conv_kind: f.conv_kind,
+                    product: f.product.as_ref(),
+                    product_kind: f.product_kind,
                 };
                 let needs = Needs {
                     input: true,

@@ -1,47 +1,48 @@
-//! Fused CUDA kernels for the binary convolution's elementwise work and for AGS+SAD.
+//! What the CUDA routes share: the CUDA C kernels (`kernels/*.cu`), compiled at run
+//! time by NVRTC for the GPU present ([`compile`]) and loaded into PyTorch's own
+//! (primary) context ([`device`]), the host launcher that runs them on the CPU
+//! ([`host`]), the kernels' view of a tensor ([`operand`]), the route switch and counts,
+//! and the status bindings ([`py`]). The routes themselves live with their families:
+//! the binary conv's in [`crate::conv::cuda`], AGS+SAD's in [`ags`].
 //!
-//! The kernels are CUDA C held in the crate (`kernels/*.cu`), compiled at run time by
-//! NVRTC for the GPU present ([`compile`]) and loaded into PyTorch's own (primary)
-//! context ([`device`]); they launch on PyTorch's current stream of the tensors' device.
-//! Nothing CUDA is linked: the driver (`libcuda`) and NVRTC are opened with `dlopen`
-//! (cudarc's dynamic loading) the first time a CUDA tensor reaches an entry point, NVRTC
-//! from the torch wheel's `nvidia/cu13/lib` (or `nvidia/cuda_nvrtc/lib`) folder or the
-//! system library path ([`loader`]). The crate builds, and its CPU paths run, with no
-//! CUDA toolkit, driver or GPU.
+//! The kernels launch on PyTorch's current stream of the tensors' device. Nothing CUDA
+//! is linked: the driver (`libcuda`) and NVRTC are opened with `dlopen` (cudarc's
+//! dynamic loading) the first time a CUDA tensor reaches an entry point, NVRTC from the
+//! torch wheel's `nvidia/cu13/lib` (or `nvidia/cuda_nvrtc/lib`) folder or the system
+//! library path ([`loader`]). The crate builds, and its CPU paths run, with no CUDA
+//! toolkit, driver or GPU.
 //!
 //! # How the library gets here
 //! [`crate::conv::forward`], [`crate::conv::backward`] and [`crate::optim::step`] choose
 //! their route once ([`Route::of`]); for [`Route::Cuda`] they hand the op to [`fused`]
-//! with its entry point here, and take the generic libtorch route where it declines.
+//! with their CUDA entry point, and take the generic libtorch route where it declines.
 //!
 //! # Entry points
-//! Each takes tch tensors, checks dtype, device, shape and layout (from
-//! [`crate::tensor::facts`]), and returns `Ok(Outcome::Ran(..))` when it ran or
-//! `Ok(Outcome::Declined(why))` when it does not apply (CPU tensors, float64, a layout
-//! it does not cover, kernels disabled or unavailable); the caller then takes the
-//! libtorch path. `Err` is a real failure (a launch or allocation error). When NVRTC or
-//! the driver cannot be loaded the first decline of the process also raises one Python
-//! `RuntimeWarning`.
+//! Each takes tch tensors, checks dtype, device, shape and layout (as [`operand`]s), and
+//! returns `Ok(Outcome::Ran(..))` when it ran or `Ok(Outcome::Declined(why))` when it
+//! does not apply (CPU tensors, float64, a layout it does not cover, kernels disabled or
+//! unavailable); the caller then takes the libtorch path. `Err` is a real failure (a
+//! launch or allocation error). When NVRTC or the driver cannot be loaded the first
+//! decline of the process also raises one Python `RuntimeWarning`.
 //!
-//! - [`binconv::forward`] / [`binconv::backward`]: the whole binary conv on CUDA, the
-//!   CUDA route of `conv::forward` / `conv::backward` (same `Forward`, `Saved`, `Grads`;
-//!   arguments validated there).
-//! - [`binconv::binarize_activation`], [`binconv::bireal_backward`],
-//!   [`binconv::weight_operand`], [`binconv::weight_grads`]: the four fused passes the
-//!   two ops above are made of (also bound as `_core.cuda_*` for kernel-level checks).
+//! - `conv::cuda::forward` / `conv::cuda::backward`: the whole binary conv on CUDA, the
+//!   CUDA route of `conv::forward` / `conv::backward` (the same `layer::Forward`,
+//!   `Saved`, `Grads`; arguments validated there), made of four fused passes
+//!   (`binarize_activation`, `bireal_backward`, `weight_operand`, `weight_grads`, also
+//!   bound as `_core.cuda_*` for kernel-level checks).
 //! - [`crate::optim::cuda::ags_sad_step`] (in its family's folder): AGS then SAD on
-//!   all layers in two launches, figures in a float64 `[L, 2]` device tensor.
+//!   all layers in two launches, figures in a float64 `[L, 2]` device tensor: the CUDA
+//!   route of `optim::step`.
 //!
 //! The ops launch on PyTorch's current stream of the tensors' device, [`current_stream`]
 //! (read through `torch._C`, so the extension never links `libtorch_cuda`).
 
-pub mod binconv;
 pub mod compile;
 pub mod device;
 pub mod host;
 pub mod loader;
+pub(crate) mod operand;
 pub mod py;
-pub(crate) mod tensor;
 
 #[cfg(not(test))]
 use std::ffi::CString;
@@ -56,7 +57,7 @@ use pyo3::sync::GILOnceCell;
 use tch::Kind;
 
 use crate::error::{Error, Result};
-use crate::tensor::Route;
+use crate::facts::Route;
 
 /// What an entry point did.
 #[derive(Debug)]
@@ -267,7 +268,7 @@ pub fn conv_mode(cpu: bool) -> Result<ConvMode> {
     let (autocast, tf32) = crate::ffi::conv_mode(cpu)?;
     let autocast = match autocast {
         Some(code) => Some(
-            crate::tensor::kind_of(code)
+            crate::ffi::kind_of(code)
                 .ok_or_else(|| Error::Unsupported(format!("autocast runs in dtype code {code}")))?,
         ),
         None => None,

@@ -1,13 +1,13 @@
-//! Python bindings of the CUDA kernels (`ovsw._core.cuda_*`), for `ovsw.cuda`, the
-//! tests and the GPU check: where NVRTC and the driver are, compiling the kernels, the
-//! switch, how often the library's ops took the fused route, and the four fused passes
-//! of the binary conv one by one. The passes ask for the kernels explicitly: where they
-//! do not apply they raise `RuntimeError` with the reason instead of falling back. (The
-//! library's own ops, `binary_conv2d_forward`/`_backward` and `ags_sad_step`, choose the
-//! CUDA route by themselves; see `crate::cuda`.)
+//! Python bindings of the shared CUDA machinery (`ovsw._core.cuda_*`), for
+//! `ovsw.cuda`, the tests and the GPU check: where NVRTC and the driver are, compiling
+//! the kernels, the switch, the host launcher, how often the library's ops took the
+//! fused route; and the stream handling ([`plan_for`], [`on_stream`]) of the bindings
+//! that launch one fused pass (the conv's, `crate::conv::py`). (The library's own ops,
+//! `binary_conv2d_forward`/`_backward` and `ags_sad_step`, choose the CUDA route by
+//! themselves; see `crate::cuda`.)
 //!
-//! `stream=` (a raw `cudaStream_t`; default PyTorch's current stream of the tensor's
-//! device): the pass runs on that stream, made PyTorch's current stream for the call so
+//! `stream=` of a pass binding (a raw `cudaStream_t`; default PyTorch's current stream
+//! of the tensor's device): the pass runs on that stream, made PyTorch's current stream for the call so
 //! that its outputs and temporaries are allocated on it, as under
 //! `with torch.cuda.stream(s):` ([`StreamPlan`]). The caller orders the inputs'
 //! producers and the outputs' consumers against that stream.
@@ -16,16 +16,13 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
-use pyo3_tch::PyTensor;
 use tch::{Kind, Tensor};
 
-use super::binconv::{self, Std, WantGrads};
 use super::{compile, current_stream, host, loader, Stream};
-use crate::binarize::ActW;
 use crate::error::{boundary, Error, Result};
-use crate::tensor;
+use crate::facts;
 
-fn parse_kind(name: &str) -> Result<Kind> {
+pub(crate) fn parse_kind(name: &str) -> Result<Kind> {
     match name {
         "float32" => Ok(Kind::Float),
         "float16" => Ok(Kind::Half),
@@ -47,7 +44,7 @@ fn parse_kind(name: &str) -> Result<Kind> {
 /// current (as `with torch.cuda.stream(s):` would), and every tensor the pass allocates
 /// belongs to the stream its kernels run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StreamPlan {
+pub(crate) enum StreamPlan {
     /// Launch on this stream, the device's current one (or any stream on the host
     /// launcher, which runs each launch to its end and allocates no device memory; or
     /// one given for a tensor the kernels will decline).
@@ -68,13 +65,13 @@ impl StreamPlan {
 /// tensor at `place`; `current` reads PyTorch's current stream of a device index and
 /// `host` says whether the host launcher is selected.
 fn stream_plan(
-    place: &tensor::Place,
+    place: &facts::Place,
     given: Option<u64>,
     host: bool,
     current: impl FnOnce(usize) -> Result<Stream>,
 ) -> Result<StreamPlan> {
     match (place, given) {
-        (tensor::Place::Cuda(i), _) if *i >= 0 => {
+        (facts::Place::Cuda(i), _) if *i >= 0 => {
             let index = *i as usize;
             let cur = current(index)?;
             Ok(match given {
@@ -85,7 +82,7 @@ fn stream_plan(
                 _ => StreamPlan::Current(cur),
             })
         }
-        (tensor::Place::Cpu, _) if host => Ok(StreamPlan::Current(current(host::HOST_INDEX)?)),
+        (facts::Place::Cpu, _) if host => Ok(StreamPlan::Current(current(host::HOST_INDEX)?)),
         // The entry point declines the tensor and says why.
         (_, Some(s)) => Ok(StreamPlan::Current(Stream(s))),
         (other, None) => Err(Error::Value(format!(
@@ -95,8 +92,8 @@ fn stream_plan(
 }
 
 /// The plan for `t` (see [`stream_plan`]).
-fn plan_for(t: &Tensor, stream: Option<u64>) -> Result<StreamPlan> {
-    let f = tensor::facts(t)?;
+pub(crate) fn plan_for(t: &Tensor, stream: Option<u64>) -> Result<StreamPlan> {
+    let f = facts::facts(t)?;
     stream_plan(&f.place, stream, host::selected(), current_stream)
 }
 
@@ -105,7 +102,7 @@ fn plan_for(t: &Tensor, stream: Option<u64>) -> Result<StreamPlan> {
 /// panics) the device's previous stream is restored, and so is the current device:
 /// `torch.cuda.set_stream` also makes the stream's device current, so a tensor on
 /// another device than the current one would otherwise leave that device current.
-fn on_stream<T>(
+pub(crate) fn on_stream<T>(
     py: Python<'_>,
     plan: StreamPlan,
     f: impl FnOnce(Stream) -> PyResult<T>,
@@ -236,7 +233,7 @@ fn cuda_host_kernels() -> PyResult<Vec<String>> {
 fn cuda_conv_mode() -> PyResult<(Option<&'static str>, bool)> {
     boundary(|| {
         let mode = super::conv_mode(false)?;
-        Ok((mode.autocast.map(tensor::kind_name), mode.tf32))
+        Ok((mode.autocast.map(facts::kind_name), mode.tf32))
     })
 }
 
@@ -258,144 +255,6 @@ fn cuda_route_counts(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     })
 }
 
-/// `(a, std)`: `sign(x / std)` in `out_dtype` and the per-sample std (training without
-/// `std`); with `std` given, `sign(x / std)` only; with `training=False`, `sign(x)`.
-#[pyfunction]
-#[pyo3(signature = (x, training, out_dtype, std = None, stream = None))]
-fn cuda_binarize_activation(
-    py: Python<'_>,
-    x: PyTensor,
-    training: bool,
-    out_dtype: &str,
-    std: Option<PyTensor>,
-    stream: Option<u64>,
-) -> PyResult<(PyTensor, Option<PyTensor>)> {
-    boundary(|| {
-        let kind = parse_kind(out_dtype)?;
-        let plan = plan_for(&x, stream)?;
-        let (a, s) = on_stream(py, plan, |stream| {
-            Ok(py.allow_threads(move || {
-                let mode = match (&std, training) {
-                    (Some(s), _) => Std::Given(s),
-                    (None, true) => Std::Compute,
-                    (None, false) => Std::None,
-                };
-                binconv::binarize_activation(&x, mode, kind, stream)?
-                    .required("binarize_activation")
-            })?)
-        })?;
-        Ok((PyTensor(a), s.map(PyTensor)))
-    })
-}
-
-/// `grad_a * max(0, 2 - 2|x / std|) / std` in x's dtype and layout.
-#[pyfunction]
-#[pyo3(signature = (grad_a, x, std = None, stream = None))]
-fn cuda_bireal_backward(
-    py: Python<'_>,
-    grad_a: PyTensor,
-    x: PyTensor,
-    std: Option<PyTensor>,
-    stream: Option<u64>,
-) -> PyResult<PyTensor> {
-    boundary(|| {
-        let plan = plan_for(&x, stream)?;
-        let out = on_stream(py, plan, |stream| {
-            Ok(py.allow_threads(move || {
-                binconv::bireal_backward(&grad_a, &x, std.as_deref(), stream)?
-                    .required("bireal_backward")
-            })?)
-        })?;
-        Ok(PyTensor(out))
-    })
-}
-
-/// `(w_eff, alpha, bias_eff)`: see `cuda::binconv::weight_operand`.
-#[pyfunction]
-#[pyo3(signature = (weight, act_w, scale, bias, fold, out_dtype, stream = None))]
-#[allow(clippy::too_many_arguments)]
-fn cuda_weight_operand(
-    py: Python<'_>,
-    weight: PyTensor,
-    act_w: &str,
-    scale: Option<PyTensor>,
-    bias: Option<PyTensor>,
-    fold: bool,
-    out_dtype: &str,
-    stream: Option<u64>,
-) -> PyResult<(PyTensor, Option<PyTensor>, Option<PyTensor>)> {
-    boundary(|| {
-        let act_w = ActW::parse(act_w)?;
-        let kind = parse_kind(out_dtype)?;
-        let plan = plan_for(&weight, stream)?;
-        let op = on_stream(py, plan, |stream| {
-            Ok(py.allow_threads(move || {
-                binconv::weight_operand(
-                    &weight,
-                    act_w,
-                    scale.as_deref(),
-                    bias.as_deref(),
-                    fold,
-                    kind,
-                    stream,
-                )?
-                .required("weight_operand")
-            })?)
-        })?;
-        Ok((
-            PyTensor(op.w_eff),
-            op.alpha.map(PyTensor),
-            op.bias_eff.map(PyTensor),
-        ))
-    })
-}
-
-/// `(grad_weight, grad_scale, grad_bias)`: see `cuda::binconv::weight_grads`.
-#[pyfunction]
-#[pyo3(signature = (grad_weff, grad_beff, weight, act_w, s, bias, want, stream = None))]
-#[allow(clippy::too_many_arguments)]
-fn cuda_weight_grads(
-    py: Python<'_>,
-    grad_weff: Option<PyTensor>,
-    grad_beff: Option<PyTensor>,
-    weight: PyTensor,
-    act_w: &str,
-    s: PyTensor,
-    bias: Option<PyTensor>,
-    want: (bool, bool, bool),
-    stream: Option<u64>,
-) -> PyResult<(Option<PyTensor>, Option<PyTensor>, Option<PyTensor>)> {
-    boundary(|| {
-        let act_w = ActW::parse(act_w)?;
-        let plan = plan_for(&weight, stream)?;
-        let want = WantGrads {
-            weight: want.0,
-            scale: want.1,
-            bias: want.2,
-        };
-        let g = on_stream(py, plan, |stream| {
-            Ok(py.allow_threads(move || {
-                binconv::weight_grads(
-                    grad_weff.as_deref(),
-                    grad_beff.as_deref(),
-                    &weight,
-                    act_w,
-                    &s,
-                    bias.as_deref(),
-                    want,
-                    stream,
-                )?
-                .required("weight_grads")
-            })?)
-        })?;
-        Ok((
-            g.weight.map(PyTensor),
-            g.scale.map(PyTensor),
-            g.bias.map(PyTensor),
-        ))
-    })
-}
-
 /// Adds the `cuda_*` functions to `ovsw._core`.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_status, m)?)?;
@@ -408,17 +267,13 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_host_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_route_counts, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_conv_mode, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_binarize_activation, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_bireal_backward, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_weight_operand, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_weight_grads, m)?)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Place;
+    use crate::facts::Place;
 
     fn current(i: usize) -> Result<Stream> {
         Ok(Stream(if i == host::HOST_INDEX {

@@ -10,11 +10,11 @@ use tch::{Device, Kind, Tensor};
 use crate::binarize::{self, ActW};
 use crate::error::{value_err, Result};
 use crate::ffi;
-use crate::tensor;
+use crate::facts;
 
 /// `Ok` unless the tensor is a meta tensor, which has no values to export.
-fn readable(f: &tensor::Facts) -> Result<()> {
-    if f.storage == tensor::Storage::Meta {
+fn readable(f: &facts::Facts) -> Result<()> {
+    if f.storage == facts::Storage::Meta {
         return value_err!(
             "cannot export a meta tensor (it holds no values); load the weights first"
         );
@@ -24,12 +24,12 @@ fn readable(f: &tensor::Facts) -> Result<()> {
 
 /// A tensor's elements on the CPU as `kind`, row-major.
 fn host<T: tch::kind::Element + Copy>(t: &Tensor, kind: Kind) -> Result<Vec<T>> {
-    readable(&tensor::facts(t)?)?;
+    readable(&facts::facts(t)?)?;
     let t = t
         .f_to_device(Device::Cpu)?
         .f_to_kind(kind)?
         .f_contiguous()?;
-    let n = tensor::facts(&t)?.numel();
+    let n = facts::facts(&t)?.numel();
     let mut out = vec![T::ZERO; n];
     t.f_copy_data(&mut out, n)?;
     Ok(out)
@@ -37,14 +37,14 @@ fn host<T: tch::kind::Element + Copy>(t: &Tensor, kind: Kind) -> Result<Vec<T>> 
 
 /// A floating tensor's elements as float64 (exact for every floating dtype).
 fn host_f64(t: &Tensor, what: &str) -> Result<Vec<f64>> {
-    tensor::check_float(&tensor::facts(t)?, what)?;
+    facts::check_float(&facts::facts(t)?, what)?;
     host(t, Kind::Double)
 }
 
 /// The shape of a 4-D floating conv weight.
 fn conv_shape(weight: &Tensor) -> Result<[usize; 4]> {
-    let f = tensor::facts(weight)?;
-    tensor::check_float(&f, "weight")?;
+    let f = facts::facts(weight)?;
+    facts::check_float(&f, "weight")?;
     readable(&f)?;
     match f.sizes[..] {
         [o, c, kh, kw] => Ok([o, c, kh, kw].map(|s| s.max(0) as usize)),
@@ -57,7 +57,7 @@ fn conv_shape(weight: &Tensor) -> Result<[usize; 4]> {
 
 /// A 1-D tensor of `n` values, or the error naming it.
 fn channel_vector(t: &Tensor, n: Option<usize>, what: &str) -> Result<Vec<f64>> {
-    let f = tensor::facts(t)?;
+    let f = facts::facts(t)?;
     if f.dim() != 1 || n.is_some_and(|n| f.sizes[0] as usize != n) {
         let want = n.map_or_else(|| "one dimension".to_owned(), |n| format!("shape [{n}]"));
         return value_err!("{what} must have {want}, got shape {:?}", f.sizes);

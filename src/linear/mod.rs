@@ -1,57 +1,90 @@
-//! The binary fully connected layer of ovsw (`OvSWLinear`): SPEC section 1 with a
-//! matrix product in place of the convolution, forward and backward.
+//! The binary fully connected layer of ovsw (`OvSWLinear`): the binary layer of
+//! [`crate::layer`] with a matrix product in place of the convolution, forward and
+//! backward.
 //!
-//! `x` is `[N, *, in]` with the sample in dim 0. The forward runs the same steps as the
-//! convolution ([`crate::conv`]) on the same [`binarize::Kernels`], chosen once per op:
-//! per-sample std over every dim but the first (training only), `a = sign(x / std)`,
-//! the binarized weight `w_b` (`[O, in]`), `y = (a w_b^T + bias) * alpha` with alpha per
-//! output feature (learnable `scaling_factor` or derived from W). The product goes
-//! through libtorch's `linear` (BLAS on the CPU, cuBLAS on CUDA, `torch.autocast`
-//! applies); with operands in {-1, 0, +1} it is exact, an integer below 2^24. The
-//! backward is written out like the conv's: two matrix products for the product's
-//! gradients, the binarizers' surrogate gradients elementwise, no autograd graph.
+//! `x` is `[N, *, in]` with the sample in dim 0. The op validates its arguments, picks
+//! its route's [`binarize::Elementwise`] parts once and runs the layer skeleton
+//! ([`layer::forward`], [`layer::backward`]) with the product [`Linear`]:
+//! `a w_b^T + bias` through libtorch's `linear` (BLAS on the CPU, cuBLAS on CUDA,
+//! `torch.autocast` applies; with operands in {-1, 0, +1} it is exact, an integer below
+//! 2^24), alpha per output feature, and for the backward two matrix products. It has
+//! no fused CUDA route: CUDA tensors take libtorch's ops.
 
 pub mod py;
 
 use tch::{Kind, Tensor};
 
 use crate::binarize::{self, ActW};
-use crate::conv::{check_channel_vector, check_same_device, check_saved_parts, Grads, Needs};
-use crate::error::{value_err, Error, Result};
+use crate::error::{value_err, Result};
+use crate::facts::{self, check_float, Facts, Route};
 use crate::ffi;
-use crate::tensor::{self, check_float, Facts};
+use crate::layer::{
+    self, check_same_device, check_saved_parts, check_vectors, Forward, Grads, Needs, Operands,
+    Product, Saved,
+};
 
-/// What the forward keeps for the backward besides the input and weight.
-pub struct Forward {
-    /// The layer output `(a w_b^T + bias) * alpha`, `[N, *, O]`.
-    pub y: Tensor,
-    /// Per-sample `sqrt(Var(x_n) + eps)`, shape `[N, 1, ..., 1]`; `None` in eval mode.
-    pub std: Option<Tensor>,
-    /// The per-feature scale recomputed from W (shape `[O]`); `None` when the layer
-    /// owns a learnable `scaling_factor`.
-    pub alpha: Option<Tensor>,
-    /// `a w_b^T + bias` before scaling, kept only for a learnable scale's gradient.
-    pub product: Option<Tensor>,
-    /// The dtype the product ran in (differs from the input's under autocast).
-    pub product_kind: Kind,
+/// The matrix product of a binary linear layer: `[N, *, in]` activations against an
+/// `[out, in]` weight.
+pub struct Linear {
+    /// The dims of the input (and the output).
+    dims: usize,
+    in_features: i64,
+    out_features: i64,
 }
 
-/// What the backward reads, as saved by [`forward`].
-pub struct Saved<'a> {
-    pub x: &'a Tensor,
-    pub weight: &'a Tensor,
-    pub has_bias: bool,
-    /// The learnable `scaling_factor`, or `None` for the W-derived alpha.
-    pub scale: Option<&'a Tensor>,
-    pub std: Option<&'a Tensor>,
-    pub alpha: Option<&'a Tensor>,
-    pub product: Option<&'a Tensor>,
-    pub product_kind: Kind,
+impl Product for Linear {
+    const NAME: &'static str = "product";
+
+    fn dims(&self) -> usize {
+        self.dims
+    }
+
+    fn channel(&self) -> usize {
+        self.dims - 1
+    }
+
+    fn forward(&self, a: &Tensor, wb: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        Ok(a.f_linear(wb, bias)?)
+    }
+
+    fn backward(
+        &self,
+        grad: &Tensor,
+        kind: Kind,
+        operands: &Operands<'_>,
+        [input, weight, bias]: [bool; 3],
+    ) -> Result<[Option<Tensor>; 3]> {
+        // Every dim but the last is a row of the product.
+        let rows: Vec<i64> = (0..self.dims as i64 - 1).collect();
+        let grad_bias = if bias {
+            Some(grad.f_sum_dim_intlist(rows.as_slice(), false, None::<Kind>)?)
+        } else {
+            None
+        };
+        let grad = grad.f_to_kind(kind)?;
+        let grad_a = if input {
+            Some(grad.f_matmul(operands.wb()?)?)
+        } else {
+            None
+        };
+        let grad_wb = if weight {
+            let (i, o) = (self.in_features, self.out_features);
+            Some(
+                grad.f_reshape([-1, o])?
+                    .f_tr()?
+                    .f_mm(&operands.a()?.f_reshape([-1, i])?)?,
+            )
+        } else {
+            None
+        };
+        Ok([grad_a, grad_wb, grad_bias])
+    }
 }
 
-/// `(x facts, in, out)` after checking the input and weight; names the first problem.
-fn validate_operands(x: &Tensor, weight: &Tensor, x_name: &str) -> Result<(Facts, i64, i64)> {
-    let xf = tensor::facts(x)?;
+/// `(x facts, the product)` after checking the input and weight; names the first
+/// problem.
+fn validate_operands(x: &Tensor, weight: &Tensor, x_name: &str) -> Result<(Facts, Linear)> {
+    let xf = facts::facts(x)?;
     if xf.dim() < 2 {
         return value_err!(
             "OvSWLinear expects an input [N, *, in_features] with a batch dim (per-sample \
@@ -60,7 +93,7 @@ fn validate_operands(x: &Tensor, weight: &Tensor, x_name: &str) -> Result<(Facts
         );
     }
     check_float(&xf, x_name)?;
-    let wf = tensor::facts(weight)?;
+    let wf = facts::facts(weight)?;
     if wf.dim() != 2 {
         return value_err!(
             "weight must be 2-D [out_features, in_features], got shape {:?}",
@@ -77,7 +110,12 @@ fn validate_operands(x: &Tensor, weight: &Tensor, x_name: &str) -> Result<(Facts
             xf.sizes
         );
     }
-    Ok((xf, i, o))
+    let product = Linear {
+        dims: xf.dim(),
+        in_features: i,
+        out_features: o,
+    };
+    Ok((xf, product))
 }
 
 /// Forward of the binary linear layer.
@@ -89,46 +127,19 @@ pub fn forward(
     act_w: ActW,
     training: bool,
 ) -> Result<Forward> {
-    let (xf, _, o) = validate_operands(x, weight, "input")?;
-    if let Some(b) = bias {
-        check_channel_vector(b, &xf, o, "bias")?;
-    }
-    if let Some(s) = scale {
-        check_channel_vector(s, &xf, o, "scaling_factor")?;
-    }
+    let (xf, product) = validate_operands(x, weight, "input")?;
+    check_vectors(&xf, product.out_features, bias, scale)?;
     let _guard = ffi::no_grad();
-    let k = binarize::kernels_for(&[x])?;
-    let std = if training {
-        Some(k.sample_std(x)?)
-    } else {
-        None
-    };
-    let a = k.sign(x, std.as_ref())?;
-    let wb = k.binarize_weight(weight, act_w)?;
-    let product = a.f_linear(&wb, bias)?;
-    let product_kind = tensor::kind(&product)?;
-    // [O] broadcasts over the last dim of [N, *, O].
-    let (y, alpha, product) = match scale {
-        Some(s) => (product.f_mul(s)?, None, Some(product)),
-        None => {
-            let alpha = k.channel_alpha(weight)?;
-            (product.f_mul(&alpha)?, Some(alpha), None)
-        }
-    };
-    Ok(Forward {
-        y,
-        std,
-        alpha,
-        product,
-        product_kind,
-    })
+    let k = binarize::for_route(Route::of(&[x])?);
+    layer::forward(&product, k, x, weight, bias, scale, act_w, training)
 }
 
-/// Checks what the backward was handed; returns `(in, out, weight dtype)`.
-fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<(i64, i64, Kind)> {
-    let (xf, i, o) = validate_operands(saved.x, saved.weight, "x")?;
-    let weight_kind = tensor::kind(saved.weight)?;
-    let gf = tensor::facts(grad_y)?;
+/// Checks what the backward was handed; returns the product and the weight's dtype.
+fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<(Linear, Kind)> {
+    let (xf, product) = validate_operands(saved.x, saved.weight, "x")?;
+    let o = product.out_features;
+    let weight_kind = facts::kind(saved.weight)?;
+    let gf = facts::facts(grad_y)?;
     check_float(&gf, "grad_output")?;
     let mut expected = xf.sizes.clone();
     let last = expected.len() - 1;
@@ -139,99 +150,24 @@ fn validate_saved(grad_y: &Tensor, saved: &Saved<'_>) -> Result<(i64, i64, Kind)
             gf.sizes
         );
     }
-    check_saved_parts(
-        &xf,
-        &gf,
-        o,
-        saved.std,
-        [saved.scale, saved.alpha],
-        saved.product.map(|p| (p, "product")),
-    )?;
-    Ok((i, o, weight_kind))
+    check_saved_parts(&xf, &gf, o, saved, Linear::NAME)?;
+    Ok((product, weight_kind))
 }
 
 /// Backward of the binary linear layer, given the gradient of its output.
 pub fn backward(grad_y: &Tensor, saved: &Saved<'_>, act_w: ActW, needs: Needs) -> Result<Grads> {
-    let (i, o, weight_kind) = validate_saved(grad_y, saved)?;
+    let (product, weight_kind) = validate_saved(grad_y, saved)?;
     let _guard = ffi::no_grad();
-    let (x, weight) = (saved.x, saved.weight);
-    // Every dim of x but the last is a row of the product.
-    let all_but_last: Vec<i64> = (0..tensor::dim(grad_y)? as i64 - 1).collect();
-
-    // y = product * s: d/d product = grad_y * s, d/d s = sum(grad_y * product).
-    let (scale, grad_scale) = match (saved.scale, saved.alpha) {
-        (Some(s), _) => {
-            let gs = if needs.scale {
-                let product = saved
-                    .product
-                    .ok_or_else(|| Error::Value("missing product for a learnable scale".into()))?;
-                Some(
-                    grad_y
-                        .f_mul(product)?
-                        .f_sum_dim_intlist(all_but_last.as_slice(), false, None::<Kind>)?
-                        .f_to_kind(tensor::kind(s)?)?,
-                )
-            } else {
-                None
-            };
-            (s, gs)
-        }
-        (None, Some(a)) => (a, None),
-        (None, None) => return value_err!("backward needs either a scaling_factor or alpha"),
-    };
-    let grad_product = grad_y.f_mul(scale)?;
-    let bias = if needs.bias && saved.has_bias {
-        Some(
-            grad_product
-                .f_sum_dim_intlist(all_but_last.as_slice(), false, None::<Kind>)?
-                .f_to_kind(weight_kind)?,
-        )
-    } else {
-        None
-    };
-    if !(needs.input || needs.weight) {
-        return Ok(Grads {
-            input: None,
-            weight: None,
-            bias,
-            scale: grad_scale,
-        });
-    }
-
-    // Recompute the binarized operands in the dtype the forward product ran in.
-    let mut activations = vec![x];
+    let mut activations = vec![saved.x];
     activations.extend(saved.std);
-    let k = binarize::kernels_for(&activations)?;
-    let kind = saved.product_kind;
-    let grad_product = grad_product.f_to_kind(kind)?;
-    let input = if needs.input {
-        let wb = k.binarize_weight(weight, act_w)?.f_to_kind(kind)?;
-        let grad_a = grad_product.f_matmul(&wb)?;
-        Some(k.bireal_backward(&grad_a, x, saved.std)?)
-    } else {
-        None
-    };
-    let weight_g = if needs.weight {
-        let a = k.sign(x, saved.std)?.f_to_kind(kind)?;
-        let grad_wb = grad_product
-            .f_reshape([-1, o])?
-            .f_tr()?
-            .f_mm(&a.f_reshape([-1, i])?)?;
-        Some(k.weight_grad(&grad_wb, weight, act_w)?)
-    } else {
-        None
-    };
-    Ok(Grads {
-        input,
-        weight: weight_g,
-        bias,
-        scale: grad_scale,
-    })
+    let k = binarize::for_route(Route::of(&activations)?);
+    layer::backward(&product, k, grad_y, saved, act_w, needs, weight_kind)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use tch::Device;
 
     fn t(values: &[f32], shape: &[i64]) -> Tensor {

@@ -7,7 +7,8 @@ use pyo3_tch::PyTensor;
 
 use crate::binarize::ActW;
 use crate::error::{boundary, Error};
-use crate::{linear, op_args, tensor};
+use crate::layer::{Needs, Saved};
+use crate::{facts, linear, op_args};
 
 /// Four tensors: `(y, std, alpha, product)` forward, the gradients of
 /// `(x, weight, bias, scale)` backward.
@@ -69,14 +70,14 @@ fn binary_linear_backward(
 ) -> PyResult<Four> {
     boundary(|| {
         let act_w = ActW::parse(act_w)?;
-        let needs = crate::conv::Needs {
+        let needs = Needs {
             input: needs[0],
             weight: needs[1],
             bias: needs[2],
             scale: needs[3],
         };
         let out = py.allow_threads(move || {
-            let saved = linear::Saved {
+            let saved = Saved {
                 x: &x,
                 weight: &weight,
                 has_bias,
@@ -84,7 +85,7 @@ fn binary_linear_backward(
                 std: op_args::present(&std)?,
                 alpha: op_args::present(&alpha)?,
                 product: op_args::present(&product)?,
-                product_kind: tensor::kind(&product)?,
+                product_kind: facts::kind(&product)?,
             };
             let g = linear::backward(&grad_y, &saved, act_w, needs)?;
             Ok::<_, Error>((

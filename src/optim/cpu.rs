@@ -6,7 +6,7 @@ use super::config::Config;
 use super::layer::{Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
 use crate::error::Result;
 use crate::parallel::{parallel_for, SharedMut, GRAIN};
-use crate::tensor::{self, HostF32};
+use crate::facts::{self, HostF32};
 
 /// One layer as raw pointers. Built only by [`plan`], which checks that every tensor is
 /// a contiguous float32 CPU tensor of `channels * per_channel` elements and that the
@@ -54,7 +54,7 @@ pub fn plan(cfg: &Config, layers: &[Layer<'_>]) -> Result<Option<Vec<RawLayer>>>
             return Ok(None);
         }
         weights.push(weight.span());
-        let channels = tensor::facts(l.weight)?
+        let channels = facts::facts(l.weight)?
             .sizes
             .first()
             .map_or(0, |&o| o.max(0) as usize);

@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 use super::config::Config;
 use super::layer::{Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
 use crate::error::{value_err, Result};
-use crate::{ffi, tensor};
+use crate::{facts, ffi};
 
 /// Applies AGS then SAD to every layer, in place; returns the figures as a float64
 /// `[L, 2]` tensor on the weights' device, built there without a copy to the host.
@@ -13,7 +13,7 @@ pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Tensor> {
     let mut ags: Vec<Tensor> = Vec::with_capacity(layers.len());
     let mut silent_fractions: Vec<Tensor> = Vec::with_capacity(layers.len());
     for l in layers {
-        let wf = tensor::facts(l.weight)?;
+        let wf = facts::facts(l.weight)?;
         let o = wf.sizes.first().copied().unwrap_or(1);
         // A second handle to the gradient's storage for tch's in-place calls.
         let mut grad = l.grad.f_alias()?;
@@ -21,7 +21,7 @@ pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Tensor> {
             // Norms, their ratio and the factor in float32 at least (float64 weights stay
             // float64): in half precision the squares of gradients below about 2.4e-4
             // underflow, and the fused routes sum in float64 and divide in float32 too.
-            let acc = match tensor::kind(l.weight)? {
+            let acc = match facts::kind(l.weight)? {
                 Kind::Double => Kind::Double,
                 _ => Kind::Float,
             };
@@ -56,7 +56,7 @@ pub fn run(cfg: &Config, layers: &[Layer<'_>]) -> Result<Tensor> {
                 .weight
                 .f_sign()?
                 .f_ne_tensor(&prev.f_sign()?)?
-                .f_to_kind(tensor::kind(&tracker)?)?;
+                .f_to_kind(facts::kind(&tracker)?)?;
             let _ = tracker.f_mul_scalar_(cfg.track_momentum)?;
             let _ = tracker.f_add_(&flipped.f_mul_scalar(1.0 - cfg.track_momentum)?)?;
             let silent = tracker.f_lt(cfg.track_threshold)?;

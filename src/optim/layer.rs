@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 
 use super::config::Config;
 use crate::error::{value_err, Error, Result};
-use crate::tensor::{self, Place};
+use crate::facts::{self, Place};
 
 /// Floors of SPEC section 2: `g_o = max(||G_o||, 1e-6)`, `w_o = max(||W_o||, 1e-3)`.
 pub const GRAD_NORM_FLOOR: f64 = 1e-6;
@@ -86,8 +86,8 @@ pub fn check_layer(
     channels: bool,
     others: &[(&str, &Tensor, Dtype)],
 ) -> Result<Place> {
-    let wf = tensor::facts(weight)?;
-    let kind = tensor::check_float(&wf, &format!("layer {i}: weight"))?;
+    let wf = facts::facts(weight)?;
+    let kind = facts::check_float(&wf, &format!("layer {i}: weight"))?;
     if channels && wf.sizes.is_empty() {
         return value_err!(
             "layer {i}: weight must have an output-channel dimension, got a 0-d tensor"
@@ -95,11 +95,11 @@ pub fn check_layer(
     }
     for &(name, t, want) in others {
         if want == Dtype::Float {
-            tensor::check_float(&tensor::facts(t)?, &format!("layer {i}: {name}"))?;
+            facts::check_float(&facts::facts(t)?, &format!("layer {i}: {name}"))?;
         }
     }
     for &(name, t, want) in others {
-        let f = tensor::facts(t)?;
+        let f = facts::facts(t)?;
         if f.sizes != wf.sizes {
             return value_err!(
                 "layer {i}: {name} has shape {:?}, weight {:?}",
@@ -119,13 +119,13 @@ pub fn check_layer(
                 return Err(Error::Type(format!(
                     "layer {i}: {name} has dtype {}, weight {}",
                     f.dtype_name(),
-                    tensor::kind_name(kind)
+                    facts::kind_name(kind)
                 )));
             }
             Dtype::Dense(k) if f.kind != Some(k) || !f.strided => {
                 return Err(Error::Type(format!(
                     "layer {i}: {name} must be a dense {} tensor, got {}",
-                    tensor::kind_name(k),
+                    facts::kind_name(k),
                     f.dtype_name()
                 )));
             }

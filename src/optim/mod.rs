@@ -34,13 +34,13 @@ pub use layer::Layer;
 use crate::cuda::{fused, Op};
 use crate::error::{value_err, Result};
 use crate::ffi;
-use crate::tensor::{self, Route};
+use crate::facts::{self, Route};
 
 /// The initial SAD state of a weight: the tracker (zeros, or ones with `track_ones`) and
 /// `weight_prev`, a copy of W.
 pub fn initial_state(weight: &Tensor, track_ones: bool) -> Result<(Tensor, Tensor)> {
-    let f = tensor::facts(weight)?;
-    tensor::check_float(&f, "weight")?;
+    let f = facts::facts(weight)?;
+    facts::check_float(&f, "weight")?;
     if f.sizes.is_empty() {
         return value_err!("weight must have an output-channel dimension, got a 0-d tensor");
     }

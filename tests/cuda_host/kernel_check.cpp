@@ -1,6 +1,6 @@
 // Every kernel of src/cuda/kernels/binconv.cu and ags_sad.cu, compiled for the CPU
 // (src/cuda/host/launch.cpp) and launched by name with packed arguments, grid sizes as
-// src/cuda/binconv.rs and ags.rs compute them, against a scalar float64 reference
+// src/conv/cuda.rs and src/cuda/ags.rs compute them, against a scalar float64 reference
 // written here. No Python, no libtorch: scripts/cuda_host_check.sh builds and runs it
 // plain, under AddressSanitizer and under ThreadSanitizer.
 //
@@ -256,7 +256,7 @@ void expect(bool cond, const std::string& what) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Launches, as src/cuda/device.rs and binconv.rs/ags.rs make them
+// Launches, as src/cuda/device.rs and src/conv/cuda.rs / src/cuda/ags.rs make them
 // ---------------------------------------------------------------------------------------
 constexpr unsigned kThreads = 256;  // device.rs THREADS
 constexpr i64 kMomentChunk = 16 * 1024, kMaxChunks = 64, kSignSpan = 8 * 1024;
@@ -285,7 +285,7 @@ struct Binarized {
     i64 chunks = 0, chunk = 0;
 };
 
-// binconv.rs binarize_activation. With `moments`, its partial sums are reused instead
+// src/conv/cuda.rs binarize_activation. With `moments`, its partial sums are reused instead
 // of launching the moments kernel again (the same launch, for the other output dtypes).
 Binarized binarize(Buf& x, i64 n, i64 per, StdMode mode, Buf* std_in, Fmt out,
                    const Binarized* moments = nullptr) {
@@ -506,7 +506,7 @@ void check_bireal(const Activation& act, bool x_cl, bool g_cl, bool with_std, Fm
         const std::vector<double> s = ref_std(x, act.n, per);  // any positive std will do
         for (i64 n = 0; n < act.n; ++n) sd.set((size_t)n, s[(size_t)n]);
     }
-    // binconv.rs bireal_backward: x's dims from outermost to innermost stride.
+    // src/conv/cuda.rs bireal_backward: x's dims from outermost to innermost stride.
     std::vector<int> order = {0, 1, 2, 3};
     if (x_cl) order = {0, 2, 3, 1};
     i64 sizes[4], gst[4];
@@ -1191,7 +1191,7 @@ int main(int argc, char** argv) {
     });
     part("activation passes (moments, sign)", [] {
         for (const Activation& a : activations()) check_activation_passes(a);
-        // An empty batch: binconv.rs launches nothing; nothing is written.
+        // An empty batch: src/conv/cuda.rs launches nothing; nothing is written.
         Buf x(Fmt::f32, 0);
         Binarized b = binarize(x, 0, 18, StdMode::Compute, nullptr, Fmt::f16);
         expect(b.a.n == 0 && b.partial.empty(), "empty batch: no launch, empty outputs");

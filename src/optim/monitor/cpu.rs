@@ -6,7 +6,7 @@ use tch::{Kind, Tensor};
 use super::config::{MonitorConfig, MonitorLayer};
 use crate::error::Result;
 use crate::parallel::{parallel_for, SharedMut, GRAIN};
-use crate::tensor::{self, Place, Storage};
+use crate::facts::{self, Place, Storage};
 
 /// One layer as raw pointers. Built only by [`plan`], which checks that every tensor is
 /// contiguous CPU memory of the right dtype, of `len` elements, and that the buffers
@@ -27,7 +27,7 @@ unsafe impl Sync for RawLayer {}
 
 /// `(address, bytes)` of `t` when it is contiguous, readable CPU memory of `kind`.
 fn host_memory(t: &Tensor, kind: Kind, elem: usize) -> Result<Option<(usize, usize)>> {
-    let f = tensor::facts(t)?;
+    let f = facts::facts(t)?;
     let ok = f.place == Place::Cpu
         && f.kind == Some(kind)
         && f.contiguous

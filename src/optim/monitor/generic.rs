@@ -4,7 +4,7 @@ use tch::{Kind, Tensor};
 
 use super::config::{MonitorConfig, MonitorLayer};
 use crate::error::Result;
-use crate::tensor;
+use crate::facts;
 
 /// Updates every layer's state in place; returns the per-layer shares (flipped, never
 /// flipped, silent) as float64 `[L]` tensors on the weights' device, built there
@@ -14,7 +14,7 @@ pub fn run(cfg: &MonitorConfig, layers: &[MonitorLayer<'_>]) -> Result<[Tensor; 
     let mut never_shares = Vec::with_capacity(layers.len());
     let mut silent_shares = Vec::with_capacity(layers.len());
     for l in layers {
-        let n = tensor::facts(l.weight)?.numel() as f64;
+        let n = facts::facts(l.weight)?.numel() as f64;
         // Second handles to the state's storage for tch's in-place calls.
         let mut sign = l.sign.f_alias()?;
         let mut ever = l.ever_flipped.f_alias()?;
@@ -24,7 +24,7 @@ pub fn run(cfg: &MonitorConfig, layers: &[MonitorLayer<'_>]) -> Result<[Tensor; 
         let _ = ever.f_logical_or_(&flipped)?;
         if cfg.update_trackers {
             let mut tracker = l.tracker.f_alias()?;
-            let f = flipped.f_to_kind(tensor::kind(&tracker)?)?;
+            let f = flipped.f_to_kind(facts::kind(&tracker)?)?;
             let _ = tracker.f_mul_scalar_(cfg.momentum)?;
             let _ = tracker.f_add_(&f.f_mul_scalar(1.0 - cfg.momentum)?)?;
         }

@@ -32,7 +32,7 @@ use self::config::{MonitorConfig, MonitorLayer, COLUMNS};
 use crate::error::{value_err, Result};
 use crate::ffi;
 use crate::optim::layer::{check_layer, Dtype};
-use crate::tensor;
+use crate::facts;
 
 /// The monitor's state for a weight: its sign (int8), the ever-flipped mask (bool, all
 /// false) and, with `own_tracker`, a tracker of zeros in W's dtype.
@@ -40,8 +40,8 @@ pub fn initial_state(
     weight: &Tensor,
     own_tracker: bool,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    let f = tensor::facts(weight)?;
-    tensor::check_float(&f, "weight")?;
+    let f = facts::facts(weight)?;
+    facts::check_float(&f, "weight")?;
     let _guard = ffi::no_grad();
     let sign = weight.f_sign()?.f_to_kind(Kind::Int8)?.f_contiguous()?;
     let ever = weight
@@ -58,7 +58,7 @@ pub fn initial_state(
 
 /// Checks layer `i`: a floating weight, and its int8 sign, bool ever-flipped mask and
 /// floating tracker of its shape and device.
-fn check(i: usize, l: &MonitorLayer<'_>) -> Result<tensor::Place> {
+fn check(i: usize, l: &MonitorLayer<'_>) -> Result<facts::Place> {
     let others = [
         ("sign", l.sign, Dtype::Dense(Kind::Int8)),
         ("ever_flipped", l.ever_flipped, Dtype::Dense(Kind::Bool)),
@@ -94,7 +94,7 @@ pub fn update(
             Some(_) => {}
         }
     }
-    let rf = tensor::facts(rates)?;
+    let rf = facts::facts(rates)?;
     if rf.kind != Some(Kind::Double) || rf.sizes != [layers.len() as i64] {
         return value_err!(
             "rates must be a float64 tensor of shape [{}] (one per layer), got {} of shape {:?}",

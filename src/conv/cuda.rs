@@ -1,4 +1,6 @@
-//! The binary convolution on CUDA with fused elementwise passes (SPEC section 1).
+//! The CUDA route of the binary convolution (SPEC section 1): the whole op on CUDA
+//! tensors, with fused elementwise passes, launched through the shared machinery of
+//! [`crate::cuda`] (device, loader, operands).
 //!
 //! Forward: `binarize_activation` (two kernels: per-sample moments, then `sign(x/std)`
 //! written straight in the convolution's dtype), `weight_operand` (one kernel: `w_b`,
@@ -13,15 +15,17 @@ use std::ffi::c_void;
 
 use tch::{Kind, Tensor};
 
-use super::device::{arg, Launcher};
-use super::tensor::{dtype_code, operand, opt_ptr, ptr, suffix, Operand};
-use super::{conv_mode, current_stream, decline, ran, ready, Outcome, Stream};
+use super::product::over_channels;
 use crate::binarize::{ActW, EPS};
-use crate::conv::{self, Forward, Grads, Needs, Saved, Scale};
+use crate::cuda::device::{arg, Launcher};
+use crate::cuda::operand::{dtype_code, operand, operand_of, opt_ptr, ptr, suffix, Operand};
+use crate::cuda::{conv_mode, current_stream, decline, host, ran, ready, Outcome, Stream};
 use crate::error::{Error, Result};
+use crate::facts;
+use crate::facts::Facts;
 use crate::ffi;
 use crate::geometry::Geometry;
-use crate::tensor;
+use crate::layer::{foldable, Forward, Grads, Needs, OpFacts, Saved, Scale};
 
 /// The code of `act_w` in the kernels.
 fn act_code(act_w: ActW) -> i32 {
@@ -41,7 +45,7 @@ fn device_of(t: &Operand) -> Outcome<Launcher> {
 fn same_device(t: &Operand, dev: Launcher, what: &str) -> Result<Outcome<()>> {
     if t.index != dev.index() {
         let name = |i: usize| match i {
-            super::host::HOST_INDEX => "cpu".to_string(),
+            host::HOST_INDEX => "cpu".to_string(),
             i => format!("cuda:{i}"),
         };
         decline!("{what} is on {}, not {}", name(t.index), name(dev.index()));
@@ -84,13 +88,12 @@ const SIGN_SPAN: i64 = 8 * 1024;
 ///   `Std::None` in eval mode (one launch).
 /// - Returns `(a, std)`; `a` has x's shape and strides; `std` only for `Std::Compute`.
 pub fn binarize_activation(
-    x: &Tensor,
+    xo: &Operand,
     std: Std<'_>,
     out_kind: Kind,
     stream: Stream,
 ) -> Result<Outcome<(Tensor, Option<Tensor>)>> {
-    let xo = ran!(operand(x, "the input"));
-    let dev = ran!(Ok::<_, Error>(device_of(&xo)));
+    let dev = ran!(Ok::<_, Error>(device_of(xo)));
     let (Some(xs), Some(os)) = (suffix(xo.kind), suffix(out_kind)) else {
         decline!("output dtype {out_kind:?} is not float32, float16 or bfloat16");
     };
@@ -111,7 +114,7 @@ pub fn binarize_activation(
         // ...]`), as the generic route and the fake implementation give.
         let std_out = match std {
             Std::Compute => Some(Tensor::f_empty(
-                std_shape(&xo).as_slice(),
+                std_shape(xo).as_slice(),
                 (xo.kind, xo.device()),
             )?),
             Std::Given(_) | Std::None => None,
@@ -140,7 +143,7 @@ pub fn binarize_activation(
             // n * chunks * 2 doubles, both on this device and alive until the end of
             // this function (stream-ordered frees in the caching allocator).
             unsafe { dev.launch(&name, (n * chunks) as u64, stream, &mut args)? };
-            let std_t = Tensor::f_empty(std_shape(&xo).as_slice(), (xo.kind, xo.device()))?;
+            let std_t = Tensor::f_empty(std_shape(xo).as_slice(), (xo.kind, xo.device()))?;
             (Some(partial), chunks, Some(std_t), None)
         }
         Std::Given(s) => {
@@ -191,12 +194,11 @@ pub enum Std<'a> {
 /// - `std`: the `[N, 1, 1, 1]` std saved by the forward (x's dtype), or `None`.
 pub fn bireal_backward(
     grad_a: &Tensor,
-    x: &Tensor,
+    xo: &Operand,
     std: Option<&Tensor>,
     stream: Stream,
 ) -> Result<Outcome<Tensor>> {
-    let xo = ran!(operand(x, "the input"));
-    let dev = ran!(Ok::<_, Error>(device_of(&xo)));
+    let dev = ran!(Ok::<_, Error>(device_of(xo)));
     let go = ran!(operand(grad_a, "the gradient"));
     ran!(same_device(&go, dev, "the gradient"));
     let (Some(xs), Some(gs)) = (suffix(xo.kind), suffix(go.kind)) else {
@@ -273,10 +275,9 @@ fn check_vector(t: &Tensor, o: i64, wk: Kind, dev: Launcher, what: &str) -> Resu
     Ok(Outcome::Ran(()))
 }
 
-/// The weight as the per-channel kernels read it: `(operand, device, O, K)`.
-fn weight_of(weight: &Tensor) -> Result<Outcome<(Operand, Launcher, i64, i64)>> {
-    let wo = ran!(operand(weight, "the weight"));
-    let dev = ran!(Ok::<_, Error>(device_of(&wo)));
+/// The weight as the per-channel kernels read it: `(device, O, K)`.
+fn weight_of(wo: &Operand) -> Result<Outcome<(Launcher, i64, i64)>> {
+    let dev = ran!(Ok::<_, Error>(device_of(wo)));
     if wo.dim() < 2 || !wo.dim0_major() {
         decline!(
             "the weight (strides {:?}) is not dense with the output channel outermost",
@@ -285,7 +286,7 @@ fn weight_of(weight: &Tensor) -> Result<Outcome<(Operand, Launcher, i64, i64)>> 
     }
     let o = wo.sizes()[0];
     let k = wo.numel() / o.max(1);
-    Ok(Outcome::Ran((wo, dev, o, k)))
+    Ok(Outcome::Ran((dev, o, k)))
 }
 
 /// One kernel, one block per output channel: `w_b` for `act_w`, the scale `s` (the
@@ -298,7 +299,7 @@ fn weight_of(weight: &Tensor) -> Result<Outcome<(Operand, Launcher, i64, i64)>> 
 ///   elements contiguous (contiguous or channels_last).
 /// - `scale`, `bias`: `[O]`, contiguous, the weight's dtype and device.
 pub fn weight_operand(
-    weight: &Tensor,
+    wo: &Operand,
     act_w: ActW,
     scale: Option<&Tensor>,
     bias: Option<&Tensor>,
@@ -306,7 +307,7 @@ pub fn weight_operand(
     out_kind: Kind,
     stream: Stream,
 ) -> Result<Outcome<WeightOperand>> {
-    let (wo, dev, o, k) = ran!(weight_of(weight));
+    let (dev, o, k) = ran!(weight_of(wo));
     let (Some(ws), Some(os)) = (suffix(wo.kind), suffix(out_kind)) else {
         decline!("output dtype {out_kind:?} is not float32, float16 or bfloat16");
     };
@@ -393,14 +394,14 @@ pub struct WantGrads {
 pub fn weight_grads(
     grad_weff: Option<&Tensor>,
     grad_beff: Option<&Tensor>,
-    weight: &Tensor,
+    wo: &Operand,
     act_w: ActW,
     s: &Tensor,
     bias: Option<&Tensor>,
     want: WantGrads,
     stream: Stream,
 ) -> Result<Outcome<WeightGrads>> {
-    let (wo, dev, o, k) = ran!(weight_of(weight));
+    let (dev, o, k) = ran!(weight_of(wo));
     let wk = wo.kind;
     ran!(check_vector(s, o, wk, dev, "the scale"));
     if let Some(b) = bias {
@@ -485,14 +486,14 @@ pub fn weight_grads(
     }))
 }
 
-/// The binary convolution's forward on CUDA, the CUDA route of [`conv::forward`]
+/// The binary convolution's forward on CUDA, the CUDA route of [`crate::conv::forward`]
 /// (which validated the arguments): the same contract and result (SPEC 1.1 to 1.5),
 /// through the fused passes. `conv_out` follows the one contract of every route and the
 /// fake implementation (`ops._fake_layer_outputs`): kept (`conv(a, w_b)`, `[N, O, H, W]`
 /// in the convolution's dtype) exactly when the scale is a learnable `scaling_factor`,
 /// absent otherwise; this backward does not read it. Declines (the generic route runs)
 /// for tensors other than float32, float16 and bfloat16 CUDA memory, layouts other than
-/// dense batch-major, and a learnable scale together with a bias ([`conv::foldable`]).
+/// dense batch-major, and a learnable scale together with a bias ([`foldable`]).
 ///
 /// The computed alpha is folded into the weight when the convolution runs in W's dtype
 /// (no autocast) and, for float32, without TF32: `y = conv(a, w_b * alpha, bias *
@@ -500,19 +501,18 @@ pub fn weight_grads(
 /// product the contract keeps), `y = conv(a, w_b, bias) * s` (in float32 under
 /// autocast), as the libtorch path gives.
 pub fn forward(
-    x: &Tensor,
-    weight: &Tensor,
+    args: &OpFacts,
     bias: Option<&Tensor>,
     scale: Option<&Tensor>,
     act_w: ActW,
     geom: &Geometry,
     training: bool,
 ) -> Result<Outcome<Forward>> {
-    if !conv::foldable(scale.is_some(), bias.is_some()) {
+    if !foldable(scale.is_some(), bias.is_some()) {
         decline!("a learnable scaling_factor together with a bias");
     }
-    let xo = ran!(operand(x, "the input"));
-    let wo = ran!(operand(weight, "the weight"));
+    let xo = ran!(Ok::<_, Error>(operand_of(&args.x, "the input")));
+    let wo = ran!(Ok::<_, Error>(operand_of(&args.weight, "the weight")));
     let dev = ran!(Ok::<_, Error>(device_of(&xo)));
     // The dtype the convolution runs in: autocast's under `torch.autocast("cuda")`
     // (which casts float32, float16 and bfloat16 operands), else the input's.
@@ -530,14 +530,14 @@ pub fn forward(
     }
     let stream = current_stream(dev.index())?;
     let std_mode = if training { Std::Compute } else { Std::None };
-    let (a, std) = ran!(binarize_activation(x, std_mode, ck, stream));
+    let (a, std) = ran!(binarize_activation(&xo, std_mode, ck, stream));
     // Fold the scale into the weight where that loses nothing against scaling the
     // output: the weight keeps its own dtype (no autocast cast of `w_b * s`), and a
     // float32 convolution runs in float32 (cuDNN's TF32 would round `w_b * s` to 11
     // bits, where `w_b` alone is exact).
     // A learnable scale is never folded: its product is kept (see above).
     let fold = scale.is_none() && wo.kind == ck && !(ck == Kind::Float && mode.tf32);
-    let op = ran!(weight_operand(weight, act_w, scale, bias, fold, ck, stream));
+    let op = ran!(weight_operand(&wo, act_w, scale, bias, fold, ck, stream));
     let out = a.f_conv2d(
         &op.w_eff,
         op.bias_eff.as_ref(),
@@ -546,12 +546,12 @@ pub fn forward(
         geom.dilation,
         geom.groups,
     )?;
-    let conv_kind = tensor::kind(&out)?;
-    let (y, conv_out) = if fold {
+    let product_kind = facts::kind(&out)?;
+    let (y, product) = if fold {
         (out, None)
     } else if let Some(s) = scale {
         // The learnable scale's product is kept: y is a tensor of its own.
-        (out.f_mul(&conv::over_channels(s)?)?, Some(out))
+        (out.f_mul(&over_channels(s)?)?, Some(out))
     } else {
         let Some(s) = &op.alpha else {
             return Err(Error::Internal("weight_operand returned no alpha".into()));
@@ -559,12 +559,12 @@ pub fn forward(
         let y = if wo.kind == ck {
             // `out` is this op's own and keeps its dtype: scale it in place.
             let mut out = out;
-            let _ = out.f_mul_(&conv::over_channels(s)?)?;
+            let _ = out.f_mul_(&over_channels(s)?)?;
             out
         } else {
             // Under autocast: conv_out in ck times s in W's dtype promotes (to float32
             // for float32 weights), as the libtorch route gives.
-            out.f_mul(&conv::over_channels(s)?)?
+            out.f_mul(&over_channels(s)?)?
         };
         (y, None)
     };
@@ -572,35 +572,40 @@ pub fn forward(
         y,
         std,
         alpha: op.alpha,
-        conv_out,
-        conv_kind,
+        product,
+        product_kind,
     }))
 }
 
-/// The binary convolution's backward on CUDA, the CUDA route of [`conv::backward`]
+/// The binary convolution's backward on CUDA, the CUDA route of [`crate::conv::backward`]
 /// (which validated what it was handed): the same contract and result, from what
 /// either route's forward saved (`conv_out` is not read). Declines where [`forward`]
 /// does. It always convolves against the folded weight `w_b * s`, so the incoming
 /// gradient needs no pass of its own; under TF32 that rounds `w_b * s` where the
 /// libtorch route rounds `grad_y * s` instead, errors of one size.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     grad_y: &Tensor,
     saved: &Saved<'_>,
+    args: &OpFacts,
+    grad_facts: &Facts,
     act_w: ActW,
     geom: &Geometry,
     needs: Needs,
 ) -> Result<Outcome<Grads>> {
-    let (x, weight) = (saved.x, saved.weight);
     let scale = saved.scale()?;
     let learnable = matches!(scale, Scale::Learnable(_));
-    if !conv::foldable(learnable, saved.has_bias) {
+    if !foldable(learnable, saved.has_bias) {
         decline!("a learnable scaling_factor together with a bias");
     }
-    let xo = ran!(operand(x, "the input"));
-    let wo = ran!(operand(weight, "the weight"));
-    ran!(operand(grad_y, "the output gradient"));
+    let xo = ran!(Ok::<_, Error>(operand_of(&args.x, "the input")));
+    let wo = ran!(Ok::<_, Error>(operand_of(&args.weight, "the weight")));
+    ran!(Ok::<_, Error>(operand_of(
+        grad_facts,
+        "the output gradient"
+    )));
     let dev = ran!(Ok::<_, Error>(device_of(&xo)));
-    let ck = saved.conv_kind;
+    let ck = saved.product_kind;
     if dtype_code(ck).is_none() {
         decline!("the convolution ran in {ck:?}");
     }
@@ -622,17 +627,9 @@ pub fn backward(
         Some(s) => Std::Given(s),
         None => Std::None,
     };
-    let (a, _) = ran!(binarize_activation(x, std_mode, ck, stream));
+    let (a, _) = ran!(binarize_activation(&xo, std_mode, ck, stream));
     let s = scale.tensor();
-    let op = ran!(weight_operand(
-        weight,
-        act_w,
-        Some(s),
-        None,
-        true,
-        ck,
-        stream
-    ));
+    let op = ran!(weight_operand(&wo, act_w, Some(s), None, true, ck, stream));
     let grad_conv = grad_y.f_to_kind(ck)?;
     let (ga, gweff, gbeff) = ffi::convolution_backward(
         &grad_conv,
@@ -642,18 +639,18 @@ pub fn backward(
         [needs.input, want.weight || want.scale, want.bias],
     )?;
     let input = match ga {
-        Some(ga) => Some(ran!(bireal_backward(&ga, x, saved.std, stream))),
+        Some(ga) => Some(ran!(bireal_backward(&ga, &xo, saved.std, stream))),
         None => None,
     };
     // convolution_backward may return grad_weff in a layout other than W's; the kernel
     // reads it in W's.
     let gweff = match gweff {
         Some(g) => {
-            let gf = tensor::facts(&g)?;
+            let gf = facts::facts(&g)?;
             if gf.strides == wo.strides() {
                 Some(g)
             } else {
-                let mut like = wo.empty_like(tensor::kind(&g)?)?;
+                let mut like = wo.empty_like(facts::kind(&g)?)?;
                 like.f_copy_(&g)?;
                 Some(like)
             }
@@ -663,7 +660,7 @@ pub fn backward(
     let g = ran!(weight_grads(
         gweff.as_ref(),
         gbeff.as_ref(),
-        weight,
+        &wo,
         act_w,
         s,
         None,

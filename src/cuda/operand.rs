@@ -1,11 +1,11 @@
-//! What the kernels need to know about a tensor, from its facts ([`crate::tensor::facts`]:
+//! What the kernels need to know about a tensor, from its facts ([`crate::facts::facts`]:
 //! read through the C++ shim, without a panic).
 
 use tch::{Device, Kind, Tensor};
 
-use super::{decline, Outcome};
+use super::Outcome;
 use crate::error::Result;
-use crate::tensor::{self, Facts};
+use crate::facts::{self, Facts};
 
 /// The dtype code of the kernels (0 f32, 1 f16, 2 bf16), `None` for other dtypes.
 pub fn dtype_code(kind: Kind) -> Option<usize> {
@@ -33,24 +33,33 @@ pub struct Operand {
 
 /// `t` as an [`Operand`], or why the kernels cannot take it (`what` names it).
 pub fn operand(t: &Tensor, what: &str) -> Result<Outcome<Operand>> {
-    let facts = tensor::facts(t)?;
+    Ok(operand_of(&facts::facts(t)?, what))
+}
+
+/// The tensor whose facts (read once, by the op's validation) are `facts` as an
+/// [`Operand`], or why the kernels cannot take it (`what` names it).
+pub fn operand_of(facts: &Facts, what: &str) -> Outcome<Operand> {
     let Some(index) = facts.cuda_kernel_device() else {
-        decline!(
+        return Outcome::Declined(format!(
             "{what} is a {} tensor on {}; the kernels take float32, float16 and bfloat16 \
              CUDA memory",
             facts.dtype_name(),
             facts.place
-        );
+        ));
     };
     let Some(kind) = facts.kind else {
-        decline!("{what} has an unknown dtype");
+        return Outcome::Declined(format!("{what} has an unknown dtype"));
     };
-    Ok(Outcome::Ran(Operand { facts, index, kind }))
+    Outcome::Ran(Operand {
+        facts: facts.clone(),
+        index,
+        kind,
+    })
 }
 
 /// The device address of a tensor's first element (0 when it has none).
 pub fn ptr(t: &Tensor) -> Result<u64> {
-    Ok(tensor::facts(t)?.data as u64)
+    Ok(facts::facts(t)?.data as u64)
 }
 
 /// [`ptr`] of `t`, or 0 (a null device pointer) for none.
@@ -152,7 +161,7 @@ mod tests {
 
     /// `(dense_order, dim0_major)` of `t`, from its facts.
     fn layout_of(t: &Tensor) -> (Option<Vec<usize>>, bool) {
-        let f = tensor::facts(t).expect("facts");
+        let f = facts::facts(t).expect("facts");
         (
             dense_order(&f.sizes, &f.strides),
             dim0_major(&f.sizes, &f.strides),

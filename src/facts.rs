@@ -47,7 +47,7 @@ pub enum Storage {
 }
 
 /// The facts about one tensor that decide validation and the route.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Facts {
     pub sizes: Vec<i64>,
     /// Element strides, one per dim (zeros for a layout other than strided).
@@ -134,31 +134,6 @@ pub fn kind_name(k: Kind) -> &'static str {
     }
 }
 
-/// c10::ScalarType codes of the dtypes the core names (c10/core/ScalarType.h).
-pub(crate) fn kind_of(scalar_type: i32) -> Option<Kind> {
-    Some(match scalar_type {
-        0 => Kind::Uint8,
-        1 => Kind::Int8,
-        2 => Kind::Int16,
-        3 => Kind::Int,
-        4 => Kind::Int64,
-        5 => Kind::Half,
-        6 => Kind::Float,
-        7 => Kind::Double,
-        8 => Kind::ComplexHalf,
-        9 => Kind::ComplexFloat,
-        10 => Kind::ComplexDouble,
-        11 => Kind::Bool,
-        15 => Kind::BFloat16,
-        _ => return None,
-    })
-}
-
-/// The c10::ScalarType code of a dtype the core names (the inverse of `kind_of`).
-pub fn scalar_type(kind: Kind) -> Option<i32> {
-    (0..16).find(|&code| kind_of(code) == Some(kind))
-}
-
 /// The refusal of a tensor without storage, naming the likely cause.
 fn no_storage(python: bool) -> Error {
     let kind = if python {
@@ -193,7 +168,7 @@ pub fn facts(t: &Tensor) -> Result<Facts> {
     Ok(Facts {
         sizes,
         strides,
-        kind: kind_of(raw.scalar_type),
+        kind: ffi::kind_of(raw.scalar_type),
         place,
         strided: raw.strided != 0,
         contiguous: raw.contiguous != 0,
@@ -258,10 +233,18 @@ pub enum Route {
 impl Route {
     /// The route for `tensors`; a RuntimeError if one of them has no storage.
     pub fn of(tensors: &[&Tensor]) -> Result<Route> {
+        let facts = tensors
+            .iter()
+            .map(|t| facts(t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Route::of_facts(&facts.iter().collect::<Vec<_>>()))
+    }
+
+    /// The route for the tensors whose facts are `facts` (read once by the op).
+    pub fn of_facts(facts: &[&Facts]) -> Route {
         let mut host = true;
         let mut cuda: Option<Option<usize>> = None;
-        for t in tensors {
-            let f = facts(t)?;
+        for f in facts {
             host &= f.is_host_f32();
             let device = f.cuda_kernel_device();
             cuda = match cuda {
@@ -270,13 +253,13 @@ impl Route {
                 Some(_) => Some(None),
             };
         }
-        Ok(match (host, cuda) {
+        match (host, cuda) {
             // The host launcher runs the CUDA route on CPU memory.
             (_, Some(Some(index))) if index == crate::cuda::host::HOST_INDEX => Route::Cuda(index),
             (true, _) => Route::HostF32,
             (false, Some(Some(index))) => Route::Cuda(index),
             _ => Route::Generic,
-        })
+        }
     }
 }
 
