@@ -9,8 +9,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::binarize::{self, ActW};
 use crate::error::{value_err, Result};
-use crate::ffi;
 use crate::facts;
+use crate::ffi;
 
 /// `Ok` unless the tensor is a meta tensor, which has no values to export.
 fn readable(f: &facts::Facts) -> Result<()> {

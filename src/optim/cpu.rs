@@ -5,8 +5,8 @@ use tch::Tensor;
 use super::config::Config;
 use super::layer::{Layer, GRAD_NORM_FLOOR, WEIGHT_NORM_FLOOR};
 use crate::error::Result;
-use crate::parallel::{parallel_for, SharedMut, GRAIN};
 use crate::facts::{self, HostF32};
+use crate::parallel::{parallel_for, SharedMut, GRAIN};
 
 /// One layer as raw pointers. Built only by [`plan`], which checks that every tensor is
 /// a contiguous float32 CPU tensor of `channels * per_channel` elements and that the

@@ -33,8 +33,8 @@ pub use layer::Layer;
 
 use crate::cuda::{fused, Op};
 use crate::error::{value_err, Result};
-use crate::ffi;
 use crate::facts::{self, Route};
+use crate::ffi;
 
 /// The initial SAD state of a weight: the tracker (zeros, or ones with `track_ones`) and
 /// `weight_prev`, a copy of W.

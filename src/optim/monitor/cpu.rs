@@ -5,8 +5,8 @@ use tch::{Kind, Tensor};
 
 use super::config::{MonitorConfig, MonitorLayer};
 use crate::error::Result;
-use crate::parallel::{parallel_for, SharedMut, GRAIN};
 use crate::facts::{self, Place, Storage};
+use crate::parallel::{parallel_for, SharedMut, GRAIN};
 
 /// One layer as raw pointers. Built only by [`plan`], which checks that every tensor is
 /// contiguous CPU memory of the right dtype, of `len` elements, and that the buffers

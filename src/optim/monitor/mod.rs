@@ -30,9 +30,9 @@ use tch::{Kind, Tensor};
 
 use self::config::{MonitorConfig, MonitorLayer, COLUMNS};
 use crate::error::{value_err, Result};
+use crate::facts;
 use crate::ffi;
 use crate::optim::layer::{check_layer, Dtype};
-use crate::facts;
 
 /// The monitor's state for a weight: its sign (int8), the ever-flipped mask (bool, all
 /// false) and, with `own_tracker`, a tracker of zeros in W's dtype.
