@@ -6,7 +6,8 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Elementwise, EPS};
+use super::elementwise::{ActW, Elementwise, EPS};
+use super::generic;
 use crate::error::{value_err, Result};
 use crate::facts::{self, HostF32};
 use crate::parallel::{parallel_for, segments, SharedMut, GRAIN};
@@ -54,6 +55,18 @@ impl Elementwise for Fused {
         // SAFETY: grad_a and x are only read; `out` is fresh and written only here.
         unsafe { bireal_backward(g.as_slice(), xs.as_slice(), dst.ptr(), per, stds) }?;
         Ok(out)
+    }
+
+    fn binarize_weight(&self, weight: &Tensor, act_w: ActW) -> Result<Tensor> {
+        generic::binarize_weight(weight, act_w)
+    }
+
+    fn weight_grad(&self, grad_wb: &Tensor, weight: &Tensor, act_w: ActW) -> Result<Tensor> {
+        generic::weight_grad(grad_wb, weight, act_w)
+    }
+
+    fn channel_alpha(&self, weight: &Tensor) -> Result<Tensor> {
+        generic::channel_alpha(weight)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{ActW, Elementwise, EPS};
+use super::elementwise::{ActW, Elementwise, EPS};
 use crate::error::{value_err, Result};
 use crate::facts;
 
@@ -46,6 +46,18 @@ impl Elementwise for Ops {
             Some(s) => g.f_div(s)?,
             None => g,
         })
+    }
+
+    fn binarize_weight(&self, weight: &Tensor, act_w: ActW) -> Result<Tensor> {
+        binarize_weight(weight, act_w)
+    }
+
+    fn weight_grad(&self, grad_wb: &Tensor, weight: &Tensor, act_w: ActW) -> Result<Tensor> {
+        weight_grad(grad_wb, weight, act_w)
+    }
+
+    fn channel_alpha(&self, weight: &Tensor) -> Result<Tensor> {
+        channel_alpha(weight)
     }
 }
 
