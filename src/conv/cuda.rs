@@ -17,7 +17,8 @@ use tch::{Kind, Tensor};
 
 use super::product::over_channels;
 use crate::binarize::{ActW, EPS};
-use crate::cuda::device::{arg, Launcher};
+use crate::cuda::device::arg;
+use crate::cuda::launcher::Launcher;
 use crate::cuda::operand::{dtype_code, operand, operand_of, opt_ptr, ptr, suffix, Operand};
 use crate::cuda::{conv_mode, current_stream, decline, host, ran, ready, Outcome, Stream};
 use crate::error::{Error, Result};

@@ -1,4 +1,6 @@
-//! Per-device state (PyTorch's primary context, the loaded kernels) and launches.
+//! Per-device state (PyTorch's primary context, the loaded kernels) and launches on a
+//! GPU, with what every launch takes: [`Stream`], [`THREADS`], [`arg`]. The choice
+//! between a GPU and the host launcher is `launcher.rs`'s.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -7,7 +9,7 @@ use std::sync::OnceLock;
 use cudarc::driver::result as drv;
 use cudarc::driver::sys;
 
-use super::{compile, loader, Stream};
+use super::{compile, loader};
 use crate::error::Error;
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -169,53 +171,9 @@ impl DeviceState {
     }
 }
 
-/// Where the kernels of one route run: a GPU, or the CPU through the host launcher
-/// ([`super::host`]). The launch code is the same for both.
-#[derive(Clone, Copy)]
-pub enum Launcher {
-    Gpu(&'static DeviceState),
-    Host,
-}
-
-impl Launcher {
-    /// The device index of the memory the kernels take ([`super::host::HOST_INDEX`] for
-    /// the CPU).
-    pub fn index(self) -> usize {
-        match self {
-            Launcher::Gpu(d) => d.index,
-            Launcher::Host => super::host::HOST_INDEX,
-        }
-    }
-
-    /// Launches kernel `name` with [`THREADS`] threads per block: on `stream` of the
-    /// GPU, or on the CPU (where it has finished when this returns).
-    ///
-    /// # Safety
-    /// As [`DeviceState::launch`], with the memory of this launcher's device.
-    pub(crate) unsafe fn launch(
-        self,
-        name: &str,
-        blocks: u64,
-        stream: Stream,
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
-        match self {
-            // SAFETY: the caller's contract.
-            Launcher::Gpu(d) => unsafe { d.launch(name, blocks, stream, args) },
-            Launcher::Host if blocks == 0 => Ok(()),
-            // SAFETY: the caller's contract.
-            Launcher::Host => unsafe { super::host::launch(name, blocks, args) },
-        }
-    }
-
-    /// Blocks for a grid-stride loop over `n` elements.
-    pub(crate) fn elementwise_blocks(self, n: i64) -> u64 {
-        match self {
-            Launcher::Gpu(d) => d.elementwise_blocks(n),
-            Launcher::Host => super::host::elementwise_blocks(n),
-        }
-    }
-}
+/// A CUDA stream handle (`CUstream` / `cudaStream_t`; 0 is the legacy default stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stream(pub u64);
 
 /// Threads per block of every kernel (`OVSW_THREADS` in `kernels/common.cuh`).
 pub const THREADS: u32 = 256;

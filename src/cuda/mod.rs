@@ -1,7 +1,8 @@
 //! What the CUDA routes share: the CUDA C kernels (`kernels/*.cu`), compiled at run
 //! time by NVRTC for the GPU present ([`compile`]) and loaded into PyTorch's own
 //! (primary) context ([`device`]), the host launcher that runs them on the CPU
-//! ([`host`]), the kernels' view of a tensor ([`operand`]), the route switch and counts,
+//! ([`host`]), the choice between the two ([`launcher`]), the kernels' view of a tensor
+//! ([`operand`]), the route switch and counts,
 //! and the status bindings ([`py`]). The routes themselves live with their families:
 //! the binary conv's in [`crate::conv::cuda`], AGS+SAD's in [`ags`].
 //!
@@ -40,6 +41,7 @@
 pub mod compile;
 pub mod device;
 pub mod host;
+pub mod launcher;
 pub mod loader;
 pub(crate) mod operand;
 pub mod py;
@@ -55,6 +57,8 @@ use pyo3::prelude::*;
 #[cfg(not(test))]
 use pyo3::sync::GILOnceCell;
 use tch::Kind;
+
+pub use device::Stream;
 
 use crate::error::{Error, Result};
 use crate::facts::Route;
@@ -202,10 +206,6 @@ pub fn set_enabled(on: bool) {
     DISABLED.store(!on, Ordering::Relaxed);
 }
 
-/// A CUDA stream handle (`CUstream` / `cudaStream_t`; 0 is the legacy default stream).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stream(pub u64);
-
 #[cfg(not(test))]
 fn python_ready() -> bool {
     // SAFETY: a plain query of the interpreter's state.
@@ -312,19 +312,19 @@ fn warn_python(reason: &str) {
 
 /// The launcher for device `index` when the kernels may run there: CUDA device `index`,
 /// or the CPU for [`host::HOST_INDEX`] while the host launcher is selected.
-pub(crate) fn ready(index: usize) -> Outcome<device::Launcher> {
+pub(crate) fn ready(index: usize) -> Outcome<launcher::Launcher> {
     if !enabled() {
         return Outcome::Declined("the CUDA kernels are turned off".into());
     }
     if index == host::HOST_INDEX {
         return if host::selected() {
-            Outcome::Ran(device::Launcher::Host)
+            Outcome::Ran(launcher::Launcher::Host)
         } else {
             Outcome::Declined("CPU memory, and the host launcher is not selected".into())
         };
     }
     match device::get(index) {
-        Ok(d) => Outcome::Ran(device::Launcher::Gpu(d)),
+        Ok(d) => Outcome::Ran(launcher::Launcher::Gpu(d)),
         Err(why) => {
             warn_unavailable(&why);
             Outcome::Declined(why)

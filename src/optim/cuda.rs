@@ -7,7 +7,8 @@ use tch::{Kind, Tensor};
 
 use super::config::Config;
 use super::layer::Layer;
-use crate::cuda::device::{arg, Launcher};
+use crate::cuda::device::arg;
+use crate::cuda::launcher::Launcher;
 use crate::cuda::operand::{dtype_code, operand, ptr, Operand};
 use crate::cuda::{current_stream, decline, ran, ready, Outcome};
 use crate::error::{Error, Result};
