@@ -10,6 +10,11 @@
 //! pass) and `weight_grads` (one kernel: the estimator's mask, the scale, and the
 //! learnable scale's and the bias's gradients). Nothing is saved that the backward can
 //! recompute: `a` and `w_eff` are rebuilt from `x`, `std` and `W`.
+//!
+//! [`forward`] and [`backward`] get the device's launcher ([`ready`]) and the stream
+//! ([`current_stream`]) once, at their entry, and hand them to each pass (`dev`,
+//! `stream`); a pass declines tensors on another device. The passes' bindings
+//! (`_core.cuda_*`, `py.rs`) get them at their own entry.
 
 use std::ffi::c_void;
 
@@ -36,11 +41,6 @@ fn act_code(act_w: ActW) -> i32 {
         ActW::SteV2 => 2,
         ActW::HardtanhV2 => 3,
     }
-}
-
-/// The kernels of `t`'s device, when they may run there.
-fn device_of(t: &Operand) -> Outcome<Launcher> {
-    ready(t.index)
 }
 
 fn same_device(t: &Operand, dev: Launcher, what: &str) -> Result<Outcome<()>> {
@@ -92,9 +92,10 @@ pub fn binarize_activation(
     xo: &Operand,
     std: Std<'_>,
     out_kind: Kind,
+    dev: Launcher,
     stream: Stream,
 ) -> Result<Outcome<(Tensor, Option<Tensor>)>> {
-    let dev = ran!(Ok::<_, Error>(device_of(xo)));
+    ran!(same_device(xo, dev, "the input"));
     let (Some(xs), Some(os)) = (suffix(xo.kind), suffix(out_kind)) else {
         decline!("output dtype {out_kind:?} is not float32, float16 or bfloat16");
     };
@@ -197,9 +198,10 @@ pub fn bireal_backward(
     grad_a: &Tensor,
     xo: &Operand,
     std: Option<&Tensor>,
+    dev: Launcher,
     stream: Stream,
 ) -> Result<Outcome<Tensor>> {
-    let dev = ran!(Ok::<_, Error>(device_of(xo)));
+    ran!(same_device(xo, dev, "the input"));
     let go = ran!(operand(grad_a, "the gradient"));
     ran!(same_device(&go, dev, "the gradient"));
     let (Some(xs), Some(gs)) = (suffix(xo.kind), suffix(go.kind)) else {
@@ -276,9 +278,9 @@ fn check_vector(t: &Tensor, o: i64, wk: Kind, dev: Launcher, what: &str) -> Resu
     Ok(Outcome::Ran(()))
 }
 
-/// The weight as the per-channel kernels read it: `(device, O, K)`.
-fn weight_of(wo: &Operand) -> Result<Outcome<(Launcher, i64, i64)>> {
-    let dev = ran!(Ok::<_, Error>(device_of(wo)));
+/// The weight as the per-channel kernels of `dev` read it: `(O, K)`.
+fn weight_of(wo: &Operand, dev: Launcher) -> Result<Outcome<(i64, i64)>> {
+    ran!(same_device(wo, dev, "the weight"));
     if wo.dim() < 2 || !wo.dim0_major() {
         decline!(
             "the weight (strides {:?}) is not dense with the output channel outermost",
@@ -287,7 +289,7 @@ fn weight_of(wo: &Operand) -> Result<Outcome<(Launcher, i64, i64)>> {
     }
     let o = wo.sizes()[0];
     let k = wo.numel() / o.max(1);
-    Ok(Outcome::Ran((dev, o, k)))
+    Ok(Outcome::Ran((o, k)))
 }
 
 /// One kernel, one block per output channel: `w_b` for `act_w`, the scale `s` (the
@@ -299,6 +301,7 @@ fn weight_of(wo: &Operand) -> Result<Outcome<(Launcher, i64, i64)>> {
 /// - `weight`: `[O, ...]` float32/float16/bfloat16 CUDA tensor, each output channel's
 ///   elements contiguous (contiguous or channels_last).
 /// - `scale`, `bias`: `[O]`, contiguous, the weight's dtype and device.
+#[allow(clippy::too_many_arguments)]
 pub fn weight_operand(
     wo: &Operand,
     act_w: ActW,
@@ -306,9 +309,10 @@ pub fn weight_operand(
     bias: Option<&Tensor>,
     fold: bool,
     out_kind: Kind,
+    dev: Launcher,
     stream: Stream,
 ) -> Result<Outcome<WeightOperand>> {
-    let (dev, o, k) = ran!(weight_of(wo));
+    let (o, k) = ran!(weight_of(wo, dev));
     let (Some(ws), Some(os)) = (suffix(wo.kind), suffix(out_kind)) else {
         decline!("output dtype {out_kind:?} is not float32, float16 or bfloat16");
     };
@@ -400,9 +404,10 @@ pub fn weight_grads(
     s: &Tensor,
     bias: Option<&Tensor>,
     want: WantGrads,
+    dev: Launcher,
     stream: Stream,
 ) -> Result<Outcome<WeightGrads>> {
-    let (dev, o, k) = ran!(weight_of(wo));
+    let (o, k) = ran!(weight_of(wo, dev));
     let wk = wo.kind;
     ran!(check_vector(s, o, wk, dev, "the scale"));
     if let Some(b) = bias {
@@ -514,7 +519,7 @@ pub fn forward(
     }
     let xo = ran!(Ok::<_, Error>(operand_of(&args.x, "the input")));
     let wo = ran!(Ok::<_, Error>(operand_of(&args.weight, "the weight")));
-    let dev = ran!(Ok::<_, Error>(device_of(&xo)));
+    let dev = ran!(Ok::<_, Error>(ready(xo.index)));
     // The dtype the convolution runs in: autocast's under `torch.autocast("cuda")`
     // (which casts float32, float16 and bfloat16 operands), else the input's.
     let mode = conv_mode(matches!(dev, Launcher::Host))?;
@@ -531,14 +536,16 @@ pub fn forward(
     }
     let stream = current_stream(dev.index())?;
     let std_mode = if training { Std::Compute } else { Std::None };
-    let (a, std) = ran!(binarize_activation(&xo, std_mode, ck, stream));
+    let (a, std) = ran!(binarize_activation(&xo, std_mode, ck, dev, stream));
     // Fold the scale into the weight where that loses nothing against scaling the
     // output: the weight keeps its own dtype (no autocast cast of `w_b * s`), and a
     // float32 convolution runs in float32 (cuDNN's TF32 would round `w_b * s` to 11
     // bits, where `w_b` alone is exact).
     // A learnable scale is never folded: its product is kept (see above).
     let fold = scale.is_none() && wo.kind == ck && !(ck == Kind::Float && mode.tf32);
-    let op = ran!(weight_operand(&wo, act_w, scale, bias, fold, ck, stream));
+    let op = ran!(weight_operand(
+        &wo, act_w, scale, bias, fold, ck, dev, stream
+    ));
     let out = a.f_conv2d(
         &op.w_eff,
         op.bias_eff.as_ref(),
@@ -605,7 +612,7 @@ pub fn backward(
         grad_facts,
         "the output gradient"
     )));
-    let dev = ran!(Ok::<_, Error>(device_of(&xo)));
+    let dev = ran!(Ok::<_, Error>(ready(xo.index)));
     let ck = saved.product_kind;
     if dtype_code(ck).is_none() {
         decline!("the convolution ran in {ck:?}");
@@ -628,9 +635,18 @@ pub fn backward(
         Some(s) => Std::Given(s),
         None => Std::None,
     };
-    let (a, _) = ran!(binarize_activation(&xo, std_mode, ck, stream));
+    let (a, _) = ran!(binarize_activation(&xo, std_mode, ck, dev, stream));
     let s = scale.tensor();
-    let op = ran!(weight_operand(&wo, act_w, Some(s), None, true, ck, stream));
+    let op = ran!(weight_operand(
+        &wo,
+        act_w,
+        Some(s),
+        None,
+        true,
+        ck,
+        dev,
+        stream
+    ));
     let grad_conv = grad_y.f_to_kind(ck)?;
     let (ga, gweff, gbeff) = ffi::convolution_backward(
         &grad_conv,
@@ -640,7 +656,7 @@ pub fn backward(
         [needs.input, want.weight || want.scale, want.bias],
     )?;
     let input = match ga {
-        Some(ga) => Some(ran!(bireal_backward(&ga, &xo, saved.std, stream))),
+        Some(ga) => Some(ran!(bireal_backward(&ga, &xo, saved.std, dev, stream))),
         None => None,
     };
     // convolution_backward may return grad_weff in a layout other than W's; the kernel
@@ -666,6 +682,7 @@ pub fn backward(
         s,
         None,
         want,
+        dev,
         stream,
     ));
     Ok(Outcome::Ran(Grads {

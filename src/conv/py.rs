@@ -9,6 +9,7 @@ use crate::conv;
 use crate::conv::cuda::{self, Std, WantGrads};
 use crate::cuda::operand::operand;
 use crate::cuda::py::{on_stream, parse_kind, plan_for};
+use crate::cuda::ready;
 use crate::error::{boundary, Error};
 use crate::ffi;
 use crate::geometry::Geometry;
@@ -274,7 +275,8 @@ fn cuda_binarize_activation(
                 };
                 let what = "binarize_activation";
                 let xo = operand(&x, "the input")?.required(what)?;
-                cuda::binarize_activation(&xo, mode, kind, stream)?.required(what)
+                let dev = ready(xo.index).required(what)?;
+                cuda::binarize_activation(&xo, mode, kind, dev, stream)?.required(what)
             })?)
         })?;
         Ok((PyTensor(a), s.map(PyTensor)))
@@ -297,7 +299,8 @@ fn cuda_bireal_backward(
             Ok(py.allow_threads(move || {
                 let what = "bireal_backward";
                 let xo = operand(&x, "the input")?.required(what)?;
-                cuda::bireal_backward(&grad_a, &xo, std.as_deref(), stream)?.required(what)
+                let dev = ready(xo.index).required(what)?;
+                cuda::bireal_backward(&grad_a, &xo, std.as_deref(), dev, stream)?.required(what)
             })?)
         })?;
         Ok(PyTensor(out))
@@ -325,6 +328,7 @@ fn cuda_weight_operand(
         let op = on_stream(py, plan, |stream| {
             Ok(py.allow_threads(move || {
                 let wo = operand(&weight, "the weight")?.required("weight_operand")?;
+                let dev = ready(wo.index).required("weight_operand")?;
                 cuda::weight_operand(
                     &wo,
                     act_w,
@@ -332,6 +336,7 @@ fn cuda_weight_operand(
                     bias.as_deref(),
                     fold,
                     kind,
+                    dev,
                     stream,
                 )?
                 .required("weight_operand")
@@ -371,6 +376,7 @@ fn cuda_weight_grads(
         let g = on_stream(py, plan, |stream| {
             Ok(py.allow_threads(move || {
                 let wo = operand(&weight, "the weight")?.required("weight_grads")?;
+                let dev = ready(wo.index).required("weight_grads")?;
                 cuda::weight_grads(
                     grad_weff.as_deref(),
                     grad_beff.as_deref(),
@@ -379,6 +385,7 @@ fn cuda_weight_grads(
                     &s,
                     bias.as_deref(),
                     want,
+                    dev,
                     stream,
                 )?
                 .required("weight_grads")
