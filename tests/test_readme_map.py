@@ -48,7 +48,7 @@ def _references(code: str) -> list[tuple[str, str | None]]:
     return refs
 
 
-# A definition, or a row of src/binarize/mod.rs's `named_choice!` tables (`ActW, option`).
+# A definition, or a row of src/binarize/elementwise.rs's `named_choice!` tables (`ActW, option`).
 _DEFINITION = (
     r"(?:\bfn|\bdef|\bclass|\bstruct|\benum|\btrait|\bconst|\bstatic|macro_rules!)\s+{name}\b"
     r"|^\s*{name}, option\b"

@@ -4,7 +4,7 @@
 //! ([`host`]), the choice between the two ([`launcher`]), the kernels' view of a tensor
 //! ([`operand`]), the route switch and counts,
 //! and the status bindings ([`py`]). The routes themselves live with their families:
-//! the binary conv's in [`crate::conv::cuda`], AGS+SAD's in [`ags`].
+//! the binary conv's in [`crate::conv::cuda`], AGS+SAD's in [`crate::optim::cuda`].
 //!
 //! The kernels launch on PyTorch's current stream of the tensors' device. Nothing CUDA
 //! is linked: the driver (`libcuda`) and NVRTC are opened with `dlopen` (cudarc's

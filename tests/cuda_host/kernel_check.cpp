@@ -256,7 +256,7 @@ void expect(bool cond, const std::string& what) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Launches, as src/cuda/device.rs and src/conv/cuda.rs / src/cuda/ags.rs make them
+// Launches, as src/cuda/launcher.rs and src/conv/cuda.rs / src/optim/cuda.rs make them
 // ---------------------------------------------------------------------------------------
 constexpr unsigned kThreads = 256;  // device.rs THREADS
 constexpr i64 kMomentChunk = 16 * 1024, kMaxChunks = 64, kSignSpan = 8 * 1024;
