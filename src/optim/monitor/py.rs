@@ -75,6 +75,7 @@ impl PyMonitorConfig {
 /// figures as one float64 tensor `[L, 4]` on the weights' device (flipped, never
 /// flipped, silent, flip rate) with no device-to-host copy.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (weights, signs, ever_flipped, trackers, rates, step, config))]
 fn flip_monitor_step(
     py: Python<'_>,
