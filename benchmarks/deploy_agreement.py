@@ -7,7 +7,7 @@ a value that rounding leaves next to zero can binarize to +1 on one side and -1 
 other, and a deep network turns that one flip into different logits. This counts the
 random images (standard normal, one generator seeded ``--seed``, batches of 16) whose
 logits differ by a relative 1e-4 or more (largest |engine - torch| of the image over its
-largest |torch| logit: the bound ``tests/test_deploy.py`` holds each image to), for each
+largest |torch| logit: the bound ``tests/deploy/test_deploy.py`` holds each image to), for each
 network at random init with trained-like BatchNorm statistics
 (``ovsw.deploy._bench.calibrated``, as the tests and ``python -m ovsw.deploy bench``
 build them). The last line printed is one JSON object with every count.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA kernels on the CPU (issue 19): builds tests/cuda_host/kernel_check.cpp with
+# The CUDA kernels on the CPU (issue 19): builds tests/cuda/host/kernel_check.cpp with
 # every kernel of src/cuda/kernels compiled by the host C++ compiler under
 # src/cuda/host/cuda_host.h (src/cuda/host/launch.cpp), and runs it three ways:
 #
@@ -61,7 +61,7 @@ run_part() {
     # shellcheck disable=SC2086
     "$CXX" "${COMMON[@]}" $flags -c src/cuda/host/launch.cpp -o "$OUT/launch_$part.o" &
     # shellcheck disable=SC2086
-    "$CXX" "${COMMON[@]}" $flags -c tests/cuda_host/kernel_check.cpp -o "$OUT/kernel_check_$part.o"
+    "$CXX" "${COMMON[@]}" $flags -c tests/cuda/host/kernel_check.cpp -o "$OUT/kernel_check_$part.o"
     wait $!
     # shellcheck disable=SC2086
     "$CXX" $flags -pthread "$OUT/kernel_check_$part.o" "$OUT/launch_$part.o" -o "$bin"

@@ -81,7 +81,7 @@ run() { # run NUMBER NAME COMMAND...
 
 run 1 "kernel check" "$PY" -m ovsw.cuda check
 # Every cuda-marked test, selected by the marker over the whole tests/ folder (no file
-# list to drift; tests/test_cuda_check.py holds this line to what `-m cuda` collects).
+# list to drift; tests/cuda/test_cuda_check.py holds this line to what `-m cuda` collects).
 CUDA_TESTS=(-m cuda tests)
 run 2 "pytest -m cuda" "$PY" -m pytest -q -p no:cacheprovider -rs "${CUDA_TESTS[@]}"
 run 3 "benchmark" "$PY" benchmarks/bench_train_step.py --device cuda --steps 5 --warmup 2

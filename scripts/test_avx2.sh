@@ -24,5 +24,5 @@ TORCH_LIB=$(.venv/bin/python -c 'import os, torch; print(os.path.join(os.path.di
 PYO3_PYTHON=.venv/bin/python LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}" \
     PATH="$PWD/.venv/bin:$PATH" cargo test --release --lib --quiet deploy
 .venv/bin/python -m pytest -q -p no:cacheprovider \
-    tests/test_deploy.py tests/test_fixture.py tests/test_export.py \
-    tests/test_export_identity.py tests/test_lowering.py "$@"
+    tests/deploy/test_deploy.py tests/optim/test_fixture.py tests/layers/test_export.py \
+    tests/deploy/test_export_identity.py tests/deploy/test_lowering.py "$@"

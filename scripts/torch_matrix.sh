@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RELEASES=("$@")
 [ ${#RELEASES[@]} -gt 0 ] || RELEASES=(2.11 2.12 2.13 2.14 2.15)
-TESTS=${MATRIX_TESTS:-tests/test_fixture.py tests/test_ops.py tests/test_optim.py tests/test_compile.py tests/test_export.py tests/test_deploy.py tests/test_packaging.py}
+TESTS=${MATRIX_TESTS:-tests/optim/test_fixture.py tests/layers/test_ops.py tests/optim/test_optim.py tests/layers/test_compile.py tests/layers/test_export.py tests/deploy/test_deploy.py tests/test_packaging.py}
 LOG=target/torch-matrix
 mkdir -p "$LOG"
 release_of() { "$1/bin/python" -c 'import torch; print(".".join(torch.__version__.split(".")[:2]))' 2>/dev/null || true; }

@@ -30,6 +30,7 @@ __all__ = [
     "ags_sad_step",
     "flip_monitor_state",
     "flip_monitor_step",
+    "FlipMonitorConfig",
     "DeployEngine",
     "deploy_kernels",
     "deploy_cpu_flags",
@@ -230,6 +231,21 @@ def flip_monitor_state(weight: Tensor, own_tracker: bool) -> tuple[Tensor, Tenso
     """Fresh monitor state for a weight: (sign int8, ever_flipped bool all False, tracker
     zeros in W's dtype or None without own_tracker)."""
 
+@final
+class FlipMonitorConfig:
+    """How a flip monitor runs, checked once when built against SAD's option ranges
+    (ValueError naming the option otherwise) and handed to every flip_monitor_step."""
+
+    def __new__(
+        cls, track_momentum: float, track_threshold: float, update_trackers: bool
+    ) -> FlipMonitorConfig: ...
+    @property
+    def track_momentum(self) -> float: ...
+    @property
+    def track_threshold(self) -> float: ...
+    @property
+    def update_trackers(self) -> bool: ...
+
 def flip_monitor_step(
     weights: list[Tensor],
     signs: list[Tensor],
@@ -237,12 +253,10 @@ def flip_monitor_step(
     trackers: list[Tensor],
     rates: Tensor,
     step: int,
-    track_momentum: float,
-    track_threshold: float,
-    update_trackers: bool,
+    config: FlipMonitorConfig,
 ) -> Tensor:
     """One monitoring step after an optimizer update, in place on signs, ever_flipped,
-    rates (float64 [L]) and, with update_trackers, the trackers. Returns float64 [L, 4]
+    rates (float64 [L]) and, with config.update_trackers, the trackers. Returns float64 [L, 4]
     on the weights' device (flipped, never flipped, silent, bias-corrected flip rate),
     with no device-to-host copy."""
 

@@ -180,6 +180,6 @@ mod tests {
         }
     }
 
-    // Compiling for sm_80 and sm_90 needs NVRTC: tests/test_cuda_kernels.py does it
+    // Compiling for sm_80 and sm_90 needs NVRTC: tests/cuda/test_cuda_kernels.py does it
     // (test_every_kernel_compiles), skipped where torch ships none.
 }

@@ -118,16 +118,15 @@ class FlipMonitor:
                         f"{what}={given} differs from the SAD tracker's {own}; the monitor "
                         f"reads SAD's tracker, so leave {what} out"
                     )
-            self.track_momentum = float(sad.track_momentum)
-            self.track_threshold = float(sad.track_threshold)
+            m, tau = sad.track_momentum, sad.track_threshold
         else:
             m = _DEFAULT_MOMENTUM if track_momentum is None else track_momentum
             tau = _DEFAULT_THRESHOLD if track_threshold is None else track_threshold
-            self.track_momentum = float(m)
-            self.track_threshold = float(tau)
-        # The core checks the values against SAD's option ranges; do it now, not at the
-        # first update.
-        _core.OvSWConfig(track_momentum=self.track_momentum, track_threshold=self.track_threshold)
+        # Checked once, by the core (against SAD's option ranges), and handed to every
+        # update as it is.
+        self._config = _core.FlipMonitorConfig(float(m), float(tau), not self.uses_sad_tracker)
+        self.track_momentum = self._config.track_momentum
+        self.track_threshold = self._config.track_threshold
         self.numels = [m.weight.numel() for _, m in self.layers]
         self.reset()
 
@@ -174,9 +173,7 @@ class FlipMonitor:
             self._trackers(),
             self._rates,
             self.steps + 1,
-            self.track_momentum,
-            self.track_threshold,
-            not self.uses_sad_tracker,
+            self._config,
         )
         self.steps += 1
 

@@ -4,7 +4,7 @@
 // figures into the layer's two numbers (ovsw_ags_sad_finalize). Two launches for the
 // whole model, no host synchronisation.
 
-// One layer, as src/cuda/ags.rs lays it out (8 x 8 bytes, device memory).
+// One layer, as src/optim/cuda.rs lays it out (8 x 8 bytes, device memory).
 struct AgsLayer {
     u64 grad, weight, tracker, prev;  // device pointers; tracker/prev 0 without SAD
     i64 channels, per_channel, first_channel, dtype;  // dtype: 0 f32, 1 f16, 2 bf16

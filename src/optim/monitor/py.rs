@@ -20,12 +20,63 @@ fn flip_monitor_state(
     })
 }
 
+/// How a flip monitor runs ([`MonitorConfig`]), checked once when built (against SAD's
+/// option ranges) and handed to every [`flip_monitor_step`] as it is.
+#[pyclass(name = "FlipMonitorConfig", module = "ovsw._core", frozen)]
+pub struct PyMonitorConfig(pub MonitorConfig);
+
+#[pymethods]
+impl PyMonitorConfig {
+    #[new]
+    #[pyo3(signature = (track_momentum, track_threshold, update_trackers))]
+    fn new(track_momentum: f64, track_threshold: f64, update_trackers: bool) -> PyResult<Self> {
+        boundary(|| {
+            Ok(PyMonitorConfig(MonitorConfig::new(
+                track_momentum,
+                track_threshold,
+                update_trackers,
+            )?))
+        })
+    }
+
+    /// `m`: the tracker's momentum and the flip-rate average's.
+    #[getter]
+    fn track_momentum(&self) -> f64 {
+        self.0.momentum
+    }
+
+    /// `tau`: a weight whose tracker is below it is silent.
+    #[getter]
+    fn track_threshold(&self) -> f64 {
+        self.0.threshold
+    }
+
+    /// Whether the monitor owns the trackers and updates them (no SAD), or reads SAD's.
+    #[getter]
+    fn update_trackers(&self) -> bool {
+        self.0.update_trackers
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "FlipMonitorConfig(track_momentum={:?}, track_threshold={:?}, update_trackers={})",
+            self.0.momentum,
+            self.0.threshold,
+            if self.0.update_trackers {
+                "True"
+            } else {
+                "False"
+            }
+        )
+    }
+}
+
 /// One monitoring step after an optimizer update, in place on the state; returns the
 /// figures as one float64 tensor `[L, 4]` on the weights' device (flipped, never
 /// flipped, silent, flip rate) with no device-to-host copy.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (weights, signs, ever_flipped, trackers, rates, step, track_momentum, track_threshold, update_trackers))]
+#[pyo3(signature = (weights, signs, ever_flipped, trackers, rates, step, config))]
 fn flip_monitor_step(
     py: Python<'_>,
     weights: Vec<PyTensor>,
@@ -34,9 +85,7 @@ fn flip_monitor_step(
     trackers: Vec<PyTensor>,
     rates: PyTensor,
     step: u64,
-    track_momentum: f64,
-    track_threshold: f64,
-    update_trackers: bool,
+    config: PyRef<'_, PyMonitorConfig>,
 ) -> PyResult<PyTensor> {
     boundary(|| {
         let n = weights.len();
@@ -49,7 +98,7 @@ fn flip_monitor_step(
             ))
             .into());
         }
-        let cfg = MonitorConfig::new(track_momentum, track_threshold, update_trackers)?;
+        let cfg = config.0;
         let figures = py.allow_threads(move || {
             let layers: Vec<MonitorLayer<'_>> = weights
                 .iter()
@@ -72,5 +121,6 @@ fn flip_monitor_step(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(flip_monitor_state, m)?)?;
     m.add_function(wrap_pyfunction!(flip_monitor_step, m)?)?;
+    m.add_class::<PyMonitorConfig>()?;
     Ok(())
 }

@@ -92,9 +92,7 @@ def _core_step(weights, states, rates, step, trackers=None, m=M, tau=TAU):
         [s[2] for s in states] if own else trackers,
         rates,
         step,
-        m,
-        tau,
-        own,
+        _core.FlipMonitorConfig(m, tau, own),
     )
 
 
@@ -201,6 +199,7 @@ def test_cuda_figures_match_the_cpu_and_the_step_does_not_synchronize(dtype):
 
 
 def test_bad_core_input_is_a_python_exception():
+    CONFIG = _core.FlipMonitorConfig(M, TAU, True)
     ws = [torch.randn(4, 3, 3, 3)]
     states = _states(ws)
     rates = torch.zeros(1, dtype=torch.float64)
@@ -208,17 +207,19 @@ def test_bad_core_input_is_a_python_exception():
         _core_step([torch.randn(4, 3, 3, 2)], states, rates, 1)
     with pytest.raises(TypeError, match="int8"):
         _core.flip_monitor_step(
-            ws, [states[0][0].float()], [states[0][1]], [states[0][2]], rates, 1, M, TAU, True
+            ws, [states[0][0].float()], [states[0][1]], [states[0][2]], rates, 1, CONFIG
         )
     with pytest.raises(ValueError, match="rates"):
         _core_step(ws, states, torch.zeros(2, dtype=torch.float64), 1)
     with pytest.raises(ValueError, match=">= 1"):
         _core_step(ws, states, rates, 0)
-    with pytest.raises(ValueError, match="track_momentum"):
+    with pytest.raises(ValueError, match=r"track_momentum must be in \[0, 1\), got 1"):
         _core_step(ws, states, rates, 1, m=1.0)
+    with pytest.raises(ValueError, match="track_threshold"):
+        _core.FlipMonitorConfig(M, -1.0, True)
     with pytest.raises(ValueError, match="got 1 weights, 2 signs"):
         _core.flip_monitor_step(
-            ws, [states[0][0]] * 2, [states[0][1]], [states[0][2]], rates, 1, M, TAU, True
+            ws, [states[0][0]] * 2, [states[0][1]], [states[0][2]], rates, 1, CONFIG
         )
     with pytest.raises(TypeError, match="floating"):
         _core.flip_monitor_state(torch.zeros(3, dtype=torch.int64), True)

@@ -29,7 +29,7 @@ import ovsw
 import ovsw.cuda
 from ovsw import _core
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 needs_nvrtc = pytest.mark.skipif(
     torch.version.cuda is None, reason="a CPU-only torch ships no NVRTC"
@@ -294,7 +294,7 @@ def test_gpu_check_runs_every_cuda_marked_test():
     }
     # The files it once left out are among them.
     files = {n.split("::")[0] for n in marked}
-    assert {"tests/test_ops.py", "tests/test_compile.py", "tests/test_analysis.py"} <= files
+    assert {"tests/layers/test_ops.py", "tests/layers/test_compile.py", "tests/optim/test_analysis.py"} <= files
 
 
 # ---------------------------------------------------------------------------------------

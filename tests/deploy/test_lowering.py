@@ -3,9 +3,9 @@ crates/ovsw-engine/src/lower.rs) refuse bad input with a Python exception naming
 wrong, never a panic or a crash.
 
 What they compute is checked elsewhere: byte for byte against the numpy exporter they
-replaced (tests/test_export_identity.py), against SPEC 1.3-1.5 there and in the Rust
+replaced (tests/deploy/test_export_identity.py), against SPEC 1.3-1.5 there and in the Rust
 unit tests of crates/ovsw-engine/src/lower.rs, and end to end against ``model.eval()`` in
-tests/test_deploy.py.
+tests/deploy/test_deploy.py.
 """
 
 from __future__ import annotations

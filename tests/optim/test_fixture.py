@@ -79,7 +79,7 @@ import torch.nn.functional as F
 import ovsw
 from ovsw.testing import elementwise_rel_err, oracle_ags_sad, rel_err, within
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 #: The recorded steps: "plain" (upstream's CIFAR-10 settings, SAD barely visible) and
 #: "sad" (settings under which lambda and tau change the answer; see the module docstring).
 FIXTURES = {"plain": "upstream_cresnet20_step.pt", "sad": "upstream_cresnet20_sad_step.pt"}

@@ -23,10 +23,10 @@ Not covered by a hash: the W-derived alpha of ``scaling_factor=False`` (SPEC 1.4
 libtorch whose summation order follows the CPU's vector width (``ATEN_CPU_CAPABILITY``)
 and the thread count, so its last bit, and with it the file's bytes, may differ between
 machines for the same model. That path is covered end to end instead: the default
-models of ``tests/test_deploy.py`` (``scaling_factor=False``) are exported and their
+models of ``tests/deploy/test_deploy.py`` (``scaling_factor=False``) are exported and their
 logits compared with ``model.eval()``'s, op by op where they differ.
 
-Run as a script (``python tests/test_export_identity.py``) it prints the hashes as JSON;
+Run as a script (``python tests/deploy/test_export_identity.py``) it prints the hashes as JSON;
 the subprocess tests use that to check ``ATEN_CPU_CAPABILITY`` does not move them.
 """
 
