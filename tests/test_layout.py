@@ -181,3 +181,16 @@ def test_python_dash_m_ovsw_names_the_commands_and_runs_none():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["exit", "2"], proc.stdout
     assert "ovsw-train" in proc.stderr and "python -m ovsw.train" in proc.stderr
+
+
+def test_importing_the_library_prints_nothing():
+    """``import ovsw`` (and its subpackages) writes nothing to stdout or stderr on any
+    supported torch: no deprecation warning from the torch APIs it registers with."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import ovsw, ovsw.deploy, ovsw.analysis, ovsw.testing, ovsw.cuda"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout, proc.stderr) == ("", "")

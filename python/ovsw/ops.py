@@ -65,10 +65,21 @@ from typing import Optional  # noqa: UP035 (torch.library reads the annotations)
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._library.opaque_object import register_opaque_type
-from torch._opaque_base import OpaqueBase
 
 from . import _core
+
+# torch.library's opaque objects (the OvSW config below) changed names in torch 2.14; the
+# old names still work there but log a deprecation warning at every import of ovsw.
+try:  # torch >= 2.14
+    from torch._custom_class_base import CustomClassBase as _OpaqueBase
+    from torch._library.opaque_object import register_custom_class as _register_opaque
+
+    _CONSTANT = "constant"
+except ImportError:  # torch 2.11 to 2.13
+    from torch._library.opaque_object import register_opaque_type as _register_opaque
+    from torch._opaque_base import OpaqueBase as _OpaqueBase
+
+    _CONSTANT = "value"
 
 __all__ = [
     "autocast_dtype",
@@ -324,10 +335,11 @@ binary_linear.register_autograd(_linear_backward, setup_context=_linear_setup_co
 
 
 # -- AGS + SAD ----------------------------------------------------------------------------------
-class OvSWConfig(_core.OvSWConfig, OpaqueBase):
+class OvSWConfig(_core.OvSWConfig, _OpaqueBase):
     """The AGS and SAD settings (``_core.OvSWConfig``: built and validated once by the
-    core, equal and hashed by value) as a value-type opaque object, the one argument of
-    ``ags_sad_step`` that carries them. :class:`ovsw.OvSW` builds one."""
+    core, equal and hashed by value) as a constant opaque object (``typ="value"`` before
+    torch 2.14), the one argument of ``ags_sad_step`` that carries them.
+    :class:`ovsw.OvSW` builds one."""
 
     __slots__ = ()
 
@@ -336,7 +348,7 @@ class OvSWConfig(_core.OvSWConfig, OpaqueBase):
         return repr(self), {"OvSWConfig": type(self)}
 
 
-register_opaque_type(OvSWConfig, typ="value")
+_register_opaque(OvSWConfig, typ=_CONSTANT)
 
 
 @torch.library.custom_op("ovsw::ags_sad_step", mutates_args=("grads", "trackers", "weight_prevs"))
