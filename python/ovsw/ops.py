@@ -51,7 +51,7 @@ text)::
   ``[L, 2]`` tensor on the weights' device (column 0 the mean AGS ratio, column 1 the
   silent fraction; NaN where that part is disabled). ``config`` is an
   :class:`OvSWConfig`, the settings as the core built and validated them once (a
-  value-type opaque object: ``torch.compile`` treats it as a constant and guards on
+  constant opaque object: ``torch.compile`` treats it as a constant and guards on
   its equality); the op hands it to the core as it is.
 - ``act_w`` is one of ``_core.act_w_names()``. The activation binarizer and the forward
   type have one choice each (``"binary"``, ``"xnor"``), so they are not arguments.
