@@ -125,10 +125,18 @@ class FlipMonitor:
         # Checked once, by the core (against SAD's option ranges), and handed to every
         # update as it is.
         self._config = _core.FlipMonitorConfig(float(m), float(tau), not self.uses_sad_tracker)
-        self.track_momentum = self._config.track_momentum
-        self.track_threshold = self._config.track_threshold
         self.numels = [m.weight.numel() for _, m in self.layers]
         self.reset()
+
+    @property
+    def track_momentum(self) -> float:
+        """``m``: the tracker's momentum and the flip-rate average's."""
+        return self._config.track_momentum
+
+    @property
+    def track_threshold(self) -> float:
+        """``tau``: a weight whose tracker is below it is silent."""
+        return self._config.track_threshold
 
     # -- state -----------------------------------------------------------------------
     @torch.no_grad()
