@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use serde_json::Value;
 
 use crate::bitconv::{words_for, BinaryConv, Kernel};
@@ -13,6 +14,7 @@ use crate::float::{self, Affine, FloatConv, Linear, Pool};
 use crate::format::{self, DType, TensorEntry};
 use crate::geom::ConvGeom;
 use crate::nhwc::{Act, Tensor4};
+use crate::par;
 
 /// What one op computes.
 enum OpKind {
@@ -36,6 +38,18 @@ struct Node {
 }
 
 impl Node {
+    /// Channels of the value the op writes (0 when it is not a feature map).
+    fn out_channels(&self) -> usize {
+        match &self.kind {
+            OpKind::Conv(c) => c.geom.cout,
+            OpKind::BConv(c) => c.geom.cout,
+            OpKind::Affine(a) => a.scale.len(),
+            OpKind::PadChannels(..) | OpKind::Pool(_) | OpKind::GlobalAvgPool => 0,
+            OpKind::Flatten => 0,
+            OpKind::Linear(l) => l.outputs,
+        }
+    }
+
     fn kind_name(&self) -> &'static str {
         match self.kind {
             OpKind::Conv(_) => "conv2d",
@@ -269,12 +283,8 @@ impl Engine {
                 Some("conv2d") => {
                     let geom = f.geom()?;
                     let shape = [geom.cout, geom.kh, geom.kw, geom.cin / geom.groups];
-                    OpKind::Conv(FloatConv {
-                        weight: f.f32("weight", &shape)?,
-                        bias: f.opt_f32("bias", &[geom.cout])?,
-                        act: f.act(geom.cout)?,
-                        geom,
-                    })
+                    let (bias, act) = (f.opt_f32("bias", &[geom.cout])?, f.act(geom.cout)?);
+                    OpKind::Conv(FloatConv::new(geom, f.f32("weight", &shape)?, bias, act))
                 }
                 Some("bconv2d") => {
                     let geom = f.geom()?;
@@ -410,19 +420,40 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs the network on an NCHW input; returns the output value (NHWC).
+    /// Runs the network on an input (NHWC); returns the output value (NHWC). A batch of
+    /// several images is cut into sub-batches that the threads run whole (see
+    /// [`crate::par`]); one image is run op by op, each op splitting its rows.
     pub fn run(&self, input: Tensor4) -> Result<Tensor4> {
-        self.execute(input, None)
+        self.check_input(&input)?;
+        let n = input.n;
+        let sub = par::sub_batch(n, self.threads, self.peak_bytes(&input));
+        if sub >= n {
+            return self.pool.install(|| self.execute(input, None));
+        }
+        let parts = input.split_batch(sub)?;
+        let outs = self.pool.install(|| {
+            parts
+                .into_par_iter()
+                .map(|part| {
+                    let _serial = par::Serial::enter();
+                    self.execute(part, None)
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Tensor4::concat_batch(outs)
     }
 
-    /// Runs once and times every op.
+    /// Runs once, op by op over the whole batch, and times every op.
     pub fn profile(&self, input: Tensor4) -> Result<(Tensor4, Vec<OpTime>)> {
+        self.check_input(&input)?;
         let mut times = Vec::with_capacity(self.nodes.len());
-        let out = self.execute(input, Some(&mut times))?;
+        let out = self
+            .pool
+            .install(|| self.execute(input, Some(&mut times)))?;
         Ok((out, times))
     }
 
-    fn execute(&self, input: Tensor4, mut times: Option<&mut Vec<OpTime>>) -> Result<Tensor4> {
+    fn check_input(&self, input: &Tensor4) -> Result<()> {
         if input.c != self.input_channels {
             return value_err!(
                 "the network expects {} input channels, got an input of shape {:?}",
@@ -433,9 +464,22 @@ impl Engine {
         if input.n == 0 || input.h == 0 || input.w == 0 {
             return value_err!("empty input of shape {:?}", input.nchw());
         }
+        Ok(())
+    }
+
+    /// Bytes of the largest value one image of `input`'s size makes.
+    fn peak_bytes(&self, input: &Tensor4) -> usize {
+        // Interim bound until shape inference: channels times the input's area.
+        let widest = self.nodes.iter().map(Node::out_channels).max().unwrap_or(1);
+        widest.max(input.c) * input.h * input.w * std::mem::size_of::<f32>() / 4
+    }
+
+    /// Runs the graph on `input`, on the calling thread of the pool (ops split their
+    /// rows as [`par::min_len`] allows).
+    fn execute(&self, input: Tensor4, mut times: Option<&mut Vec<OpTime>>) -> Result<Tensor4> {
         let mut values: Vec<Option<Tensor4>> = vec![None; self.values];
         values[0] = Some(input);
-        self.pool.install(|| {
+        {
             for (node, frees) in self.nodes.iter().zip(&self.frees) {
                 let start = Instant::now();
                 // An affine op whose input dies here works in place.
@@ -477,8 +521,7 @@ impl Engine {
                     values[v] = None;
                 }
             }
-            Ok::<(), Error>(())
-        })?;
+        }
         values[self.output]
             .take()
             .ok_or_else(|| Error::Value("the graph's output was never written".into()))

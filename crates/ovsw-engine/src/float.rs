@@ -3,6 +3,8 @@
 //! affine (folded BatchNorm) with its activation, max and average pooling, global
 //! average pooling, zero channel padding and flatten.
 
+mod direct;
+
 use std::cell::RefCell;
 
 use rayon::prelude::*;
@@ -10,6 +12,7 @@ use rayon::prelude::*;
 use crate::error::{value_err, Result};
 use crate::geom::ConvGeom;
 use crate::nhwc::{Act, Tensor4};
+use crate::par;
 
 /// Output pixels per parallel task of the float convolution: large enough that the
 /// GEMM's packing is amortised, small enough for four tasks per thread.
@@ -80,12 +83,52 @@ pub struct FloatConv {
     pub weight: Vec<f32>,
     pub bias: Option<Vec<f32>>,
     pub act: Act,
+    /// For a conv over few input channels: the weight by tap and how this CPU does
+    /// multiply-adds (the direct path, `float/direct.rs`); `None` for im2col + GEMM.
+    direct: Option<(Vec<f32>, direct::Fma)>,
 }
 
 impl FloatConv {
+    pub fn new(geom: ConvGeom, weight: Vec<f32>, bias: Option<Vec<f32>>, act: Act) -> Self {
+        let direct = direct::fits(&geom)
+            .then(|| (direct::weight_by_tap(&weight, &geom), direct::Fma::detect()));
+        FloatConv {
+            geom,
+            weight,
+            bias,
+            act,
+            direct,
+        }
+    }
+
+    /// `act(x conv W + b)`: bias and activation pixel by pixel after the sums.
+    fn finish(&self, dst: &mut [f32]) {
+        for px in dst.chunks_exact_mut(self.geom.cout) {
+            if let Some(b) = &self.bias {
+                for (v, b) in px.iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+            self.act.apply(px);
+        }
+    }
+
     pub fn forward(&self, x: &Tensor4, name: &str) -> Result<Tensor4> {
         let g = &self.geom;
         let (oh, ow) = g.output_hw(x, name)?;
+        if let Some((wt, fma)) = &self.direct {
+            let mut out = Tensor4::scratch(x.n, oh, ow, g.cout)?;
+            let row_work = ow * g.cout * g.kh * g.kw * g.cin;
+            out.data
+                .par_chunks_mut(ow * g.cout)
+                .with_min_len(par::min_len(row_work))
+                .enumerate()
+                .for_each(|(r, dst)| {
+                    direct::row(*fma, g, wt, &x.data, (x.h, x.w), (r / oh, r % oh), dst);
+                    self.finish(dst);
+                });
+            return Ok(out);
+        }
         let cg = g.cin / g.groups;
         let og = g.cout / g.groups;
         let k = g.kh * g.kw * cg;
@@ -97,6 +140,7 @@ impl FloatConv {
         let tile_pixels = conv_tile(pixels);
         out.data
             .par_chunks_mut(tile_pixels * g.cout)
+            .with_min_len(par::min_len(tile_pixels * k * g.cout))
             .enumerate()
             .for_each(|(tile, dst)| {
                 let p0 = tile * tile_pixels;
@@ -118,14 +162,7 @@ impl FloatConv {
                     sgemm(m, k, og, a, w, 1, k as isize, &mut dst[gi * og..], g.cout);
                 }
                 COLS.set(cols);
-                for px in dst.chunks_exact_mut(g.cout) {
-                    if let Some(b) = &self.bias {
-                        for (v, b) in px.iter_mut().zip(b) {
-                            *v += b;
-                        }
-                    }
-                    self.act.apply(px);
-                }
+                self.finish(dst);
             });
         debug_assert_eq!(pixels * g.cout, out.data.len());
         Ok(out)
@@ -232,6 +269,7 @@ impl Linear {
         {
             ys.par_iter_mut()
                 .zip(self.weight.par_chunks_exact(self.inputs))
+                .with_min_len(par::min_len(self.inputs))
                 .enumerate()
                 .for_each(|(o, (y, w))| {
                     *y = dot(xs, w) + self.bias.as_ref().map_or(0.0, |b| b[o]);
@@ -258,7 +296,8 @@ impl Affine {
             );
         }
         let c = x.c;
-        x.data.par_chunks_mut(c * 64).for_each(|chunk| {
+        let chunks = x.data.par_chunks_mut(c * 64);
+        chunks.with_min_len(par::min_len(c * 64)).for_each(|chunk| {
             for px in chunk.chunks_exact_mut(c) {
                 for ((v, s), t) in px.iter_mut().zip(&self.scale).zip(&self.shift) {
                     *v = *v * s + t;
@@ -313,6 +352,7 @@ impl Pool {
         let mut out = Tensor4::zeros(x.n, oh, ow, c)?;
         out.data
             .par_chunks_mut(ow * c)
+            .with_min_len(par::min_len(ow * c * kh * kw))
             .enumerate()
             .for_each(|(row, dst)| {
                 let (n, oy) = (row / oh, row % oh);

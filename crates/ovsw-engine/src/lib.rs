@@ -28,4 +28,5 @@ pub mod format;
 pub mod geom;
 pub mod lower;
 pub mod nhwc;
+pub mod par;
 pub mod writer;

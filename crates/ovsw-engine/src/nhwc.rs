@@ -162,6 +162,37 @@ impl Tensor4 {
         [self.n, self.c, self.h, self.w]
     }
 
+    /// The batch cut into sub-batches of `size` images (the last may hold fewer).
+    pub fn split_batch(&self, size: usize) -> Result<Vec<Tensor4>> {
+        let image = self.h * self.w * self.c;
+        let mut parts = Vec::with_capacity(self.n.div_ceil(size.max(1)));
+        for images in self.data.chunks(size.max(1) * image.max(1)) {
+            let mut t = Tensor4::scratch(images.len() / image.max(1), self.h, self.w, self.c)?;
+            t.data.copy_from_slice(images);
+            parts.push(t);
+        }
+        Ok(parts)
+    }
+
+    /// The sub-batches' images one after the other (they share a shape but the batch);
+    /// the inverse of [`Tensor4::split_batch`].
+    pub fn concat_batch(parts: Vec<Tensor4>) -> Result<Tensor4> {
+        let Some(first) = parts.first() else {
+            return value_err!("no sub-batch to join");
+        };
+        let (h, w, c) = (first.h, first.w, first.c);
+        if parts.iter().any(|p| (p.h, p.w, p.c) != (h, w, c)) {
+            return value_err!("sub-batches of different shapes cannot be joined");
+        }
+        let mut out = Tensor4::scratch(parts.iter().map(|p| p.n).sum(), h, w, c)?;
+        let mut at = 0;
+        for p in &parts {
+            out.data[at..at + p.data.len()].copy_from_slice(&p.data);
+            at += p.data.len();
+        }
+        Ok(out)
+    }
+
     /// Moves the data out (the tensor is left empty).
     pub fn into_data(mut self) -> Vec<f32> {
         std::mem::take(&mut self.data)
@@ -239,6 +270,24 @@ mod tests {
         let mut c: Vec<usize> = pool.iter().map(Vec::capacity).collect();
         c.sort_unstable();
         c
+    }
+
+    #[test]
+    fn a_batch_split_and_joined_is_unchanged() {
+        let data: Vec<f32> = (0..5 * 2 * 3 * 4).map(|v| v as f32).collect();
+        let t = Tensor4 {
+            n: 5,
+            h: 2,
+            w: 3,
+            c: 4,
+            data: data.clone(),
+        };
+        let parts = t.split_batch(2).unwrap();
+        assert_eq!(parts.iter().map(|p| p.n).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(parts[2].data, data[4 * 24..]);
+        let joined = Tensor4::concat_batch(parts).unwrap();
+        assert_eq!((joined.n, joined.h, joined.w, joined.c), (5, 2, 3, 4));
+        assert_eq!(joined.data, data);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub use self::simd::cpu::{cpu_flags, DISABLE_ENV};
+pub use self::simd::cpu::{avx2_usable, cpu_flags, DISABLE_ENV};
 pub use self::simd::isa::LANES;
 use self::simd::isa::{Isa, Job, Run, Runs, Tile};
 pub use self::simd::Kernel;
@@ -40,6 +40,7 @@ pub use crate::bits::{words_for, BITS};
 use crate::error::{value_err, Result};
 use crate::geom::ConvGeom;
 use crate::nhwc::{hardtanh, prelu, Act, Tensor4};
+use crate::par;
 
 /// Output pixels per register tile of the kernels (the least per kernel call).
 pub const TILE: usize = 4;
@@ -176,8 +177,11 @@ impl BinaryConv {
         let plan = Plan::new(self, x, oh, ow);
         let mut out = Tensor4::scratch(x.n, oh, ow, g.cout)?;
         let row_len = ow * g.cout;
+        // Work of one row: each output channel reads every word of its window.
+        let row_work = ow * g.cout * g.kh * g.kw * self.wpg;
         out.data
             .par_chunks_mut(row_len)
+            .with_min_len(par::min_len(row_work))
             .enumerate()
             .for_each(|(row, dst)| {
                 kernel.run(RowJob {
@@ -204,6 +208,7 @@ impl BinaryConv {
         let any_zero = bits
             .par_chunks_mut(pw * PACK_CHUNK)
             .zip(x.data.par_chunks(c * PACK_CHUNK))
+            .with_min_len(par::min_len(c * PACK_CHUNK))
             .map(|(dst, src)| {
                 kernel.run(PackJob {
                     conv: self,
@@ -218,6 +223,7 @@ impl BinaryConv {
         let mut mask = vec![0u64; pixels * pw];
         mask.par_chunks_mut(pw)
             .zip(x.data.par_chunks(c))
+            .with_min_len(par::min_len(c))
             .for_each(|(out, px)| {
                 for (ch, words) in px.chunks_exact(self.cg).zip(out.chunks_exact_mut(self.wpg)) {
                     pack_channels(ch, words, |v| v != 0.0);

@@ -97,6 +97,11 @@ pub fn cpu_flags() -> Result<Vec<&'static str>> {
         .collect())
 }
 
+/// Whether AVX2 is detected and not hidden (also what the float paths go by).
+pub fn avx2_usable() -> bool {
+    Flag::Avx2.usable()
+}
+
 pub(super) fn check_env() -> Result<()> {
     match disabled() {
         Ok(_) => Ok(()),
