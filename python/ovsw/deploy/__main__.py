@@ -1,9 +1,11 @@
-"""``python -m ovsw.deploy bench ...``: measure the engine on this machine. (A model
+"""``python -m ovsw.deploy bench ...``: measure the engine on this machine;
+``python -m ovsw.deploy profile FILE``: each op's time in one network. (A model
 trained by ``ovsw-train`` is exported by the application: ``ovsw-export RUN_DIR``.)"""
 
 import sys
 
 USAGE = """usage: python -m ovsw.deploy bench [--threads N ...] [--repeats N]
+       python -m ovsw.deploy profile FILE [--batch N] [--threads N] [--size N]
 (to export a model trained by ovsw-train: ovsw-export RUN_DIR [-o FILE] [--checkpoint ...])"""
 
 #: What ``python -m ovsw.deploy export`` says now that the command lives in the
@@ -20,6 +22,10 @@ def main(argv=None) -> int:
         from ._bench import main as bench
 
         return bench(argv[1:])
+    if argv and argv[0] == "profile":
+        from ._profile import main as profile
+
+        return profile(argv[1:])
     if argv and argv[0] == "export":
         print(MOVED, file=sys.stderr)
         return 2
