@@ -31,7 +31,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-pub use self::simd::cpu::{avx2_usable, cpu_flags, DISABLE_ENV};
+pub use self::simd::cpu::{avx2_usable, avx512f_usable, cpu_flags, DISABLE_ENV};
 pub use self::simd::isa::LANES;
 use self::simd::isa::{Isa, Job, Run, Runs, Tile};
 pub use self::simd::Kernel;

@@ -9,7 +9,9 @@
 //! per output element starting from 0. The order is the same for every pixel and every
 //! tile, so an output does not depend on the batch or on how rows are shared between
 //! threads. With AVX2 and FMA (and AVX2 not hidden by `OVSW_DISABLE_CPU_FEATURES`) the
-//! multiply-add is one fused instruction; elsewhere it is a multiply then an add.
+//! multiply-add is one fused instruction, in AVX2 registers or, with AVX-512F, in
+//! AVX-512 registers over twice the pixels (the same fused operations on each element,
+//! so both give the same bits); elsewhere it is a multiply then an add.
 
 use std::cell::RefCell;
 
@@ -43,6 +45,8 @@ pub fn weight_by_tap(weight: &[f32], g: &ConvGeom) -> Vec<f32> {
 /// How the multiply-adds are done on this CPU (read once).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Fma {
+    /// AVX-512 registers, fused multiply-add.
+    Avx512,
     /// AVX2 registers, fused multiply-add.
     Avx2,
     /// Scalar code: a multiply then an add.
@@ -54,7 +58,11 @@ impl Fma {
         #[cfg(target_arch = "x86_64")]
         {
             if crate::bitconv::avx2_usable() && std::arch::is_x86_feature_detected!("fma") {
-                return Fma::Avx2;
+                return if crate::bitconv::avx512f_usable() {
+                    Fma::Avx512
+                } else {
+                    Fma::Avx2
+                };
             }
         }
         Fma::Portable
@@ -93,14 +101,33 @@ pub fn row(
     }
     let ow = dst.len() / g.cout;
     let mut ox = 0;
+    #[cfg(target_arch = "x86_64")]
+    if fma == Fma::Avx512 {
+        // Tiles of 2 * PIXELS pixels in AVX-512 registers, the rest as below.
+        while ox + 2 * PIXELS <= ow {
+            for b in (0..g.cout).step_by(BLOCK) {
+                let mut acc = [[0.0f32; BLOCK]; 2 * PIXELS];
+                // SAFETY: `Fma::Avx512` is made only where AVX-512F and FMA are detected.
+                unsafe { x86::tile_512(g, wt, &band, pw, ox, b, &mut acc) };
+                let lanes = BLOCK.min(g.cout - b);
+                for (q, a) in acc.iter().enumerate() {
+                    let at = (ox + q) * g.cout + b;
+                    dst[at..at + lanes].copy_from_slice(&a[..lanes]);
+                }
+            }
+            ox += 2 * PIXELS;
+        }
+    }
     while ox < ow {
         let p = PIXELS.min(ow - ox);
         for b in (0..g.cout).step_by(BLOCK) {
             let mut acc = [[0.0f32; BLOCK]; PIXELS];
             match fma {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Fma::Avx2` is made only where AVX2 and FMA are detected.
-                Fma::Avx2 => unsafe { x86::tile(g, wt, &band, pw, ox, p, b, &mut acc) },
+                // SAFETY: both are made only where AVX2 and FMA are detected.
+                Fma::Avx2 | Fma::Avx512 => unsafe {
+                    x86::tile(g, wt, &band, pw, ox, p, b, &mut acc)
+                },
                 _ => tile(g, wt, &band, pw, ox, p, b, &mut acc),
             }
             let lanes = BLOCK.min(g.cout - b);
@@ -204,6 +231,47 @@ mod x86 {
             _mm256_storeu_ps(a.as_mut_ptr().add(8), rq[1]);
         }
     }
+
+    /// [`tile`] for `2 * PIXELS` pixels, one AVX-512 register of [`BLOCK`] channels
+    /// each.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn tile_512(
+        g: &ConvGeom,
+        wt: &[f32],
+        band: &[f32],
+        pw: usize,
+        ox: usize,
+        b: usize,
+        acc: &mut [[f32; BLOCK]; 2 * PIXELS],
+    ) {
+        let (c, op) = (g.cin, g.cout.next_multiple_of(BLOCK));
+        let taps = g.kh * g.kw * c;
+        assert!(wt.len() >= taps * op && b + BLOCK <= op);
+        let last = (g.kh - 1) * pw + (ox + 2 * PIXELS - 1) * g.stride.1 + g.kw;
+        assert!(band.len() >= last * c);
+        let mut r = [_mm512_setzero_ps(); 2 * PIXELS];
+        let wp = wt.as_ptr().add(b);
+        let bp = band.as_ptr();
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                for ci in 0..c {
+                    let t = (ky * g.kw + kx) * c + ci;
+                    let wv = _mm512_loadu_ps(wp.add(t * op));
+                    let base = (ky * pw + ox * g.stride.1 + kx) * c + ci;
+                    for (q, rq) in r.iter_mut().enumerate() {
+                        let xv = _mm512_set1_ps(*bp.add(base + q * g.stride.1 * c));
+                        *rq = _mm512_fmadd_ps(xv, wv, *rq);
+                    }
+                }
+            }
+        }
+        for (a, rq) in acc.iter_mut().zip(r) {
+            _mm512_storeu_ps(a.as_mut_ptr(), rq);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,8 +353,10 @@ mod tests {
             (2, 8, 1, 1, 0, 5, 3),
         ];
         let mut routes = vec![Fma::Portable];
-        if Fma::detect() != Fma::Portable {
-            routes.push(Fma::detect());
+        match Fma::detect() {
+            Fma::Avx512 => routes.extend([Fma::Avx2, Fma::Avx512]),
+            Fma::Avx2 => routes.push(Fma::Avx2),
+            Fma::Portable => {}
         }
         for (i, &(cin, cout, k, s, p, h, w)) in cases.iter().enumerate() {
             let g = ConvGeom {
@@ -316,6 +386,10 @@ mod tests {
                 // The second image alone gives the same bits as inside the batch.
                 let one = run(fma, &g, &wgt, &x[h * w * cin..], 1, h, w);
                 assert_eq!(one, got[got.len() / 2..], "{fma:?} case {i}");
+                // The two fused routes give the same bits.
+                if fma == Fma::Avx512 {
+                    assert_eq!(got, run(Fma::Avx2, &g, &wgt, &x, n, h, w), "case {i}");
+                }
             }
         }
     }

@@ -102,6 +102,11 @@ pub fn avx2_usable() -> bool {
     Flag::Avx2.usable()
 }
 
+/// Whether AVX-512F is detected and not hidden.
+pub fn avx512f_usable() -> bool {
+    Flag::Avx512f.usable()
+}
+
 pub(super) fn check_env() -> Result<()> {
     match disabled() {
         Ok(_) => Ok(()),
