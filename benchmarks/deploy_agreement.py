@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from _common import cpu_name
 
-from ovsw import deploy
+from ovsw import _core, deploy
 from ovsw.deploy._bench import calibrated
 
 #: (arch, input size, images)
@@ -65,11 +65,21 @@ def count(arch: str, size: int, images: int, threads: int, seed: int, tmp: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2, help="engine and torch threads")
+    cpus = _core.deploy_threads()
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=min(2, cpus),
+        help=f"engine and torch threads (default 2, at most the {cpus} CPUs this process may use)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads < 1:
         ap.error("--threads must be positive")
+    try:
+        _core.deploy_threads(args.threads)  # the engine's check, before any work
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     print(f"{cpu_name()}, torch {torch.__version__}, {args.threads} threads", flush=True)
     rows = []

@@ -32,6 +32,7 @@ __all__ = [
     "flip_monitor_step",
     "FlipMonitorConfig",
     "DeployEngine",
+    "deploy_threads",
     "deploy_kernels",
     "deploy_cpu_flags",
     "deploy_kernel",
@@ -267,7 +268,8 @@ class DeployEngine:
     """A network from an ovsw.deploy file; runs without PyTorch on its own thread pool.
 
     Raises ValueError for a corrupt, truncated or unsupported file, an unknown kernel or
-    one this CPU cannot run (naming the missing CPU flag), or threads < 1.
+    one this CPU cannot run (naming the missing CPU flag), or threads < 1 or above the
+    CPUs this process may use (see deploy_threads).
     """
 
     def __new__(cls, data: bytes, threads: int, kernel: str = "auto") -> Self: ...
@@ -285,9 +287,18 @@ class DeployEngine:
     @property
     def input_channels(self) -> int: ...
     @property
+    def accepts_any_size(self) -> bool:
+        """Whether the network takes inputs of any height and width, not only the size
+        it was exported for."""
+    @property
     def ops(self) -> list[tuple[str, str]]: ...
     @property
     def header_json(self) -> str: ...
+
+def deploy_threads(threads: int | None = None) -> int:
+    """The CPUs this process may use (its CPU affinity and CPU quota) when `threads` is
+    None, else `threads` once checked: ValueError for 0 or more than those CPUs (the
+    engine's one check of a thread count)."""
 
 def deploy_kernels() -> list[str]:
     """Binary-conv kernels this CPU runs, best first ("portable" always).

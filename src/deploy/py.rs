@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 
 use ovsw_engine::bitconv::{cpu_flags, Kernel};
-use ovsw_engine::engine::Engine;
+use ovsw_engine::engine::{self, Engine};
 use ovsw_engine::format::{self, DType};
 use ovsw_engine::lower::ChannelAffine;
 use ovsw_engine::nhwc::Tensor4;
@@ -170,6 +170,13 @@ impl DeployEngine {
         self.engine.input_channels
     }
 
+    /// Whether the network takes inputs of any height and width, not only the size it
+    /// was exported for.
+    #[getter]
+    fn accepts_any_size(&self) -> bool {
+        self.engine.accepts_any_size()
+    }
+
     /// `(name, op)` of every op in execution order.
     #[getter]
     fn ops(&self) -> Vec<(String, &'static str)> {
@@ -181,6 +188,18 @@ impl DeployEngine {
     fn header_json(&self) -> String {
         self.engine.header.to_string()
     }
+}
+
+/// The engine's thread count for `threads`: the CPUs this process may use when `None`,
+/// else `threads` itself once checked (the engine's one check, `ValueError` for 0 or
+/// more than those CPUs), for command lines to refuse a count before any work.
+#[pyfunction]
+#[pyo3(signature = (threads = None))]
+fn deploy_threads(threads: Option<usize>) -> PyResult<usize> {
+    boundary(|| match threads {
+        None => Ok(engine::available_threads()),
+        Some(t) => from_engine(engine::check_threads(t)),
+    })
 }
 
 /// Kernels this CPU can run, best first (`"portable"` always).
@@ -394,6 +413,7 @@ fn deploy_write(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DeployEngine>()?;
     m.add_function(wrap_pyfunction!(deploy_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(deploy_threads, m)?)?;
     m.add_function(wrap_pyfunction!(deploy_cpu_flags, m)?)?;
     m.add_function(wrap_pyfunction!(deploy_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(deploy_pack_signs, m)?)?;

@@ -18,7 +18,7 @@ from torch import nn
 
 import ovsw
 import ovsw.deploy as deploy
-from ovsw import models, testing
+from ovsw import _core, models, testing
 from ovsw.deploy._bench import calibrated
 from ovsw.testing import max_abs_err, rel_err_per_sample, within
 
@@ -394,6 +394,36 @@ def test_threads_do_not_change_results(tmp_path):
         deploy.load(path, threads=-1)
 
 
+def test_threads_above_the_cpus_this_process_may_use_are_refused(tmp_path):
+    # One check, in the engine: load, the setter and both command lines get it.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    allowed = _core.deploy_threads()
+    if cpus is not None:
+        assert allowed <= cpus  # a cgroup CPU quota may lower it, never raise it
+    model = models.create("cResNet20_1w1a", num_classes=3).eval()
+    path = deploy.export(model, tmp_path / "m.ovsw")
+    too_many = f"threads={allowed + 1} exceeds the {allowed} CPUs this process may use"
+    with pytest.raises(ValueError, match=too_many):
+        deploy.load(path, threads=allowed + 1)
+    with pytest.raises(ValueError, match="threads=10000 exceeds the"):
+        deploy.load(path, threads=10000)
+    engine = deploy.load(path)  # the default: every CPU this process may use
+    assert engine.threads == allowed
+    engine.threads = 1
+    with pytest.raises(ValueError, match=too_many):
+        engine.threads = allowed + 1
+    assert engine.threads == 1  # a refused count leaves the pool as it was
+    with pytest.raises(ValueError, match="positive integer"):
+        engine.threads = 2.0
+    for argv in (
+        ["-m", "ovsw.deploy", "bench", "--threads", "1", "10000"],
+        ["-m", "ovsw.train.export", str(tmp_path), "--threads", "10000"],
+    ):
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+        assert "threads=10000 exceeds the" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_profile_names_every_op(tmp_path):
     model = calibrated("cResNet20_1w1a", 32)
     engine = roundtrip(model, tmp_path, 32)
@@ -447,6 +477,17 @@ def test_export_write_errors_are_os_errors_and_leave_nothing(tmp_path):
     deploy.export(model, target, metadata={"note": "caf\u00e9 \u2713", "ok": [1.5, None]})
     assert deploy.load(target).metadata["user"] == {"note": "caf\u00e9 \u2713", "ok": [1.5, None]}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ovsw"]
+
+
+@pytest.mark.parametrize("size", [(3, 64, 64), "64", -1, 0, True, 32.0, (32, 0), (32,), [True, 8]])
+def test_export_refuses_a_malformed_input_size(size, tmp_path):
+    model = models.create("cResNet20_1w1a", num_classes=3).eval()
+    want = "input_size must be a positive int or a (height, width) pair of positive ints, got "
+    with pytest.raises(ValueError, match=re.escape(want + repr(size)) + "$"):
+        deploy.export(model, tmp_path / "m.ovsw", input_size=size)
+    assert not list(tmp_path.iterdir())
+    meta = deploy.load(deploy.export(model, tmp_path / "m.ovsw", input_size=[24, np.int64(40)]))
+    assert meta.metadata["input"] == {"channels": 3, "height": 24, "width": 40}
 
 
 def test_export_refuses_training_mode_and_unknown_models(tmp_path):
@@ -571,10 +612,42 @@ def test_bad_inputs(good_file):
 
 
 def test_wrong_input_size_for_a_fixed_size_head(tmp_path):
+    # VGGSmall flattens its last feature map into the head: one input size only, and
+    # another is refused before any op runs, naming both sizes and the layer.
     engine = roundtrip(models.create("VGGSmall_1w1a"), tmp_path, 32)
-    with pytest.raises(ValueError, match="'fc' expects 8192 features, got 2048"):
+    assert not engine.accepts_any_size
+    assert "input 3x32x32 (this size only)" in engine.summary().splitlines()[0]
+    with pytest.raises(
+        ValueError,
+        match=r"^this network takes 3x32x32 inputs \(the size it was exported for\); got "
+        r"3x16x16 \(layer 'fc' expects 8192 features, got 2048",
+    ):
         engine(np.zeros((1, 3, 16, 16), dtype=np.float32))
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match=r"got 3x1x1 \(input of 1x1 is too small for .*'pooling1'"):
+        engine(np.zeros((1, 3, 1, 1), dtype=np.float32))
+    # 33x33 pools down to the same 4x4 map: PyTorch takes it, and so does the engine
+    assert engine(np.zeros((1, 3, 33, 33), dtype=np.float32)).shape == (1, 10)
+
+
+def test_a_global_pool_head_takes_any_input_size(tmp_path):
+    model = calibrated("cResNet20_1w1a", 32)
+    engine = roundtrip(model, tmp_path, 32)
+    assert engine.accepts_any_size and engine._engine.accepts_any_size
+    assert "input 3x32x32 (any size accepted)" in engine.summary().splitlines()[0]
+    for h, w in [(40, 24), (16, 48)]:
+        x = torch.randn(4, 3, h, w, generator=torch.Generator().manual_seed(h))
+        check_logits(engine, model, x, "cResNet20_1w1a")
+    # An odd width: the stride-2 conv rounds up where the shortcut's pooling rounds
+    # down (PyTorch fails there too, adding the two); refused up front, naming the layer.
+    with pytest.raises(
+        ValueError,
+        match=r"^layer 'layer2.0.conv1': residual of 32x16x8 does not match its output of 32x16x9$",
+    ):
+        engine(np.zeros((1, 3, 32, 17), dtype=np.float32))
+    # too small for the stride-2 shortcut's pooling: refused up front, naming the layer
+    with pytest.raises(
+        ValueError, match=r"^input of 1x1 is too small for pooling layer 'layer2.0.shortcut.pool'"
+    ):
         engine(np.zeros((1, 3, 1, 1), dtype=np.float32))
 
 

@@ -1,6 +1,7 @@
 //! The graph of a deploy file and its execution: [`Engine::from_bytes`] checks the
 //! header's ops and builds one node per op, [`Engine::run`] runs them in order on a
-//! rayon pool, freeing each value after its last reader.
+//! rayon pool, freeing each value after its last reader. An input the network cannot
+//! take is refused before any op runs ([`crate::shapes`]).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -15,6 +16,7 @@ use crate::format::{self, DType, TensorEntry};
 use crate::geom::ConvGeom;
 use crate::nhwc::{Act, Tensor4};
 use crate::par;
+use crate::shapes::{self, Rule, Shape, Step};
 
 /// What one op computes.
 enum OpKind {
@@ -38,18 +40,6 @@ struct Node {
 }
 
 impl Node {
-    /// Channels of the value the op writes (0 when it is not a feature map).
-    fn out_channels(&self) -> usize {
-        match &self.kind {
-            OpKind::Conv(c) => c.geom.cout,
-            OpKind::BConv(c) => c.geom.cout,
-            OpKind::Affine(a) => a.scale.len(),
-            OpKind::PadChannels(..) | OpKind::Pool(_) | OpKind::GlobalAvgPool => 0,
-            OpKind::Flatten => 0,
-            OpKind::Linear(l) => l.outputs,
-        }
-    }
-
     fn kind_name(&self) -> &'static str {
         match self.kind {
             OpKind::Conv(_) => "conv2d",
@@ -62,6 +52,23 @@ impl Node {
             OpKind::Flatten => "flatten",
             OpKind::Linear(_) => "linear",
         }
+    }
+}
+
+/// What op `kind` does to the shape of its input, for [`crate::shapes`].
+fn shape_rule(kind: &OpKind) -> Rule {
+    match kind {
+        OpKind::Conv(c) => Rule::Conv(c.geom.clone()),
+        OpKind::BConv(c) => Rule::Conv(c.geom.clone()),
+        OpKind::Affine(a) => Rule::Channels(a.scale.len()),
+        OpKind::Pool(p) => Rule::Pool(p.clone()),
+        OpKind::GlobalAvgPool => Rule::GlobalAvgPool,
+        OpKind::PadChannels(b, a) => Rule::PadChannels(*b, *a),
+        OpKind::Flatten => Rule::Flatten,
+        OpKind::Linear(l) => Rule::Linear {
+            inputs: l.inputs,
+            outputs: l.outputs,
+        },
     }
 }
 
@@ -85,12 +92,37 @@ pub struct Engine {
     pub kernel: Kernel,
     pool: rayon::ThreadPool,
     threads: usize,
+    /// The shape rules of the graph, checked against every input before any op runs.
+    shapes: shapes::Graph,
 }
 
-fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
+/// The CPUs this process may use: `std::thread::available_parallelism`, which on
+/// Linux is the size of its CPU affinity mask (`sched_getaffinity`), lowered by a
+/// cgroup CPU quota where one is set; 1 where it cannot be told.
+pub fn available_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `threads` when an engine may run that many: at least 1 and at most
+/// [`available_threads`] (more threads than CPUs would only take turns on them, slower
+/// than fewer, and a count like 10000 is a mistake). The one check of a thread count,
+/// for [`Engine::from_bytes`], [`Engine::set_threads`] and the command lines.
+pub fn check_threads(threads: usize) -> Result<usize> {
     if threads == 0 {
         return value_err!("threads must be at least 1");
     }
+    let cpus = available_threads();
+    if threads > cpus {
+        return value_err!(
+            "threads={threads} exceeds the {cpus} CPUs this process may use \
+             (its CPU affinity and CPU quota)"
+        );
+    }
+    Ok(threads)
+}
+
+fn build_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    check_threads(threads)?;
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("ovsw-deploy-{i}"))
@@ -268,6 +300,7 @@ impl Engine {
         };
         let mut defined = vec![true]; // value 0, the input
         let mut nodes = Vec::with_capacity(ops.len());
+        let mut steps = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
             let name = op
                 .get("name")
@@ -371,6 +404,13 @@ impl Engine {
                 ));
             }
             defined.push(true);
+            steps.push(Step {
+                name: name.clone(),
+                rule: shape_rule(&kind),
+                x,
+                residual,
+                y,
+            });
             nodes.push(Node {
                 name,
                 kind,
@@ -397,6 +437,19 @@ impl Engine {
                 frees[*i].push(v);
             }
         }
+        // The size the network was exported for, when the header records a sane one.
+        let size = |key: &str| {
+            let v = header.pointer(&format!("/input/{key}"))?.as_u64()?;
+            usize::try_from(v).ok().filter(|&v| v > 0 && v <= MAX_SIZE)
+        };
+        let exported = match (size("height"), size("width")) {
+            (Some(h), Some(w)) => Some(Shape {
+                h,
+                w,
+                c: input_channels,
+            }),
+            _ => None,
+        };
         Ok(Engine {
             nodes,
             frees,
@@ -407,7 +460,15 @@ impl Engine {
             kernel,
             pool: build_pool(threads)?,
             threads,
+            shapes: shapes::Graph::new(steps, exported),
         })
+    }
+
+    /// Whether the network accepts inputs of any height and width (large enough for
+    /// its kernels), not only the size it was exported for: no `flatten` or `linear`
+    /// reads a value whose size depends on the input's ([`shapes::Graph::any_size`]).
+    pub fn accepts_any_size(&self) -> bool {
+        self.shapes.any_size()
     }
 
     pub fn threads(&self) -> usize {
@@ -424,9 +485,11 @@ impl Engine {
     /// several images is cut into sub-batches that the threads run whole (see
     /// [`crate::par`]); one image is run op by op, each op splitting its rows.
     pub fn run(&self, input: Tensor4) -> Result<Tensor4> {
-        self.check_input(&input)?;
+        let shapes = self.check_input(&input)?;
+        // The largest value of one image, in bytes.
+        let peak = shapes.iter().map(|s| s.h * s.w * s.c).max().unwrap_or(1) * 4;
         let n = input.n;
-        let sub = par::sub_batch(n, self.threads, self.peak_bytes(&input));
+        let sub = par::sub_batch(n, self.threads, peak);
         if sub >= n {
             return self.pool.install(|| self.execute(input, None));
         }
@@ -453,7 +516,9 @@ impl Engine {
         Ok((out, times))
     }
 
-    fn check_input(&self, input: &Tensor4) -> Result<()> {
+    /// The shape of every value for `input`'s size, or why the network cannot take it
+    /// (checked before any op runs).
+    fn check_input(&self, input: &Tensor4) -> Result<Vec<Shape>> {
         if input.c != self.input_channels {
             return value_err!(
                 "the network expects {} input channels, got an input of shape {:?}",
@@ -464,14 +529,11 @@ impl Engine {
         if input.n == 0 || input.h == 0 || input.w == 0 {
             return value_err!("empty input of shape {:?}", input.nchw());
         }
-        Ok(())
-    }
-
-    /// Bytes of the largest value one image of `input`'s size makes.
-    fn peak_bytes(&self, input: &Tensor4) -> usize {
-        // Interim bound until shape inference: channels times the input's area.
-        let widest = self.nodes.iter().map(Node::out_channels).max().unwrap_or(1);
-        widest.max(input.c) * input.h * input.w * std::mem::size_of::<f32>() / 4
+        self.shapes.check(Shape {
+            h: input.h,
+            w: input.w,
+            c: input.c,
+        })
     }
 
     /// Runs the graph on `input`, on the calling thread of the pool (ops split their
@@ -559,5 +621,30 @@ impl Engine {
             .iter()
             .map(|n| (n.name.clone(), n.kind_name()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_count_is_refused_beyond_the_cpus_this_process_may_use() {
+        let cpus = available_threads();
+        assert!(cpus >= 1);
+        assert_eq!(check_threads(cpus).unwrap(), cpus);
+        assert_eq!(check_threads(1).unwrap(), 1);
+        let err = check_threads(cpus + 1).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "threads={} exceeds the {cpus} CPUs this process may use \
+                 (its CPU affinity and CPU quota)",
+                cpus + 1
+            )
+        );
+        assert!(build_pool(10_000).is_err());
+        let err = check_threads(0).unwrap_err().to_string();
+        assert_eq!(err, "threads must be at least 1");
     }
 }

@@ -310,6 +310,7 @@ impl Affine {
 }
 
 /// Max or average pooling with PyTorch's output-size rule (`ceil_mode` included).
+#[derive(Clone, Debug)]
 pub struct Pool {
     pub max: bool,
     pub kernel: (usize, usize),
@@ -331,23 +332,38 @@ fn pool_out(size: usize, k: usize, s: usize, p: usize, d: usize, ceil: bool) -> 
 }
 
 impl Pool {
+    /// Output height and width for an input of `h` x `w`, or an error naming the layer
+    /// (used by [`Pool::forward`] and by shape inference, `crate::shapes`).
+    pub fn out_hw(&self, h: usize, w: usize, name: &str) -> Result<(usize, usize)> {
+        let (kh, kw) = self.kernel;
+        let oh = pool_out(
+            h,
+            kh,
+            self.stride.0,
+            self.padding.0,
+            self.dilation.0,
+            self.ceil_mode,
+        );
+        let ow = pool_out(
+            w,
+            kw,
+            self.stride.1,
+            self.padding.1,
+            self.dilation.1,
+            self.ceil_mode,
+        );
+        match (oh, ow) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => value_err!("input of {h}x{w} is too small for pooling layer '{name}' ({kh}x{kw})"),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor4, name: &str) -> Result<Tensor4> {
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
         let (ph, pw) = self.padding;
         let (dh, dw) = self.dilation;
-        let oh = pool_out(x.h, kh, sh, ph, dh, self.ceil_mode);
-        let ow = pool_out(x.w, kw, sw, pw, dw, self.ceil_mode);
-        let (oh, ow) = match (oh, ow) {
-            (Some(a), Some(b)) => (a, b),
-            _ => {
-                return value_err!(
-                    "input of {}x{} is too small for pooling layer '{name}' ({kh}x{kw})",
-                    x.h,
-                    x.w
-                )
-            }
-        };
+        let (oh, ow) = self.out_hw(x.h, x.w, name)?;
         let c = x.c;
         let mut out = Tensor4::zeros(x.n, oh, ow, c)?;
         out.data

@@ -63,14 +63,19 @@ impl ConvGeom {
     /// Output height and width for input `x`, or an error naming the layer when its
     /// channels or size do not fit.
     pub fn output_hw(&self, x: &Tensor4, name: &str) -> Result<(usize, usize)> {
-        if x.c != self.cin {
+        self.output_for(x.h, x.w, x.c, name)
+    }
+
+    /// Output height and width for an input of `h` x `w` with `c` channels (what
+    /// [`ConvGeom::output_hw`] checks, for shape inference without a tensor).
+    pub fn output_for(&self, h: usize, w: usize, c: usize, name: &str) -> Result<(usize, usize)> {
+        if c != self.cin {
             return value_err!(
-                "layer '{name}' expects {} input channels, got {}",
-                self.cin,
-                x.c
+                "layer '{name}' expects {} input channels, got {c}",
+                self.cin
             );
         }
-        self.out_hw(x.h, x.w, name)
+        self.out_hw(h, w, name)
     }
 
     /// Output height and width for an input of `h` x `w`, or an error naming the layer.

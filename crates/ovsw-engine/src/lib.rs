@@ -3,7 +3,8 @@
 //! [`format`] reads a deploy file and [`writer`] writes one (the format's constants and
 //! byte layout are defined in [`format`] only); [`engine::Engine::from_bytes`] builds the graph
 //! of ops from a file's header, and [`engine::Engine::run`] executes it on NHWC float32
-//! tensors ([`nhwc`]): binary convolutions by XNOR + popcount ([`bitconv`], its
+//! tensors ([`nhwc`]), after [`shapes`] has checked that the network can take the input:
+//! binary convolutions by XNOR + popcount ([`bitconv`], its
 //! instruction-set kernels in `bitconv/simd/`), full-precision layers in [`float`]. Work
 //! inside each op is split over a rayon pool whose size the user sets. [`lower`] makes
 //! what the file stores from a trained model's layers (sign bits, folded scales and
@@ -29,4 +30,5 @@ pub mod geom;
 pub mod lower;
 pub mod nhwc;
 pub mod par;
+pub mod shapes;
 pub mod writer;

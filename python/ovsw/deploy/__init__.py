@@ -6,7 +6,7 @@
 
     model.eval()
     ovsw.deploy.export(model, "resnet18.ovsw")          # 1 bit per binary weight
-    engine = ovsw.deploy.load("resnet18.ovsw", threads=4)
+    engine = ovsw.deploy.load("resnet18.ovsw", threads=2)
     logits = engine(images)                              # float32 NCHW numpy -> (N, K)
 
 The engine is Rust (``ovsw._core``) and does not use PyTorch: binary convolutions run
@@ -88,7 +88,8 @@ class Engine:
         self._ops: list[dict] = header["ops"]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Logits ``(N, num_classes)`` for ``x`` of shape ``(N, C, H, W)``, float32."""
+        """Logits ``(N, num_classes)`` for ``x`` of shape ``(N, C, H, W)``, float32
+        (``H, W`` the exported size unless :attr:`accepts_any_size`)."""
         return self._engine(x)
 
     def profile(self, x: np.ndarray) -> tuple[np.ndarray, list[OpTime]]:
@@ -104,7 +105,8 @@ class Engine:
 
     @property
     def threads(self) -> int:
-        """Size of the engine's thread pool (settable)."""
+        """Size of the engine's thread pool (settable, 1 to the CPUs this process may
+        use; ``ValueError`` naming both numbers above them)."""
         return self._engine.threads
 
     @threads.setter
@@ -115,6 +117,16 @@ class Engine:
     def kernel(self) -> str:
         """The binary-conv kernel in use (one of :func:`kernels`)."""
         return self._engine.kernel
+
+    @property
+    def accepts_any_size(self) -> bool:
+        """Whether the network takes inputs of any height and width (large enough for
+        its kernels), not only the size it was exported for (``metadata["input"]``):
+        true unless a flatten or linear layer reads features whose count depends on
+        the input size (a global average pool before the head makes it independent).
+        An input the network cannot take is refused before any layer runs, with a
+        ``ValueError`` naming the exported size or the layer."""
+        return self._engine.accepts_any_size
 
     @property
     def ops(self) -> list[tuple[str, str]]:
@@ -128,16 +140,18 @@ class Engine:
         return [dict(op) for op in self._ops]
 
     def summary(self) -> str:
-        """A table of the ops (name and kind), as a string."""
+        """A table of the ops (name and kind), as a string, under a line with the input
+        size (and whether any other is accepted), classes, kernel and threads."""
         rows = [f"{'#':>3}  {'op':<15} name"]
         rows += [f"{i:>3}  {op:<15} {name}" for i, (name, op) in enumerate(self.ops)]
         meta = self.metadata
         inp = meta.get("input", {})
+        sizes = "any size accepted" if self.accepts_any_size else "this size only"
         rows.insert(
             0,
             f"{meta.get('arch', '?')}: input {inp.get('channels')}x{inp.get('height')}x"
-            f"{inp.get('width')}, {meta.get('num_classes')} classes, kernel {self.kernel}, "
-            f"{self.threads} threads",
+            f"{inp.get('width')} ({sizes}), {meta.get('num_classes')} classes, "
+            f"kernel {self.kernel}, {self.threads} threads",
         )
         return "\n".join(rows)
 
@@ -149,12 +163,11 @@ class Engine:
 
 
 def _threads(threads) -> int:
+    """``threads`` once its type is checked, or the engine's default for ``None`` (the
+    CPUs this process may use). Whether the count is too large the engine checks (one
+    check, for every way in: ``load``, the ``threads`` setter, the command lines)."""
     if threads is None:
-        return (
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1)
-        )
+        return _core.deploy_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     return threads
@@ -165,14 +178,15 @@ def load(path: str | os.PathLike, *, threads: int | None = None, kernel: str = "
 
     Args:
         path: the deploy file.
-        threads: size of the engine's thread pool (default: the CPUs this process may use).
+        threads: size of the engine's thread pool, at most the CPUs this process may use
+            (its CPU affinity and CPU quota; the default).
         kernel: ``"auto"`` (best the CPU runs) or one of :func:`kernels`.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a deploy file, or a corrupt, truncated or unsupported one; an
             unknown kernel, or one this CPU cannot run (the message names the missing
-            CPU flag).
+            CPU flag); ``threads`` below 1 or above the CPUs this process may use.
     """
     path = Path(path)
     data = path.read_bytes()

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import models
+from .. import _core, models
 from ..nn import OvSWConv2d
 from . import export, load
 
@@ -399,8 +399,9 @@ def main(argv=None) -> int:
         "--threads",
         type=int,
         nargs="+",
-        default=[1, 2],
-        help="thread counts to measure (default: 1 2)",
+        default=None,
+        help="thread counts to measure, each at most the CPUs this process may use "
+        "(default: 1 2, or 1 where the process may use one CPU)",
     )
     parser.add_argument(
         "--repeats", type=int, default=10, help="timed runs per binary conv layer (default 10)"
@@ -428,12 +429,16 @@ def main(argv=None) -> int:
         "ovsw.deploy.kernels()",
     )
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = [t for t in (1, 2) if t <= _core.deploy_threads()]
     counts = [*args.threads, *args.batches, args.repeats, args.model_repeats, args.batch_repeats]
     if any(t < 1 for t in counts):
         parser.error(
             "--threads, --batches, --repeats, --model-repeats and --batch-repeats must be positive"
         )
     try:
+        for t in args.threads:  # the engine's check, before any measurement
+            _core.deploy_threads(t)
         kernel = resolve_kernel(args.kernel)
     except ValueError as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")

@@ -52,6 +52,7 @@ one :func:`ovsw.binarize` converted, through its ``torch.fx`` graph
 from __future__ import annotations
 
 import datetime
+import numbers
 import os
 from pathlib import Path
 
@@ -154,6 +155,24 @@ _LOWERINGS = {
 }
 
 
+def _input_size(size) -> tuple[int, int]:
+    """``(height, width)`` from ``export``'s ``input_size``: a positive int (square) or a
+    pair of them; ``ValueError`` naming that form for anything else (a ``(C, H, W)``
+    triple, a string, 0, a negative number, a bool, a float)."""
+
+    def positive(v) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+
+    if positive(size):
+        return int(size), int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(map(positive, size)):
+        return int(size[0]), int(size[1])
+    raise ValueError(
+        f"input_size must be a positive int or a (height, width) pair of positive ints, "
+        f"got {size!r}"
+    )
+
+
 def export(
     model: nn.Module,
     path: str | os.PathLike,
@@ -176,9 +195,12 @@ def export(
             converted), possibly wrapped in DistributedDataParallel; it must be in eval
             mode (``model.eval()``).
         path: the file to write (conventionally ``*.ovsw``).
-        input_size: the input height and width the model is meant for, recorded in the
-            header (default 224 for the ImageNet ResNets and other models, 32 for the
-            CIFAR models); a model lowered through torch.fx is traced at this size.
+        input_size: the input height and width the model is meant for, an int (square)
+            or a ``(height, width)`` pair, recorded in the header (default 224 for the
+            ImageNet ResNets and other models, 32 for the CIFAR models); a model lowered
+            through torch.fx is traced at this size. A network with a global average
+            pool before its head runs on other sizes too
+            (:attr:`ovsw.deploy.Engine.accepts_any_size`).
         metadata: extra JSON-serialisable entries for the header (under ``"user"``).
 
     Returns:
@@ -187,7 +209,8 @@ def export(
     Raises:
         TypeError: the model (or the first op of its graph that has none) has no deploy
             lowering, naming it.
-        ValueError: the model is in training mode, or a layer cannot be deployed.
+        ValueError: the model is in training mode, ``input_size`` is not a positive
+            int or a pair of them, or a layer cannot be deployed.
     """
     model = getattr(model, "module", model)  # DDP / DataParallel
     if not isinstance(model, nn.Module):
@@ -199,15 +222,14 @@ def export(
         )
     lowering = next((v for k, v in _LOWERINGS.items() if type(model) is k), None)
     default_size = lowering[1] if lowering is not None else 224
-    size = input_size if input_size is not None else default_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = _input_size(input_size if input_size is not None else default_size)
     g = _Graph()
     with torch.no_grad():
         if lowering is not None:
             lowering[0](g, model)
             channels = g.ops[0]["in_channels"]
         else:
-            channels = _fx.lower(g, model, int(h), int(w))
+            channels = _fx.lower(g, model, h, w)
     last = g.ops[-1]
     num_classes = last.get("out_features", last.get("out_channels"))
     from .. import __version__
@@ -216,7 +238,7 @@ def export(
         "producer": f"ovsw {__version__}",
         "torch": torch.__version__,
         "arch": type(model).__name__,
-        "input": {"channels": channels, "height": int(h), "width": int(w)},
+        "input": {"channels": channels, "height": h, "width": w},
         "num_classes": num_classes,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

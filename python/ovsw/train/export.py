@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import _core
 from ..deploy import export, load
 from . import loaders, runs
 from .errors import CLIError
@@ -96,8 +97,19 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--no-check", action="store_true", help="skip scoring the engine on the validation set"
     )
-    parser.add_argument("--threads", type=int, default=None, help="engine threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="engine threads (default and most: the CPUs this process may use)",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be positive")
+    try:
+        _core.deploy_threads(args.threads)  # the engine's check, before the export
+    except ValueError as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
     try:
         export_run(
             args.run_dir,
