@@ -676,6 +676,14 @@ def test_bench_command_prints_its_json_summary():
         assert isinstance(summary[key], float), key
     assert 0 < summary["size_ratio"] < 0.2
     assert any("64->64 56x56 s1" in line for line in lines)
+    # torchvision models through ovsw.binarize, against their own eval mode.
+    conv = summary["converted"]
+    assert [(r["model"], r["input"], r["batch"]) for r in conv] == [
+        ("mobilenet_v2", 64, 4),
+        ("resnet18", 64, 4),
+    ]
+    assert all(r["engine_ms"] > 0 and r["torch_ovsw_ms"] > 0 for r in conv)
+    assert any(line.startswith("Converted torchvision models") for line in lines)
 
 
 # -- every op against the layers it came from, on the same input --------------------------
