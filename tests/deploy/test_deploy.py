@@ -379,6 +379,44 @@ def test_zero_activations_and_zero_weights_count_as_zero(tmp_path):
     assert rel_err(engine(x.numpy()), logits(model, x)) > 1e-3
 
 
+def binary_mobilenet_v2() -> nn.Module:
+    """torchvision's mobilenet_v2 (10 classes, random init) through
+    ``ovsw.binarize(linear=True)``, BatchNorm given trained-like statistics, in eval mode:
+    17 depthwise binary convs, one channel per group."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v2(weights=None, num_classes=10)
+    model = ovsw.binarize(net, linear=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_binarized_mobilenet_v2_matches_eval(tmp_path):
+    # Depthwise convs run on the engine's grouped route (i8 signs, not bit packing):
+    # logits within REL of PyTorch's, sample by sample, identical on every kernel.
+    model = binary_mobilenet_v2()
+    depthwise = [n for n, m in ovsw.binary_convs(model) if m.groups == m.in_channels > 1]
+    assert len(depthwise) == 17
+    path = deploy.export(model, tmp_path / "m.ovsw", input_size=32)
+    engine = deploy.load(path, threads=2)
+    ops = dict(engine._engine.ops)
+    assert all(ops[n] == "bconv2d" for n in depthwise)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    y = engine(x.numpy())
+    per_sample = rel_err_per_sample(y, logits(model, x))
+    assert all(within(e, REL) for e in per_sample), per_sample
+    for k in deploy.kernels():
+        np.testing.assert_array_equal(deploy.load(path, kernel=k)(x.numpy()), y, err_msg=k)
+    # The check sees a wrong depthwise conv: one channel's weight negated in PyTorch.
+    with torch.no_grad():
+        model.get_submodule(depthwise[3]).weight[5].neg_()
+    assert rel_err(y, logits(model, x)) > 1e-3
+
+
 def test_threads_do_not_change_results(tmp_path):
     model = calibrated("VGGSmall_1w1a", 32)
     path = deploy.export(model, tmp_path / "v.ovsw")
@@ -711,6 +749,14 @@ def test_bench_command_prints_its_json_summary():
         assert isinstance(summary[key], float), key
     assert 0 < summary["size_ratio"] < 0.2
     assert any("64->64 56x56 s1" in line for line in lines)
+    # torchvision models through ovsw.binarize, against their own eval mode.
+    conv = summary["converted"]
+    assert [(r["model"], r["input"], r["batch"]) for r in conv] == [
+        ("mobilenet_v2", 64, 4),
+        ("resnet18", 64, 4),
+    ]
+    assert all(r["engine_ms"] > 0 and r["torch_ovsw_ms"] > 0 for r in conv)
+    assert any(line.startswith("Converted torchvision models") for line in lines)
 
 
 # -- every op against the layers it came from, on the same input --------------------------

@@ -14,6 +14,10 @@ on both sides (``torch.set_num_threads`` and the engine's pool):
   ovsw model itself in PyTorch eval mode (binary convs emulated in float);
 - throughput in images/s at larger batches (8 and 64 by default), engine against the
   float32 counterpart, for the same models;
+- torchvision models converted by ``ovsw.binarize(linear=True)`` (MobileNetV2, whose
+  depthwise convs take the engine's grouped route, and ResNet-18, both at 64x64, batch
+  4): the engine against the same binary model in PyTorch eval mode (skipped, with a
+  note, without torchvision);
 - file size against the float ``state_dict`` saved by ``torch.save``;
 - the largest relative difference between engine and PyTorch logits.
 
@@ -53,6 +57,8 @@ from . import export, load
 BLOCK = 3
 MODELS = (("ResNet18_1w1a", 224), ("cResNet20_1w1a", 32), ("VGGSmall_1w1a", 32))
 BATCHES = (1, 8, 64)
+#: torchvision models converted by ``ovsw.binarize``: (name, input size, batch).
+CONVERTED = (("mobilenet_v2", 64, 4), ("resnet18", 64, 4))
 
 
 def cpu_model() -> str:
@@ -251,6 +257,66 @@ def bench_models(
     return rows, throughput
 
 
+def converted(name: str, seed: int = 0) -> nn.Module:
+    """torchvision's ``name`` (10 classes, random init) through
+    ``ovsw.binarize(linear=True)``, BatchNorm given trained-like running statistics, in
+    eval mode. Needs torchvision (the ``train`` extra)."""
+    import torchvision
+
+    from ..convert import binarize
+
+    torch.manual_seed(seed)
+    model = binarize(getattr(torchvision.models, name)(weights=None, num_classes=10), linear=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def bench_converted(
+    threads: int, repeats: int, workdir: Path, kernel: str = "auto", models=CONVERTED
+) -> list[dict]:
+    """Converted torchvision models: the engine against the same binary model in
+    PyTorch eval mode, at each model's batch (rows; none without torchvision)."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        print("torchvision is not installed: converted models not measured", flush=True)
+        return []
+    rows = []
+    for name, size, batch in models:
+        model = converted(name)
+        path = export(model, workdir / f"{name}.ovsw", input_size=size)
+        engine = load(path, threads=threads, kernel=kernel)
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+        xn = x.numpy()
+        with torch.no_grad():
+            ref = model(x).numpy()  # also the warm-up calls
+            per_sample = np.abs(engine(xn) - ref).max(1) / np.abs(ref).max(1)
+            t_bin, t_eng = [], []
+            for _ in range(repeats):  # alternating blocks, as in bench_models
+                for f, a, out in ((model, x, t_bin), (engine, xn, t_eng)):
+                    out.extend(_time(f, a) for _ in range(BLOCK))
+        _, profile = engine.profile(xn)
+        slowest = max(profile, key=lambda t: t.seconds)
+        rows.append(
+            {
+                "threads": threads,
+                "model": name,
+                "input": size,
+                "batch": batch,
+                "torch_ovsw_ms": _median(t_bin) * 1e3,
+                "engine_ms": _median(t_eng) * 1e3,
+                "speedup_vs_ovsw_eval": _median(t_bin) / _median(t_eng),
+                "max_rel_err": float(per_sample.max()),
+                "slowest_op": f"{slowest.name} ({slowest.op}, {slowest.seconds * 1e3:.2f} ms)",
+            }
+        )
+    return rows
+
+
 def resolve_kernel(name: str) -> str:
     """The kernel ``name`` selects on this CPU (``"auto"``: the best); ValueError naming
     the missing CPU flag for one this CPU cannot run."""
@@ -296,7 +362,7 @@ def run(
         flush=True,
     )
     torch_threads = torch.get_num_threads()
-    layer_rows, model_rows, batch_rows = [], [], []
+    layer_rows, model_rows, batch_rows, converted_rows = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         try:
@@ -316,6 +382,7 @@ def run(
                     r.pop("engine")
                 model_rows += mrows
                 batch_rows += brows
+                converted_rows += bench_converted(t, model_repeats, tmp, kernel=kernel)
         finally:
             torch.set_num_threads(torch_threads)
     print(
@@ -357,6 +424,21 @@ def run(
             f"{r['threads']:>7}  {r['arch']:<16} {r['batch']:>5} {r['torch_images_s']:>12.1f} "
             f"{r['engine_images_s']:>13.1f} {r['ratio']:>6.1f}x"
         )
+    if converted_rows:
+        print(
+            "\nConverted torchvision models, ovsw.binarize(linear=True) "
+            "(torch ovsw: the same binary model in eval mode)"
+        )
+        print(
+            f"{'threads':>7}  {'model':<13} {'input':>5} {'batch':>5} {'torch ovsw ms':>13} "
+            f"{'engine ms':>10} {'speedup':>8} {'rel err':>9}  slowest engine op"
+        )
+    for r in converted_rows:
+        print(
+            f"{r['threads']:>7}  {r['model']:<13} {r['input']:>5} {r['batch']:>5} "
+            f"{r['torch_ovsw_ms']:>13.2f} {r['engine_ms']:>10.2f} "
+            f"{r['speedup_vs_ovsw_eval']:>7.1f}x {r['max_rel_err']:>9.1e}  {r['slowest_op']}"
+        )
     speedups = [r["speedup"] for r in layer_rows]
     r18 = [r for r in model_rows if r["arch"] == "ResNet18_1w1a"]
     r18_1 = next((r for r in r18 if r["threads"] == 1), r18[0])
@@ -385,6 +467,19 @@ def run(
                 "torch_images_s": round(r["torch_images_s"], 1),
             }
             for r in batch_rows
+        ],
+        "converted": [
+            {
+                "threads": r["threads"],
+                "model": r["model"],
+                "input": r["input"],
+                "batch": r["batch"],
+                "engine_ms": round(r["engine_ms"], 2),
+                "torch_ovsw_ms": round(r["torch_ovsw_ms"], 2),
+                "speedup_vs_ovsw_eval": round(r["speedup_vs_ovsw_eval"], 2),
+                "max_rel_err": float(f"{r['max_rel_err']:.3g}"),
+            }
+            for r in converted_rows
         ],
     }
     return summary

@@ -23,7 +23,11 @@
 //! the matching weight steps; taps in the padding are never read. The per-channel
 //! scale and shift, the residual and the activation follow in the same pass, compiled
 //! with the kernel's instruction set.
+//!
+//! Convs with few channels and outputs per group (depthwise) take another route,
+//! [`grouped`]: `i8` signs summed across output channels, the same epilogue.
 
+mod grouped;
 mod simd;
 
 use std::cell::RefCell;
@@ -31,6 +35,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use self::grouped::Grouped;
 pub use self::simd::cpu::{avx2_usable, avx512f_usable, cpu_flags, DISABLE_ENV};
 pub use self::simd::isa::LANES;
 use self::simd::isa::{Isa, Job, Run, Runs, Tile};
@@ -75,13 +80,17 @@ pub struct BinaryConv {
     /// Same layout, every channel's bits set: the weight mask of a layer without zero
     /// weights, for inputs that hold a zero (made on first need).
     valid_mask: OnceLock<Vec<u64>>,
+    /// The weight as signs for the route of few channels and outputs per group
+    /// ([`grouped`]), which runs instead when present (then `weight` is empty).
+    grouped: Option<Grouped>,
     pub scale: Vec<f32>,
     pub shift: Vec<f32>,
     pub act: Act,
 }
 
 impl BinaryConv {
-    /// From the file's weight bits `[O][kh][kw][wpg]` (and non-zero mask, same layout).
+    /// From the file's weight bits `[O][kh][kw][wpg]` (and non-zero mask, same layout);
+    /// on the route of few channels and outputs per group ([`grouped`]) where it fits.
     pub fn new(
         geom: ConvGeom,
         weight: Vec<u64>,
@@ -89,6 +98,21 @@ impl BinaryConv {
         scale: Vec<f32>,
         shift: Vec<f32>,
         act: Act,
+    ) -> Self {
+        let small = grouped::fits(&geom);
+        Self::with_route(geom, weight, weight_mask, scale, shift, act, small)
+    }
+
+    /// As [`BinaryConv::new`], on the grouped route when `small` (only where
+    /// [`grouped::runs`]), else on the packed one (the tests force either).
+    fn with_route(
+        geom: ConvGeom,
+        weight: Vec<u64>,
+        weight_mask: Option<Vec<u64>>,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        act: Act,
+        small: bool,
     ) -> Self {
         let cg = geom.cin / geom.groups;
         let og = geom.cout / geom.groups;
@@ -108,10 +132,15 @@ impl BinaryConv {
             weight: Vec::new(),
             weight_mask: None,
             valid_mask: OnceLock::new(),
+            grouped: None,
             scale,
             shift,
             act,
         };
+        if small {
+            conv.grouped = Some(Grouped::new(&conv.geom, &weight, weight_mask.as_deref()));
+            return conv;
+        }
         conv.weight = conv.blocked(&weight);
         conv.weight_mask = weight_mask.map(|m| conv.blocked(&m));
         conv
@@ -158,6 +187,9 @@ impl BinaryConv {
                     [x.n, g.cout, oh, ow]
                 );
             }
+        }
+        if let Some(small) = &self.grouped {
+            return small.forward(self, x, residual, kernel, (oh, ow));
         }
         let (bits, zero_mask) = self.pack(x, kernel);
         // Exact zeros anywhere: the masked kernel, with a mask on both sides.

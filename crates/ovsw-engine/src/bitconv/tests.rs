@@ -1,7 +1,9 @@
 //! Every kernel against bit-by-bit references: the tile kernels (fast and masked, 1 to
 //! 4 pixels, block counts around each kernel's grouping, runs around the byte-counter
 //! flush), sign packing, and whole convolutions over shapes, strides, padding,
-//! dilation, groups, exact zeros, residuals and activations.
+//! dilation, groups, exact zeros, residuals and activations; the grouped route
+//! (`grouped.rs`) against the same direct sum and the packed route, and where it is
+//! taken.
 //!
 //! One test per kernel and part. Where the CPU that built the tests lacks a kernel's
 //! flag, its tests are ignored with the reason naming the flag (`build.rs` sets
@@ -275,11 +277,12 @@ enum Tail {
 }
 
 /// A direct float sum of `sign(x) * sign(w)` over the valid taps, then the layer's
-/// affine, residual and activation: the reference for one case.
+/// affine, residual and activation: the reference for a conv of `geom` on `n` images
+/// of `h` x `w` (`xf` NHWC, `wf` `[O][C/g][kh][kw]`).
 #[allow(clippy::too_many_arguments)]
 fn reference(
-    case: Case,
-    n: usize,
+    geom: &ConvGeom,
+    (n, h, w): (usize, usize, usize),
     xf: &[f32],
     wf: &[f32],
     scale: &[f32],
@@ -287,10 +290,10 @@ fn reference(
     residual: Option<&[f32]>,
     act: &Act,
 ) -> Vec<f32> {
-    let (cin, cout, k, s, p, d, groups, h, w) = case;
+    let (cin, cout, groups) = (geom.cin, geom.cout, geom.groups);
+    let (kh, kw) = (geom.kh, geom.kw);
     let (cg, og) = (cin / groups, cout / groups);
-    let oh = (h + 2 * p - d * (k - 1) - 1) / s + 1;
-    let ow = (w + 2 * p - d * (k - 1) - 1) / s + 1;
+    let (oh, ow) = geom.out_hw(h, w, "reference").expect("fits");
     let mut out = vec![0f32; n * oh * ow * cout];
     for b in 0..n {
         for oy in 0..oh {
@@ -300,16 +303,18 @@ fn reference(
                     let gi = o / og;
                     let mut dot = 0.0f32;
                     for c in 0..cg {
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let iy = (oy * s + ky * d) as isize - p as isize;
-                                let ix = (ox * s + kx * d) as isize - p as isize;
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = (oy * geom.stride.0 + ky * geom.dilation.0) as isize
+                                    - geom.padding.0 as isize;
+                                let ix = (ox * geom.stride.1 + kx * geom.dilation.1) as isize
+                                    - geom.padding.1 as isize;
                                 if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                     continue;
                                 }
                                 let xi =
                                     ((b * h + iy as usize) * w + ix as usize) * cin + gi * cg + c;
-                                let wi = ((o * cg + c) * k + ky) * k + kx;
+                                let wi = ((o * cg + c) * kh + ky) * kw + kx;
                                 dot += sign(xf[xi]) * sign(wf[wi]);
                             }
                         }
@@ -376,13 +381,15 @@ fn check_conv(name: &str) {
             }
             let packed = pack_weight(&wf, cout, cg, k, k);
             assert_eq!(packed.mask.is_some(), zeros == "weight" || zeros == "both");
-            let conv = BinaryConv::new(
+            // The packed route, which these kernels run (the grouped one has its test).
+            let conv = BinaryConv::with_route(
                 geom.clone(),
                 packed.bits,
                 packed.mask,
                 scale.clone(),
                 shift.clone(),
                 act.clone(),
+                false,
             );
             let x = Tensor4 {
                 n: batch,
@@ -392,8 +399,8 @@ fn check_conv(name: &str) {
                 data: xf.clone(),
             };
             let want = reference(
-                case,
-                batch,
+                &geom,
+                (batch, h, w),
                 &xf,
                 &wf,
                 &scale,
@@ -428,6 +435,240 @@ fn check_conv(name: &str) {
     }
 }
 
+/// Random data for one grouped conv: the input `[n][h][w][cin]` and the weight
+/// `[O][cg][kh][kw]`, with exact zeros (both signs) in the input, the weight or both.
+fn grouped_data(
+    geom: &ConvGeom,
+    (n, h, w): (usize, usize, usize),
+    zeros: &str,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    let cg = geom.cin / geom.groups;
+    let mut wf = floats(geom.cout * cg * geom.kh * geom.kw, seed);
+    let mut xf = floats(n * h * w * geom.cin, seed + 1);
+    let pick = |len: usize, k: u64| {
+        words(6, seed + k)
+            .into_iter()
+            .map(move |r| r as usize % len)
+    };
+    if zeros == "input" || zeros == "both" {
+        for (j, at) in pick(xf.len(), 2).enumerate() {
+            xf[at] = if j % 2 == 0 { 0.0 } else { -0.0 };
+        }
+    }
+    if zeros == "weight" || zeros == "both" {
+        for (j, at) in pick(wf.len(), 3).enumerate() {
+            wf[at] = if j % 2 == 0 { 0.0 } else { -0.0 };
+        }
+    }
+    (xf, wf)
+}
+
+/// The grouped convs tested: every value of each list below appears (checked), over
+/// `CASES` geometries drawn at random: channels per group, outputs per group, kernel
+/// sizes, strides, padding, dilation, and the activation with or without a residual.
+const GROUPED_CGS: [usize; 5] = [1, 2, 3, 8, 15];
+const GROUPED_OGS: [usize; 4] = [1, 2, 3, 9];
+const GROUPED_KERNELS: [(usize, usize); 4] = [(1, 1), (3, 3), (5, 5), (3, 1)];
+const GROUPED_CASES: u64 = 80;
+
+/// One grouped conv drawn from `seed`: geometry, input size and activation.
+fn grouped_case(seed: u64) -> (ConvGeom, (usize, usize), Act, bool) {
+    let r = words(12, 1000 + seed);
+    let cg = GROUPED_CGS[r[0] as usize % 5];
+    let og = GROUPED_OGS[r[1] as usize % 4];
+    // Up to 40 groups: output channels past one vector of every instruction set.
+    let groups = [1, 2, 5, 13, 40][r[2] as usize % 5];
+    let (kh, kw) = GROUPED_KERNELS[r[3] as usize % 4];
+    let (s, p, d) = (
+        1 + r[4] as usize % 2,
+        r[5] as usize % 3,
+        1 + r[6] as usize % 2,
+    );
+    let geom = ConvGeom {
+        cin: cg * groups,
+        cout: og * groups,
+        kh,
+        kw,
+        stride: (s, s),
+        padding: (p, p),
+        dilation: (d, d),
+        groups,
+    };
+    // Large enough for one output, small enough to keep the reference quick.
+    let min = |k: usize| (d * (k - 1) + 1).saturating_sub(2 * p).max(1);
+    let (h, w) = (min(kh) + r[7] as usize % 7, min(kw) + r[8] as usize % 7);
+    let cout = geom.cout;
+    let act = match r[9] % 4 {
+        0 => Act::None,
+        1 => Act::Hardtanh(-2.0, 1.5),
+        2 => Act::Prelu(vec![0.25]),
+        _ => Act::Prelu((0..cout).map(|o| 0.1 + o as f32 * 0.01).collect()),
+    };
+    (geom, (h, w), act, r[10] % 2 == 1)
+}
+
+/// The grouped route with kernel `name` against the direct sum and against the packed
+/// route with the portable kernel, bit for bit, over [`grouped_case`]'s geometries with
+/// and without exact zeros.
+fn check_grouped(name: &str) {
+    let kernel = kernel(name);
+    let portable = Kernel::portable();
+    let batch = 2;
+    let mut seen = (
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+        vec![],
+    );
+    for ci in 0..GROUPED_CASES {
+        let (geom, (h, w), act, with_residual) = grouped_case(ci);
+        let (cg, og) = (geom.cin / geom.groups, geom.cout / geom.groups);
+        let cout = geom.cout;
+        seen.0.push(cg);
+        seen.1.push(og);
+        seen.2.push((geom.kh, geom.kw));
+        seen.3.push(geom.stride.0);
+        seen.4.push(geom.padding.0);
+        seen.5.push(geom.dilation.0);
+        seen.6.push(
+            format!("{act:?}")
+                .split('(')
+                .next()
+                .unwrap_or("")
+                .to_owned()
+                + if matches!(&act, Act::Prelu(a) if a.len() == 1) {
+                    "1"
+                } else {
+                    ""
+                },
+        );
+        seen.7.push(with_residual);
+        let (oh, ow) = geom.out_hw(h, w, "t").expect("fits");
+        let residual = with_residual.then(|| Tensor4 {
+            n: batch,
+            h: oh,
+            w: ow,
+            c: cout,
+            data: floats(batch * oh * ow * cout, 50 + ci),
+        });
+        let scale: Vec<f32> = (0..cout).map(|o| 0.5 + o as f32 * 0.25).collect();
+        let shift: Vec<f32> = (0..cout).map(|o| o as f32 - 3.0).collect();
+        for zeros in ["none", "input", "weight", "both"] {
+            let (xf, wf) = grouped_data(&geom, (batch, h, w), zeros, 10 * ci);
+            let packed = pack_weight(&wf, cout, cg, geom.kh, geom.kw);
+            let make = |small| {
+                BinaryConv::with_route(
+                    geom.clone(),
+                    packed.bits.clone(),
+                    packed.mask.clone(),
+                    scale.clone(),
+                    shift.clone(),
+                    act.clone(),
+                    small,
+                )
+            };
+            let (small, old) = (make(true), make(false));
+            assert!(small.grouped.is_some() && old.grouped.is_none());
+            let x = Tensor4 {
+                n: batch,
+                h,
+                w,
+                c: geom.cin,
+                data: xf.clone(),
+            };
+            let want = reference(
+                &geom,
+                (batch, h, w),
+                &xf,
+                &wf,
+                &scale,
+                &shift,
+                residual.as_ref().map(|r| r.data.as_slice()),
+                &act,
+            );
+            let got = small
+                .forward(&x, residual.as_ref(), kernel, "t")
+                .expect("runs");
+            let base = old
+                .forward(&x, residual.as_ref(), portable, "t")
+                .expect("runs");
+            assert_eq!(got.data.len(), want.len());
+            assert_eq!(base.data.len(), want.len());
+            for (i, ((&g, &wv), &b)) in got.data.iter().zip(&want).zip(&base.data).enumerate() {
+                let (px, o) = (i / cout, i % cout);
+                assert!(
+                    g.to_bits() == wv.to_bits() && g.to_bits() == b.to_bits(),
+                    "kernel {name}, grouped case {ci} {geom:?} on {h}x{w}, {act:?}, residual \
+                     {with_residual}, zeros in {zeros}: pixel {px} channel {o}: got {g}, \
+                     direct sum {wv}, packed route {b}"
+                );
+            }
+        }
+    }
+    // Every listed value was drawn.
+    let has = |v: &[usize], all: &[usize]| all.iter().all(|a| v.contains(a));
+    assert!(has(&seen.0, &GROUPED_CGS) && has(&seen.1, &GROUPED_OGS));
+    assert!(GROUPED_KERNELS.iter().all(|k| seen.2.contains(k)));
+    assert!(has(&seen.3, &[1, 2]) && has(&seen.4, &[0, 1, 2]) && has(&seen.5, &[1, 2]));
+    for a in ["None", "Hardtanh", "Prelu", "Prelu1"] {
+        assert!(seen.6.iter().any(|s| s == a), "no case with {a}");
+    }
+    assert!(seen.7.contains(&true) && seen.7.contains(&false));
+}
+
+#[test]
+fn the_grouped_route_is_taken_for_few_channels_and_outputs_per_group() {
+    // (cin, cout, groups, kernel, taken): at most 16 (channel, output) pairs per group,
+    // and sums within i16.
+    let cases = [
+        (32, 32, 32, 3, true),    // depthwise
+        (64, 128, 64, 3, true),   // depthwise, channel multiplier 2
+        (16, 256, 16, 3, true),   // depthwise, channel multiplier 16
+        (16, 272, 16, 3, false),  // 17
+        (240, 16, 16, 3, true),   // 15 channels per group
+        (256, 16, 16, 3, true),   // 16
+        (272, 16, 16, 3, false),  // 17
+        (128, 128, 32, 3, true),  // 4 channels, 4 outputs per group
+        (128, 160, 32, 3, false), // 4 channels, 5 outputs
+        (2, 8, 1, 3, true),       // a dense conv, 2 channels to 8
+        (8, 8, 1, 3, false),      // a dense conv, 8 to 8
+        (256, 256, 1, 3, false),  // a dense conv
+        (256, 16, 16, 45, true),  // 45 x 45 x 16 = 32400 terms
+        (256, 16, 16, 46, false), // 33856 overflow i16
+    ];
+    for (cin, cout, groups, k, taken) in cases {
+        let geom = ConvGeom {
+            cin,
+            cout,
+            kh: k,
+            kw: k,
+            stride: (1, 1),
+            padding: (1, 1),
+            dilation: (1, 1),
+            groups,
+        };
+        let bits = vec![0u64; cout * k * k * words_for(cin / groups)];
+        let conv = BinaryConv::new(
+            geom,
+            bits,
+            None,
+            vec![1.0; cout],
+            vec![0.0; cout],
+            Act::None,
+        );
+        assert_eq!(
+            conv.grouped.is_some(),
+            taken,
+            "{cin}->{cout} in {groups} groups, {k}x{k}"
+        );
+    }
+}
+
 /// One test per kernel and part, ignored (with the missing flag as the reason) where
 /// the CPU that built the tests lacks one of the kernel's flags: each `cfg => reason`
 /// pair adds `#[cfg_attr(cfg, ignore = reason)]`. The reasons are literals (libtest
@@ -449,6 +690,11 @@ macro_rules! kernel_tests {
             $(#[cfg_attr($cfg, ignore = $reason)])*
             fn convolutions_match_a_direct_sum() {
                 super::check_conv($name)
+            }
+            #[test]
+            $(#[cfg_attr($cfg, ignore = $reason)])*
+            fn grouped_convolutions_match_a_direct_sum_and_the_packed_route() {
+                super::check_grouped($name)
             }
         }
     };
@@ -617,6 +863,93 @@ fn conv_throughput() {
             println!(
                 "{:<17} {cin}->{cout} {hw}x{hw} s{s}: conv {whole:.4} ms, of which packing {pack:.4} ms",
                 kernel.name()
+            );
+        }
+    }
+}
+
+/// Time of the grouped and the packed route on one thread for convs of few channels or
+/// outputs per group around the threshold of [`grouped::fits`], per kernel this CPU
+/// runs (run by hand: `cargo test --release --lib route_throughput -- --ignored
+/// --nocapture`): 3x3, 28x28, batch 1.
+#[test]
+#[ignore]
+fn route_throughput() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    let hw = 28;
+    // (channels per group, outputs per group, groups)
+    let shapes = [
+        (1, 1, 256),
+        (2, 2, 64),
+        (4, 4, 32),
+        (8, 8, 16),
+        (15, 1, 16),
+        (16, 1, 16),
+        (32, 1, 8),
+        (1, 16, 16),
+        (2, 32, 8),
+        (4, 64, 1),
+        (8, 16, 16),
+    ];
+    for kernel in Kernel::available().expect("kernels") {
+        for (cg, og, groups) in shapes {
+            let (cin, cout) = (cg * groups, og * groups);
+            let geom = ConvGeom {
+                cin,
+                cout,
+                kh: 3,
+                kw: 3,
+                stride: (1, 1),
+                padding: (1, 1),
+                dilation: (1, 1),
+                groups,
+            };
+            let bits = pack_weight(&floats(cout * cg * 9, 1), cout, cg, 3, 3).bits;
+            let x = Tensor4 {
+                n: 1,
+                h: hw,
+                w: hw,
+                c: cin,
+                data: floats(hw * hw * cin, 2),
+            };
+            let time = |small: bool| {
+                let conv = BinaryConv::with_route(
+                    geom.clone(),
+                    bits.clone(),
+                    None,
+                    vec![0.5; cout],
+                    vec![0.1; cout],
+                    Act::Hardtanh(-1.0, 1.0),
+                    small,
+                );
+                pool.install(|| {
+                    let mut best = f64::MAX;
+                    for _ in 0..5 {
+                        let t = std::time::Instant::now();
+                        for _ in 0..10 {
+                            std::hint::black_box(
+                                conv.forward(&x, None, kernel, "t").expect("runs"),
+                            );
+                        }
+                        best = best.min(t.elapsed().as_secs_f64() / 10.0);
+                    }
+                    best * 1e3
+                })
+            };
+            let (grouped, packed) = (time(true), time(false));
+            println!(
+                "{:<17} cg {cg:>2} og {og:>2} groups {groups:>3}: grouped {grouped:.3} ms, \
+                 packed {packed:.3} ms, {:.1}x{}",
+                kernel.name(),
+                packed / grouped,
+                if grouped::fits(&geom) {
+                    " (grouped taken)"
+                } else {
+                    ""
+                }
             );
         }
     }
