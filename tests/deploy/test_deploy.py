@@ -757,6 +757,28 @@ def test_bench_command_prints_its_json_summary():
     ]
     assert all(r["engine_ms"] > 0 and r["torch_ovsw_ms"] > 0 for r in conv)
     assert any(line.startswith("Converted torchvision models") for line in lines)
+    # The stem's share of each model's engine time, as `profile` reports it.
+    shares = summary["stem_share"]
+    assert {r["arch"] for r in shares} == {"ResNet18_1w1a", "cResNet20_1w1a", "VGGSmall_1w1a"}
+    assert all(0 < r["share"] < 1 for r in shares), shares
+    assert any(line.startswith("Stem share of the engine's time") for line in lines)
+
+
+def test_bench_scaling_ratios_pair_the_right_measurements():
+    from ovsw.deploy._bench import scaling_rows
+
+    rows = [
+        {"arch": "A", "threads": t, "batch": b, "engine_images_s": v}
+        for t, b, v in [(1, 8, 100.0), (1, 64, 80.0), (2, 8, 150.0), (2, 64, 180.0), (2, 1, 9.0)]
+    ]
+    got = {(r["what"], r["threads"], r["batch"]): r["ratio"] for r in scaling_rows(rows)}
+    # No 1-thread batch-1 row: no t2/t1 at batch 1.
+    assert got == {
+        ("b64/b8", 1, 64): 0.8,
+        ("b64/b8", 2, 64): 1.2,
+        ("t2/t1", 2, 8): 1.5,
+        ("t2/t1", 2, 64): 2.25,
+    }
 
 
 # -- every op against the layers it came from, on the same input --------------------------

@@ -13,7 +13,10 @@ on both sides (``torch.set_num_threads`` and the engine's pool):
   architecture with ``nn.Conv2d`` in place of every ``OvSWConv2d``), and against the
   ovsw model itself in PyTorch eval mode (binary convs emulated in float);
 - throughput in images/s at larger batches (8 and 64 by default), engine against the
-  float32 counterpart, for the same models;
+  float32 counterpart, for the same models, and how the engine scales: images/s at
+  batch 64 over batch 8 at each thread count, and at 2 threads over 1 at each batch;
+- the stem's share of each model's engine time at batch 1 (the float ops before the
+  first binary conv, as ``python -m ovsw.deploy profile`` reports it);
 - torchvision models converted by ``ovsw.binarize(linear=True)`` (MobileNetV2, whose
   depthwise convs take the engine's grouped route, and ResNet-18, both at 64x64, batch
   4): the engine against the same binary model in PyTorch eval mode (skipped, with a
@@ -52,6 +55,7 @@ from torch import nn
 from .. import _core, models
 from ..nn import OvSWConv2d
 from . import export, load
+from ._profile import median_times, stem
 
 #: Consecutive timed calls per side before switching to the other.
 BLOCK = 3
@@ -220,6 +224,8 @@ def bench_models(
             for _ in range(repeats):
                 for f, a, out in ((fp, x, t_fp), (model, x, t_bin), (engine, xn, t_eng)):
                     out.extend(_time(f, a) for _ in range(BLOCK))
+        times = median_times(engine, xn, 3)
+        stem_s = sum(t.seconds for t in stem(times))
         sd = state_dict_bytes(model)
         rows.append(
             {
@@ -231,6 +237,8 @@ def bench_models(
                 "engine_ms": _median(t_eng) * 1e3,
                 "speedup": _median(t_fp) / _median(t_eng),
                 "speedup_vs_ovsw_eval": _median(t_bin) / _median(t_eng),
+                "stem_ms": stem_s * 1e3,
+                "stem_share": stem_s / sum(t.seconds for t in times),
                 "max_rel_err": float(per_sample.max()),
                 "samples_over_1e-4": int((per_sample >= 1e-4).sum()),
                 "file_bytes": path.stat().st_size,
@@ -315,6 +323,35 @@ def bench_converted(
             }
         )
     return rows
+
+
+def scaling_rows(batch_rows: list[dict]) -> list[dict]:
+    """The engine's images/s at batch 64 over batch 8 (``what`` "b64/b8") at each thread
+    count, and at 2 threads over 1 (``"t2/t1"``) at each batch, where both were measured."""
+    rate = {(r["arch"], r["threads"], r["batch"]): r["engine_images_s"] for r in batch_rows}
+    out = []
+    for (arch, threads, batch), v in rate.items():
+        if batch == 64 and (arch, threads, 8) in rate:
+            out.append(
+                {
+                    "arch": arch,
+                    "threads": threads,
+                    "batch": 64,
+                    "what": "b64/b8",
+                    "ratio": v / rate[(arch, threads, 8)],
+                }
+            )
+        if threads == 2 and (arch, 1, batch) in rate:
+            out.append(
+                {
+                    "arch": arch,
+                    "threads": 2,
+                    "batch": batch,
+                    "what": "t2/t1",
+                    "ratio": v / rate[(arch, 1, batch)],
+                }
+            )
+    return sorted(out, key=lambda r: (r["arch"], r["what"], r["threads"], r["batch"]))
 
 
 def resolve_kernel(name: str) -> str:
@@ -424,6 +461,19 @@ def run(
             f"{r['threads']:>7}  {r['arch']:<16} {r['batch']:>5} {r['torch_images_s']:>12.1f} "
             f"{r['engine_images_s']:>13.1f} {r['ratio']:>6.1f}x"
         )
+    scaling = scaling_rows(batch_rows)
+    if scaling:
+        print("\nScaling of the engine (ratios of images/s)")
+        print(f"{'model':<16} {'threads':>7} {'batch':>5}  ratio")
+        for r in scaling:
+            print(
+                f"{r['arch']:<16} {r['threads']:>7} {r['batch']:>5}  {r['what']} {r['ratio']:.2f}"
+            )
+    print("\nStem share of the engine's time at batch 1 (ops before the first binary conv)")
+    for r in model_rows:
+        print(
+            f"{r['threads']:>7}  {r['arch']:<16} {r['stem_ms']:>8.3f} ms  {r['stem_share']:>6.1%}"
+        )
     if converted_rows:
         print(
             "\nConverted torchvision models, ovsw.binarize(linear=True) "
@@ -458,6 +508,11 @@ def run(
         "batches": list(batches),
         "resnet18_throughput_ratio_min": round(min(r["ratio"] for r in r18_batches), 2),
         "throughput_ratio_min": round(min(r["ratio"] for r in batch_rows), 2),
+        "scaling": [{**r, "ratio": round(r["ratio"], 2)} for r in scaling],
+        "stem_share": [
+            {"threads": r["threads"], "arch": r["arch"], "share": round(r["stem_share"], 3)}
+            for r in model_rows
+        ],
         "throughput": [
             {
                 "threads": r["threads"],
