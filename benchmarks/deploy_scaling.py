@@ -64,7 +64,9 @@ def engine_alone(rounds: int) -> None:
 
 
 def converted(name: str) -> torch.nn.Module:
-    """The torchvision model binarized, with trained-like BatchNorm statistics."""
+    """The torchvision model binarized, with trained-like BatchNorm statistics (from two
+    random batches). Not ``ovsw.deploy._bench.converted``: this script also runs on trees
+    older than that function."""
     import torchvision
 
     torch.manual_seed(0)

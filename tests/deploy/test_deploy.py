@@ -381,18 +381,12 @@ def test_zero_activations_and_zero_weights_count_as_zero(tmp_path):
 
 def binary_mobilenet_v2() -> nn.Module:
     """torchvision's mobilenet_v2 (10 classes, random init) through
-    ``ovsw.binarize(linear=True)``, BatchNorm given trained-like statistics, in eval mode:
-    17 depthwise binary convs, one channel per group."""
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    net = torchvision.models.mobilenet_v2(weights=None, num_classes=10)
-    model = ovsw.binarize(net, linear=True)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    ``ovsw.binarize(linear=True)``, BatchNorm given trained-like statistics, in eval mode
+    (the bench's model): 17 depthwise binary convs, one channel per group."""
+    pytest.importorskip("torchvision")
+    from ovsw.deploy._bench import converted
+
+    return converted("mobilenet_v2")
 
 
 def test_binarized_mobilenet_v2_matches_eval(tmp_path):
