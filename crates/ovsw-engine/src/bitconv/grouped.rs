@@ -22,7 +22,7 @@
 //!   padding are skipped: they contribute 0.
 //!
 //! The dot products are the same integers as the packed route's, and the same epilogue
-//! ([`super::epilogue`]: scale, shift, residual, activation) turns them into floats, so
+//! ([`super::rows::epilogue`]: scale, shift, residual, activation) turns them into floats, so
 //! both routes give bit-identical outputs (tested in `tests.rs`).
 //!
 //! **Threshold.** The packed route costs about the same per group, pixel and block of
@@ -54,8 +54,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
+use super::rows::{epilogue, Output, Plan, Sums, PACK_CHUNK};
 use super::simd::isa::{Isa, Job};
-use super::{epilogue, BinaryConv, Kernel, Plan, Sums, PACK_CHUNK};
+use super::simd::Kernel;
 use crate::bits::BITS;
 use crate::error::{value_err, Result};
 use crate::geom::ConvGeom;
@@ -131,30 +132,33 @@ impl Grouped {
         }
     }
 
-    /// The conv of `conv` (whose weight this is) on `x`, into an output of `oh` x `ow`
-    /// (checked by the caller, as the residual's shape).
+    /// The conv of geometry `g` (whose weight this is) on `x`, its sums turned into
+    /// outputs by `output`, into an output of `oh` x `ow` (checked by the caller, as the
+    /// residual's shape).
     pub fn forward(
         &self,
-        conv: &BinaryConv,
+        g: &ConvGeom,
+        output: Output<'_>,
         x: &Tensor4,
         residual: Option<&Tensor4>,
         kernel: Kernel,
         (oh, ow): (usize, usize),
     ) -> Result<Tensor4> {
-        let cout = conv.geom.cout;
-        let signs = self.signs(conv, x, kernel)?;
-        let plan = Plan::new(conv, x, oh, ow);
+        let cout = g.cout;
+        let signs = self.signs(g, x, kernel)?;
+        let plan = Plan::new(g, x, oh, ow);
         let mut out = Tensor4::scratch(x.n, oh, ow, cout)?;
         let row_len = ow * cout;
         // Work of one row: each output channel sums its group's channels over the taps.
-        let row_work = ow * cout * conv.geom.kh * conv.geom.kw * conv.cg;
+        let row_work = ow * cout * g.kh * g.kw * (g.cin / g.groups);
         out.data
             .par_chunks_mut(row_len)
             .with_min_len(par::min_len(row_work))
             .enumerate()
             .for_each(|(row, dst)| {
                 kernel.run(RowJob {
-                    conv,
+                    g,
+                    output: &output,
                     grouped: self,
                     plan: &plan,
                     signs: &signs,
@@ -168,7 +172,7 @@ impl Grouped {
 
     /// The expanded signs of `x`, `[N][H][W][stride]` (see the module docs), zero past
     /// each pixel's `cg * cout`.
-    fn signs(&self, conv: &BinaryConv, x: &Tensor4, kernel: Kernel) -> Result<Vec<i8>> {
+    fn signs(&self, g: &ConvGeom, x: &Tensor4, kernel: Kernel) -> Result<Vec<i8>> {
         let mut e = Vec::new();
         match (x.n * x.h * x.w).checked_mul(self.stride) {
             Some(len) if e.try_reserve_exact(len).is_ok() => e.resize(len, 0i8),
@@ -184,7 +188,7 @@ impl Grouped {
             .with_min_len(par::min_len(self.stride * PACK_CHUNK))
             .for_each(|(dst, src)| {
                 kernel.run(SignJob {
-                    cin: conv.geom.cin,
+                    cin: g.cin,
                     stride: self.stride,
                     source: &self.source,
                     src,
@@ -247,7 +251,8 @@ impl Job for SignJob<'_> {
 
 /// One output row: `dst` is `[ow][cout]` of output row `row` (`n * oh + oy`).
 struct RowJob<'a> {
-    conv: &'a BinaryConv,
+    g: &'a ConvGeom,
+    output: &'a Output<'a>,
     grouped: &'a Grouped,
     plan: &'a Plan,
     signs: &'a [i8],
@@ -270,8 +275,8 @@ impl Job for RowJob<'_> {
 
     #[inline(always)]
     fn run<I: Isa>(self, _isa: I) {
-        let conv = self.conv;
-        let g = &conv.geom;
+        let g = self.g;
+        let cg = g.cin / g.groups;
         let plan = self.plan;
         let (cout, stride) = (g.cout, self.grouped.stride);
         let (n, oy) = (self.row / plan.oh, self.row % plan.oh);
@@ -310,7 +315,7 @@ impl Job for RowJob<'_> {
                 out.copy_from_slice(&acc);
             }
             // Then over the cg channels of each output's group.
-            let mut parts = sums[..conv.cg * cout].chunks_exact(cout);
+            let mut parts = sums[..cg * cout].chunks_exact(cout);
             if let Some(first) = parts.next() {
                 for (d, &s) in dots.iter_mut().zip(first) {
                     *d = i32::from(s);
@@ -326,10 +331,10 @@ impl Job for RowJob<'_> {
                 &mut self.dst[at..at + cout],
                 dots,
                 Sums::Dots,
-                &conv.scale,
-                &conv.shift,
+                self.output.scale,
+                self.output.shift,
                 self.residual.map(|r| &r[at..at + cout]),
-                &conv.act,
+                self.output.act,
                 0,
             );
         }

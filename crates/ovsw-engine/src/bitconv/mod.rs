@@ -28,6 +28,7 @@
 //! [`grouped`]: `i8` signs summed across output channels, the same epilogue.
 
 mod grouped;
+mod rows;
 mod simd;
 
 use std::cell::RefCell;
@@ -36,6 +37,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use self::grouped::Grouped;
+use self::rows::{epilogue, Output, Plan, Sums, PACK_CHUNK};
 pub use self::simd::cpu::{avx2_usable, avx512f_usable, cpu_flags, DISABLE_ENV};
 pub use self::simd::isa::LANES;
 use self::simd::isa::{Isa, Job, Run, Runs, Tile};
@@ -44,13 +46,11 @@ use crate::bits::pack_channels;
 pub use crate::bits::{words_for, BITS};
 use crate::error::{value_err, Result};
 use crate::geom::ConvGeom;
-use crate::nhwc::{hardtanh, prelu, Act, Tensor4};
+use crate::nhwc::{Act, Tensor4};
 use crate::par;
 
 /// Output pixels per register tile of the kernels (the least per kernel call).
 pub const TILE: usize = 4;
-/// Pixels packed per parallel task.
-const PACK_CHUNK: usize = 64;
 
 /// Bits of word `j` that hold one of `cg` channels.
 fn valid_bits(cg: usize, j: usize) -> u64 {
@@ -146,6 +146,15 @@ impl BinaryConv {
         conv
     }
 
+    /// The per-channel scale, shift and activation that turn sums into outputs.
+    fn output(&self) -> Output<'_> {
+        Output {
+            scale: &self.scale,
+            shift: &self.shift,
+            act: &self.act,
+        }
+    }
+
     /// Words of one step of the window for all taps: `kh * kw * wpg`.
     fn steps(&self) -> usize {
         self.geom.kh * self.geom.kw * self.wpg
@@ -189,7 +198,7 @@ impl BinaryConv {
             }
         }
         if let Some(small) = &self.grouped {
-            return small.forward(self, x, residual, kernel, (oh, ow));
+            return small.forward(&self.geom, self.output(), x, residual, kernel, (oh, ow));
         }
         let (bits, zero_mask) = self.pack(x, kernel);
         // Exact zeros anywhere: the masked kernel, with a mask on both sides.
@@ -206,7 +215,7 @@ impl BinaryConv {
                 ))
             }
         };
-        let plan = Plan::new(self, x, oh, ow);
+        let plan = Plan::new(&self.geom, x, oh, ow);
         let mut out = Tensor4::scratch(x.n, oh, ow, g.cout)?;
         let row_len = ow * g.cout;
         // Work of one row: each output channel reads every word of its window.
@@ -282,32 +291,6 @@ impl BinaryConv {
             .map(|i| valid_bits(self.cg, i % self.wpg))
             .collect();
         self.blocked(&words)
-    }
-}
-
-/// What every row of one forward shares: the input's size, the output size and the
-/// range of kernel columns inside the image per output column.
-struct Plan {
-    h: usize,
-    w: usize,
-    oh: usize,
-    ow: usize,
-    cols: Vec<(usize, usize)>,
-}
-
-impl Plan {
-    fn new(conv: &BinaryConv, x: &Tensor4, oh: usize, ow: usize) -> Plan {
-        let g = &conv.geom;
-        let cols = (0..ow)
-            .map(|ox| ConvGeom::valid_taps(ox, x.w, g.kw, g.stride.1, g.padding.1, g.dilation.1))
-            .collect();
-        Plan {
-            h: x.h,
-            w: x.w,
-            oh,
-            ow,
-            cols,
-        }
     }
 }
 
@@ -505,95 +488,6 @@ impl RowJob<'_> {
                 let out = &mut self.dst[at..at + conv.og];
                 let res = self.residual.map(|r| &r[at..at + conv.og]);
                 epilogue(out, acc, sums, scale, shift, res, &conv.act, o0);
-            }
-        }
-    }
-}
-
-/// What the kernel's sums are: popcounts of `a ^ w` over `n_valid` inputs (the fast
-/// kernels), or dot products (the masked kernels).
-#[derive(Clone, Copy)]
-enum Sums {
-    Popcounts { n_valid: i32 },
-    Dots,
-}
-
-/// `out = act(scale * dot + shift (+ residual))` in one pass, `dot = n_valid - 2 * acc`
-/// for popcounts, `dot = acc` for dot products; `channel0` is `out[0]`'s channel.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn epilogue(
-    out: &mut [f32],
-    acc: &[i32],
-    sums: Sums,
-    scale: &[f32],
-    shift: &[f32],
-    residual: Option<&[f32]>,
-    act: &Act,
-    channel0: usize,
-) {
-    let n = out.len();
-    // The match on the activation outside the loops, so that each loop vectorizes.
-    match act {
-        Act::None => affine(out, acc, sums, scale, shift, residual, |v, _| v),
-        Act::Hardtanh(lo, hi) => {
-            let (lo, hi) = (*lo, *hi);
-            affine(out, acc, sums, scale, shift, residual, |v, _| {
-                hardtanh(v, lo, hi)
-            })
-        }
-        Act::Prelu(a) if a.len() == 1 => {
-            let a = a[0];
-            affine(out, acc, sums, scale, shift, residual, |v, _| prelu(v, a))
-        }
-        Act::Prelu(a) => {
-            let a = &a[channel0..channel0 + n];
-            affine(out, acc, sums, scale, shift, residual, |v, i| {
-                prelu(v, a[i])
-            })
-        }
-    }
-}
-
-/// `out[i] = act(scale[i] * dot(i) + shift[i] (+ residual[i]), i)`.
-#[inline(always)]
-fn affine(
-    out: &mut [f32],
-    acc: &[i32],
-    sums: Sums,
-    scale: &[f32],
-    shift: &[f32],
-    residual: Option<&[f32]>,
-    act: impl Fn(f32, usize) -> f32,
-) {
-    // Every slice `n` long: the loops run without bounds checks and vectorize.
-    let n = out.len();
-    let (acc, scale, shift) = (&acc[..n], &scale[..n], &shift[..n]);
-    let dot = |i: usize| match sums {
-        Sums::Popcounts { n_valid } => (n_valid - (acc[i] + acc[i])) as f32,
-        Sums::Dots => acc[i] as f32,
-    };
-    match (residual, sums) {
-        (Some(r), Sums::Popcounts { .. }) => {
-            let r = &r[..n];
-            for i in 0..n {
-                out[i] = act(scale[i] * dot(i) + shift[i] + r[i], i);
-            }
-        }
-        (None, Sums::Popcounts { .. }) => {
-            for i in 0..n {
-                out[i] = act(scale[i] * dot(i) + shift[i], i);
-            }
-        }
-        (Some(r), Sums::Dots) => {
-            let r = &r[..n];
-            for i in 0..n {
-                out[i] = act(scale[i] * dot(i) + shift[i] + r[i], i);
-            }
-        }
-        (None, Sums::Dots) => {
-            for i in 0..n {
-                out[i] = act(scale[i] * dot(i) + shift[i], i);
             }
         }
     }
