@@ -26,10 +26,10 @@ for round in $(seq 1 "$ROUNDS"); do
     for side in before after; do
         if [ "$side" = before ]; then TREE=$BEFORE; else TREE=$AFTER; fi
         echo "== $side round $round $(date +%T)"
-        env "${ENV[@]}" PYTHONPATH="$TREE/python" "$PY" -m ovsw.deploy bench --threads 1 2 \
+        env ${ENV[@]+"${ENV[@]}"} PYTHONPATH="$TREE/python" "$PY" -m ovsw.deploy bench --threads 1 2 \
             --repeats 5 --model-repeats 5 --batch-repeats 5 --kernel "$K" \
             > "$OUT/bench_${K}_${side}_$round.log" 2>&1
-        env "${ENV[@]}" PYTHONPATH="$TREE/python" "$PY" "$HERE/benchmarks/deploy_scaling.py" \
+        env ${ENV[@]+"${ENV[@]}"} PYTHONPATH="$TREE/python" "$PY" "$HERE/benchmarks/deploy_scaling.py" \
             --rounds 1 >> "$OUT/scaling_${K}_${side}.log" 2>&1
     done
 done

@@ -12,7 +12,8 @@ and batch; the medians over rounds are printed with the ratios issue 22 asks for
 converted by ``ovsw.binarize(num_classes=10, linear=True)``, exported at 64x64 and run at
 batch 4, against PyTorch's eval of the same binary model, in alternated blocks of 3
 calls. It uses only ``export`` and ``load``, so it runs against any tree of the project
-(``PYTHONPATH=TREE/python``), which is what ``deploy_before_after.sh`` does.
+(``PYTHONPATH=TREE/python``), which is what ``deploy_before_after.sh`` does. It needs
+two CPUs (the engine refuses more threads than the process may use).
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import ovsw
+import ovsw.deploy
 from ovsw.deploy import _bench, export, load
 
 NETWORKS = (("ResNet18_1w1a", 224), ("cResNet20_1w1a", 32), ("VGGSmall_1w1a", 32))
@@ -43,9 +46,9 @@ def best_of_3(engine, x: np.ndarray) -> float:
 
 def engine_alone(rounds: int) -> None:
     for arch, size in NETWORKS:
-        path = tempfile.mktemp(suffix=".ovsw")
-        export(_bench.calibrated(arch, size), path, input_size=size)
-        engines = {t: load(path, threads=t) for t in (1, 2)}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export(_bench.calibrated(arch, size), Path(tmp) / "net.ovsw", input_size=size)
+            engines = {t: load(path, threads=t) for t in (1, 2)}
         rates: dict[tuple[int, int], list[float]] = {}
         for _ in range(rounds):
             for t, engine in engines.items():
@@ -87,11 +90,11 @@ def converted(name: str) -> torch.nn.Module:
 def converted_models(rounds: int) -> None:
     for name in ("mobilenet_v2", "resnet18"):
         model = converted(name)
-        path = tempfile.mktemp(suffix=".ovsw")
-        export(model, path, input_size=64)
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(export(model, Path(tmp) / "net.ovsw", input_size=64)).read_bytes()
         for t in (1, 2):
             torch.set_num_threads(t)
-            engine = load(path, threads=t)
+            engine = ovsw.deploy.Engine(data, threads=t)
             x = torch.randn(4, 3, 64, 64)
             xn = x.numpy()
             t_torch, t_engine = [], []

@@ -487,7 +487,12 @@ impl Engine {
     pub fn run(&self, input: Tensor4) -> Result<Tensor4> {
         let shapes = self.check_input(&input)?;
         // The largest value of one image, in bytes.
-        let peak = shapes.iter().map(|s| s.h * s.w * s.c).max().unwrap_or(1) * 4;
+        let peak = shapes
+            .iter()
+            .map(|s| s.h.saturating_mul(s.w).saturating_mul(s.c))
+            .max()
+            .unwrap_or(1)
+            .saturating_mul(4);
         let n = input.n;
         let sub = par::sub_batch(n, self.threads, peak);
         if sub >= n {
@@ -528,6 +533,17 @@ impl Engine {
         }
         if input.n == 0 || input.h == 0 || input.w == 0 {
             return value_err!("empty input of shape {:?}", input.nchw());
+        }
+        let elements = [input.n, input.h, input.w]
+            .iter()
+            .try_fold(input.c, |acc, &d| acc.checked_mul(d));
+        if elements != Some(input.data.len()) {
+            return value_err!(
+                "an input of shape {:?} needs {:?} values, it has {}",
+                input.nchw(),
+                elements,
+                input.data.len()
+            );
         }
         self.shapes.check(Shape {
             h: input.h,

@@ -63,12 +63,13 @@ pub const SUB_BATCH_BYTES: usize = 1 << 20;
 
 /// Images per sub-batch for a batch of `n` on `threads` threads, when the largest
 /// activation of one image takes `peak_bytes`: at most what [`SUB_BATCH_BYTES`] holds
-/// (one image at least), and few enough that every thread gets a sub-batch. `n` itself
-/// (no cutting) for one image, or for fewer than two images per thread, which the ops
-/// share better by splitting rows.
+/// (one image at least, however large), and at most `n / threads` rounded up, so that
+/// the sub-batches go round the threads. `n` itself (no cutting) for one image, or, on
+/// several threads, for fewer than two images per thread, which the ops share better
+/// by splitting rows.
 pub fn sub_batch(n: usize, threads: usize, peak_bytes: usize) -> usize {
     let threads = threads.max(1);
-    if n < 2 * threads && !(threads == 1 && n > 1) {
+    if n < 2 || (threads > 1 && n < 2 * threads) {
         return n;
     }
     let fits = (SUB_BATCH_BYTES / peak_bytes.max(1)).max(1);

@@ -5,7 +5,8 @@ trained by ``ovsw-train`` is exported by the application: ``ovsw-export RUN_DIR`
 import sys
 
 USAGE = """usage: python -m ovsw.deploy bench [--threads N ...] [--repeats N]
-       python -m ovsw.deploy profile FILE [--batch N] [--threads N] [--size N]
+       python -m ovsw.deploy profile FILE [--batch N] [--threads N] [--size N] [--repeats N]
+                                          [--kernel K]
 (to export a model trained by ovsw-train: ovsw-export RUN_DIR [-o FILE] [--checkpoint ...])"""
 
 #: What ``python -m ovsw.deploy export`` says now that the command lives in the

@@ -3,7 +3,9 @@
 Runs the file's network on random images of the size it was exported for (or
 ``--size``) and prints every op's median time over ``--repeats`` runs, its share of
 the whole, and the stem's share: the full-precision ops before the first binary conv
-(ResNet-18's 7x7 conv and max pool), which the binary layers cannot speed up.
+(ResNet-18's 7x7 conv and max pool), which the binary layers cannot speed up. The
+batch runs op by op, each op splitting its rows over the threads (``Engine.profile``),
+not in the per-thread sub-batches a call on several images per thread uses.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
     h = w = args.size
     if h is None:
         h, w = inp.get("height"), inp.get("width")
+    if not (isinstance(h, int) and isinstance(w, int)):
+        print(f"error: {args.file} records no input size: pass --size", file=sys.stderr)
+        return 1
     x = np.random.default_rng(0).standard_normal(
         (args.batch, inp.get("channels", 3), h, w), dtype=np.float32
     )
