@@ -3,7 +3,7 @@ same alone, in batches of 3, 8 and 64 at every position, at 1 and 2 engine threa
 with every binary-conv kernel this CPU runs. The engine computes each sample on its
 own (no op mixes samples, no reduction's order depends on the batch or on how the work
 is split over threads); this holds it to that, for the three architectures the
-benchmark measures."""
+benchmark measures and a binarized torchvision MobileNetV2."""
 
 from __future__ import annotations
 
@@ -15,8 +15,15 @@ from ovsw import _core
 from ovsw.deploy._bench import calibrated
 
 #: (arch, input size): ResNet18 takes any size (a global average pool before its head),
-#: so a small input keeps the test quick.
-ARCHS = [("cResNet20_1w1a", 32), ("VGGSmall_1w1a", 32), ("ResNet18_1w1a", 64)]
+#: so a small input keeps the test quick. "mobilenet_v2" is torchvision's, through
+#: ``ovsw.binarize``: its depthwise convs take the grouped route, and its ReLU6 gives
+#: the binary convs exact zeros (the masked kernels).
+ARCHS = [
+    ("cResNet20_1w1a", 32),
+    ("VGGSmall_1w1a", 32),
+    ("ResNet18_1w1a", 64),
+    ("mobilenet_v2", 32),
+]
 THREADS = (1, 2)
 KERNELS = deploy.kernels()
 SAMPLES = 64
@@ -40,9 +47,14 @@ def in_batches(engine, x: np.ndarray, first: int, size: int) -> np.ndarray:
 @pytest.fixture(scope="module", params=ARCHS, ids=[a for a, _ in ARCHS])
 def exported(request, tmp_path_factory):
     arch, size = request.param
-    path = deploy.export(
-        calibrated(arch, size), tmp_path_factory.mktemp("batch") / f"{arch}.ovsw", input_size=size
-    )
+    if arch == "mobilenet_v2":
+        pytest.importorskip("torchvision")
+        from ovsw.deploy._bench import converted
+
+        model = converted(arch)
+    else:
+        model = calibrated(arch, size)
+    path = deploy.export(model, tmp_path_factory.mktemp("batch") / f"{arch}.ovsw", input_size=size)
     x = np.random.default_rng(7).standard_normal((SAMPLES, 3, size, size), dtype=np.float32)
     # Each sample alone, at 1 thread and the best kernel: the reference every other way
     # must match (the kernels agree bit for bit: test_deploy.py).
