@@ -109,11 +109,7 @@ pub fn row(
                 let mut acc = [[0.0f32; BLOCK]; 2 * PIXELS];
                 // SAFETY: `Fma::Avx512` is made only where AVX-512F and FMA are detected.
                 unsafe { x86::tile_512(g, wt, &band, pw, ox, b, &mut acc) };
-                let lanes = BLOCK.min(g.cout - b);
-                for (q, a) in acc.iter().enumerate() {
-                    let at = (ox + q) * g.cout + b;
-                    dst[at..at + lanes].copy_from_slice(&a[..lanes]);
-                }
+                store(dst, g.cout, ox, b, &acc);
             }
             ox += 2 * PIXELS;
         }
@@ -130,15 +126,21 @@ pub fn row(
                 },
                 _ => tile(g, wt, &band, pw, ox, p, b, &mut acc),
             }
-            let lanes = BLOCK.min(g.cout - b);
-            for (q, a) in acc.iter().take(p).enumerate() {
-                let at = (ox + q) * g.cout + b;
-                dst[at..at + lanes].copy_from_slice(&a[..lanes]);
-            }
+            store(dst, g.cout, ox, b, &acc[..p]);
         }
         ox += p;
     }
     BAND.set(band);
+}
+
+/// A tile's sums into `dst` (`[ow][cout]`): pixel `ox + q` gets `acc[q]`, its channels
+/// from `b` (the padding lanes past `cout` dropped).
+fn store(dst: &mut [f32], cout: usize, ox: usize, b: usize, acc: &[[f32; BLOCK]]) {
+    let lanes = BLOCK.min(cout - b);
+    for (q, a) in acc.iter().enumerate() {
+        let at = (ox + q) * cout + b;
+        dst[at..at + lanes].copy_from_slice(&a[..lanes]);
+    }
 }
 
 /// The portable tile: `p` pixels from column `ox`, channels `b..b + BLOCK`.
