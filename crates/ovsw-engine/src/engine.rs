@@ -14,7 +14,7 @@ use crate::error::{value_err, Error, Result};
 use crate::float::{self, Affine, FloatConv, Linear, Pool};
 use crate::format::{self, DType, TensorEntry};
 use crate::geom::ConvGeom;
-use crate::nhwc::{Act, Tensor4};
+use crate::nhwc::{self, Act, Tensor4};
 use crate::par;
 use crate::shapes::{self, Rule, Shape, Step};
 
@@ -534,14 +534,11 @@ impl Engine {
         if input.n == 0 || input.h == 0 || input.w == 0 {
             return value_err!("empty input of shape {:?}", input.nchw());
         }
-        let elements = [input.n, input.h, input.w]
-            .iter()
-            .try_fold(input.c, |acc, &d| acc.checked_mul(d));
-        if elements != Some(input.data.len()) {
+        let elements = nhwc::elements(input.n, input.h, input.w, input.c)?;
+        if elements != input.data.len() {
             return value_err!(
-                "an input of shape {:?} needs {:?} values, it has {}",
+                "an input of shape {:?} needs {elements} values, it has {}",
                 input.nchw(),
-                elements,
                 input.data.len()
             );
         }

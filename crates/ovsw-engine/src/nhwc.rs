@@ -54,7 +54,7 @@ fn buffer(n: usize, zero: bool) -> Result<Vec<f32>> {
 }
 
 /// `n * h * w * c`, or an error when it overflows.
-fn elements(n: usize, h: usize, w: usize, c: usize) -> Result<usize> {
+pub(crate) fn elements(n: usize, h: usize, w: usize, c: usize) -> Result<usize> {
     match n
         .checked_mul(h)
         .and_then(|v| v.checked_mul(w))
