@@ -1,8 +1,39 @@
+import hashlib
+import os
+
 import pytest
 import torch
 from torch import nn
 
 import ovsw
+
+
+def _inductor_cache_per_isa() -> None:
+    """Give inductor a cache folder of its own for each instruction set, unless the user
+    chose one (``TORCHINDUCTOR_CACHE_DIR``).
+
+    torch's FX graph cache does not key on the vector ISA ATen runs at: a graph cached
+    under AVX-512 and served after ``ATEN_CPU_CAPABILITY=avx2`` (``scripts/test_avx2.sh``,
+    a simulated Zen 3) or on another CPU sharing the folder gave a cResNet20 loss of 1e256
+    in ``test_compile.py``, or a segfault in libgomp; an empty cache gave the right one.
+    The folder name holds ATen's capability and a hash of the CPU's flags."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    # Imported only now: importing torch._inductor sets the variable to the default.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    key = torch.backends.cpu.get_cpu_capability() + " " + " ".join(sorted(flags.split()))
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+    name = f"ovsw-tests-{torch.backends.cpu.get_cpu_capability().lower()}-{tag}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), name)
+
+
+_inductor_cache_per_isa()
 
 
 def tiny_net(num_classes: int = 4, **conv_options) -> nn.Module:
