@@ -10,15 +10,21 @@
 //! tile, so an output does not depend on the batch or on how rows are shared between
 //! threads. With AVX2 and FMA (and AVX2 not hidden by `OVSW_DISABLE_CPU_FEATURES`) the
 //! multiply-add is one fused instruction, in AVX2 registers or, with AVX-512F, in
-//! AVX-512 registers over twice the pixels (the same fused operations on each element,
+//! AVX-512 registers over more pixels per tile (the same fused operations on each element,
 //! so both give the same bits); elsewhere it is a multiply then an add.
 
 use std::cell::RefCell;
 
 use crate::geom::ConvGeom;
 
-/// Output pixels per register tile.
+/// Output pixels per register tile of the portable route, and of the fused routes at
+/// the row's end.
 pub const PIXELS: usize = 4;
+/// Output pixels per full AVX2 tile: 12 accumulators (two registers each), enough to
+/// cover the fused multiply-add's latency on two pipes, and 2 weight registers.
+const WIDE_AVX2: usize = 6;
+/// Output pixels per full AVX-512 tile, one register each.
+const WIDE_AVX512: usize = 8;
 /// Output channels per register tile (two AVX registers).
 pub const BLOCK: usize = 16;
 /// The most input channels the direct path takes.
@@ -101,18 +107,33 @@ pub fn row(
     }
     let ow = dst.len() / g.cout;
     let mut ox = 0;
+    // Full wide tiles first, the rest of the row in tiles of up to PIXELS.
     #[cfg(target_arch = "x86_64")]
-    if fma == Fma::Avx512 {
-        // Tiles of 2 * PIXELS pixels in AVX-512 registers, the rest as below.
-        while ox + 2 * PIXELS <= ow {
-            for b in (0..g.cout).step_by(BLOCK) {
-                let mut acc = [[0.0f32; BLOCK]; 2 * PIXELS];
-                // SAFETY: `Fma::Avx512` is made only where AVX-512F and FMA are detected.
-                unsafe { x86::tile_512(g, wt, &band, pw, ox, b, &mut acc) };
-                store(dst, g.cout, ox, b, &acc);
+    match fma {
+        Fma::Avx512 => {
+            while ox + WIDE_AVX512 <= ow {
+                for b in (0..g.cout).step_by(BLOCK) {
+                    let mut acc = [[0.0f32; BLOCK]; WIDE_AVX512];
+                    // SAFETY: `Fma::Avx512` is made only where AVX-512F and FMA are
+                    // detected.
+                    unsafe { x86::tile_512(g, wt, &band, pw, ox, b, &mut acc) };
+                    store(dst, g.cout, ox, b, &acc);
+                }
+                ox += WIDE_AVX512;
             }
-            ox += 2 * PIXELS;
         }
+        Fma::Avx2 => {
+            while ox + WIDE_AVX2 <= ow {
+                for b in (0..g.cout).step_by(BLOCK) {
+                    let mut acc = [[0.0f32; BLOCK]; WIDE_AVX2];
+                    // SAFETY: `Fma::Avx2` is made only where AVX2 and FMA are detected.
+                    unsafe { x86::tile_wide(g, wt, &band, pw, ox, b, &mut acc) };
+                    store(dst, g.cout, ox, b, &acc);
+                }
+                ox += WIDE_AVX2;
+            }
+        }
+        Fma::Portable => {}
     }
     while ox < ow {
         let p = PIXELS.min(ow - ox);
@@ -234,27 +255,72 @@ mod x86 {
         }
     }
 
-    /// [`tile`] for `2 * PIXELS` pixels, one AVX-512 register of [`BLOCK`] channels
+    /// [`tile`] for `P` pixels, all of them, two AVX2 registers of [`BLOCK`] channels
     /// each.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F and FMA.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub unsafe fn tile_512(
+    /// The CPU must have AVX2 and FMA.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_wide<const P: usize>(
         g: &ConvGeom,
         wt: &[f32],
         band: &[f32],
         pw: usize,
         ox: usize,
         b: usize,
-        acc: &mut [[f32; BLOCK]; 2 * PIXELS],
+        acc: &mut [[f32; BLOCK]; P],
     ) {
         let (c, op) = (g.cin, g.cout.next_multiple_of(BLOCK));
         let taps = g.kh * g.kw * c;
         assert!(wt.len() >= taps * op && b + BLOCK <= op);
-        let last = (g.kh - 1) * pw + (ox + 2 * PIXELS - 1) * g.stride.1 + g.kw;
+        let last = (g.kh - 1) * pw + (ox + P - 1) * g.stride.1 + g.kw;
         assert!(band.len() >= last * c);
-        let mut r = [_mm512_setzero_ps(); 2 * PIXELS];
+        let mut r = [[_mm256_setzero_ps(); 2]; P];
+        let wp = wt.as_ptr().add(b);
+        let bp = band.as_ptr();
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                for ci in 0..c {
+                    let t = (ky * g.kw + kx) * c + ci;
+                    let w0 = _mm256_loadu_ps(wp.add(t * op));
+                    let w1 = _mm256_loadu_ps(wp.add(t * op + 8));
+                    let base = (ky * pw + ox * g.stride.1 + kx) * c + ci;
+                    for (q, rq) in r.iter_mut().enumerate() {
+                        let xv = _mm256_broadcast_ss(&*bp.add(base + q * g.stride.1 * c));
+                        rq[0] = _mm256_fmadd_ps(xv, w0, rq[0]);
+                        rq[1] = _mm256_fmadd_ps(xv, w1, rq[1]);
+                    }
+                }
+            }
+        }
+        for (a, rq) in acc.iter_mut().zip(r) {
+            _mm256_storeu_ps(a.as_mut_ptr(), rq[0]);
+            _mm256_storeu_ps(a.as_mut_ptr().add(8), rq[1]);
+        }
+    }
+
+    /// [`tile`] for `P` pixels, all of them, one AVX-512 register of [`BLOCK`]
+    /// channels each.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and FMA.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn tile_512<const P: usize>(
+        g: &ConvGeom,
+        wt: &[f32],
+        band: &[f32],
+        pw: usize,
+        ox: usize,
+        b: usize,
+        acc: &mut [[f32; BLOCK]; P],
+    ) {
+        let (c, op) = (g.cin, g.cout.next_multiple_of(BLOCK));
+        let taps = g.kh * g.kw * c;
+        assert!(wt.len() >= taps * op && b + BLOCK <= op);
+        let last = (g.kh - 1) * pw + (ox + P - 1) * g.stride.1 + g.kw;
+        assert!(band.len() >= last * c);
+        let mut r = [_mm512_setzero_ps(); P];
         let wp = wt.as_ptr().add(b);
         let bp = band.as_ptr();
         for ky in 0..g.kh {
