@@ -1,6 +1,7 @@
 //! AVX2 kernels: nibble-table popcount (`vpshufb`) on four 64-bit lanes, byte counters
-//! flushed to 64-bit sums by `vpsadbw`, 32 output channels per pass; sign packing by
-//! `movemask`. The masked kernel is the portable one compiled for AVX2.
+//! flushed to 64-bit sums by `vpsadbw`, 32 output channels per pass (the masked kernel:
+//! 8, with two counters, of the mask and of the masked difference); sign packing by
+//! `movemask`.
 
 use std::arch::x86_64::*;
 
@@ -65,7 +66,22 @@ impl Isa for Avx2 {
 
     #[inline(always)]
     unsafe fn dot_masked(self, t: &Tile<'_>, acc: &mut [i32]) {
-        portable::dot_masked(t, acc)
+        let (Some(a_mask), Some(w_mask)) = (t.a_mask, t.w_mask) else {
+            unreachable!("Tile::dot runs the masked kernel only with both masks")
+        };
+        let stride = t.steps * LANES;
+        for p in 0..t.pixels {
+            let base = t.base(p);
+            let (ap, mp) = (t.a.as_ptr().add(base), a_mask.as_ptr().add(base));
+            let acc = acc.as_mut_ptr().add(p * t.blocks * LANES);
+            for b in 0..t.blocks {
+                let (wb, mb) = (
+                    t.w.as_ptr().add(b * stride),
+                    w_mask.as_ptr().add(b * stride),
+                );
+                masked_block(ap, mp, t.runs, t.run_len, (wb, mb), acc.add(b * LANES));
+            }
+        }
     }
 }
 
@@ -103,7 +119,7 @@ const FLUSH: usize = 31;
 /// Adds the 64-bit lane sums of two byte-count registers and stores them as 8 u32.
 #[inline(always)]
 unsafe fn store_sums(dst: *mut i32, sum0: __m256i, sum1: __m256i) {
-    // Four 64-bit sums per register, each < 2^32: gather the low halves.
+    // Four 64-bit values per register, each within an i32: gather the low halves.
     let idx = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
     let lo0 = _mm256_permutevar8x32_epi32(sum0, idx);
     let lo1 = _mm256_permutevar8x32_epi32(sum1, idx);
@@ -167,4 +183,60 @@ unsafe fn block_group<const GROUP: usize>(
         let sum1 = _mm256_add_epi64(t[1], _mm256_sad_epu8(b[1], zero));
         store_sums(acc.add(g * LANES), sum0, sum1);
     }
+}
+
+/// One block of 8 channels of one pixel, masked: `popcount(m) - 2 popcount((a ^ w) & m)`
+/// with `m = m_a & m_w`, over the runs of the pixel's words (`ap`, mask `mp`) against
+/// the block's weight words and mask (`w`). Byte counters are flushed every `FLUSH`
+/// steps, as in [`block_group`].
+#[inline(always)]
+unsafe fn masked_block(
+    ap: *const u64,
+    mp: *const u64,
+    runs: &[Run],
+    run_len: usize,
+    w: (*const u64, *const u64),
+    acc: *mut i32,
+) {
+    let table = _mm256_setr_epi8(
+        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3,
+        3, 4,
+    );
+    let low = _mm256_set1_epi8(0x0f);
+    let zero = _mm256_setzero_si256();
+    let (wp, wmp) = (w.0 as *const __m256i, w.1 as *const __m256i);
+    // [half of the block][valid, diff]: byte counters and their 64-bit sums.
+    let mut bytes = [[zero; 2]; 2];
+    let mut sums = [[zero; 2]; 2];
+    let mut pending = 0;
+    for r in runs {
+        for j in 0..run_len {
+            if pending == FLUSH {
+                for (b, t) in bytes.iter_mut().flatten().zip(sums.iter_mut().flatten()) {
+                    *t = _mm256_add_epi64(*t, _mm256_sad_epu8(*b, zero));
+                    *b = zero;
+                }
+                pending = 0;
+            }
+            let av = _mm256_set1_epi64x(*ap.add(r.a + j) as i64);
+            let mv = _mm256_set1_epi64x(*mp.add(r.a + j) as i64);
+            let s = r.w + j;
+            for (h, pair) in bytes.iter_mut().enumerate() {
+                let m = _mm256_and_si256(mv, _mm256_loadu_si256(wmp.add(2 * s + h)));
+                let x = _mm256_xor_si256(av, _mm256_loadu_si256(wp.add(2 * s + h)));
+                let d = _mm256_and_si256(x, m);
+                pair[0] = _mm256_add_epi8(pair[0], popcount_bytes(m, table, low));
+                pair[1] = _mm256_add_epi8(pair[1], popcount_bytes(d, table, low));
+            }
+            pending += 1;
+        }
+    }
+    let mut dots = [zero; 2];
+    for (h, dot) in dots.iter_mut().enumerate() {
+        let valid = _mm256_add_epi64(sums[h][0], _mm256_sad_epu8(bytes[h][0], zero));
+        let diff = _mm256_add_epi64(sums[h][1], _mm256_sad_epu8(bytes[h][1], zero));
+        *dot = _mm256_sub_epi64(valid, _mm256_add_epi64(diff, diff));
+    }
+    // Each dot fits in an i32: its low half is the value.
+    store_sums(acc, dots[0], dots[1]);
 }
