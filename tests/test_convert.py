@@ -277,6 +277,21 @@ def test_unconvertible_layer_is_named():
         ovsw.binarize(model)
 
 
+def test_a_layer_of_one_weight_per_channel_is_named():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.Conv2d(4, 4, 1, groups=4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    with pytest.raises(ValueError, match="binarize: '1': one weight per output channel"):
+        ovsw.binarize(model)
+    converted = ovsw.binarize(model, scaling_factor=True)
+    assert isinstance(converted[1], ovsw.OvSWConv2d)
+    assert torch.isfinite(converted(torch.randn(2, 3, 5, 5))).all()
+
+
 def test_not_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ovsw.binarize("resnet18")

@@ -61,6 +61,31 @@ def test_padding_mode():
 
 
 @pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: ovsw.OvSWConv2d(1, 4, 1, **kw),
+        lambda **kw: ovsw.OvSWConv2d(4, 4, 1, groups=4, **kw),
+        lambda **kw: ovsw.OvSWLinear(1, 3, **kw),
+    ],
+    ids=["conv1x1_one_channel", "depthwise1x1", "linear_one_feature"],
+)
+def test_one_weight_per_channel_needs_a_learned_scale(make):
+    # The derived scale divides by the unbiased deviation of one value: NaN.
+    with pytest.raises(ValueError, match="one weight per output channel.*scaling_factor=True"):
+        make()
+    layer = make(scaling_factor=True)
+    if isinstance(layer, ovsw.OvSWConv2d):
+        x = torch.randn(2, layer.in_channels, 3, 3)
+    else:
+        x = torch.randn(2, layer.in_features)
+    y = layer(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(layer.weight.grad).all()
+    # On the meta device the weight is not there yet: not refused.
+    make(device="meta")
+
+
+@pytest.mark.parametrize(
     "kw, match",
     [
         (dict(delta=-0.1), "delta"),

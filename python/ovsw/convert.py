@@ -19,7 +19,7 @@ from typing import Any, Union
 from torch import nn
 
 from . import _core
-from .nn import BinaryLayer, OvSWConv2d, OvSWLinear, _explicit_padding
+from .nn import BinaryLayer, OvSWConv2d, OvSWLinear, _check_fan_in, _explicit_padding
 
 __all__ = ["binarize", "summary", "ModelSummary", "LayerRow", "BINARIZE_OPTIONS"]
 
@@ -92,6 +92,8 @@ def _first_and_last(model: nn.Module) -> tuple[str | None, str | None]:
 
 def _binary_twin(name: str, layer: nn.Module, options: dict[str, Any]) -> BinaryLayer:
     """The OvSW layer for ``layer``, holding its very parameters."""
+    if not options.get("scaling_factor", False):
+        _check_fan_in(layer, f"binarize: {name!r}")
     if isinstance(layer, nn.Conv2d):
         if layer.padding_mode != "zeros":
             raise ValueError(

@@ -38,6 +38,19 @@ def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return (int(padding[0]), int(padding[1]))
 
 
+def _check_fan_in(layer: nn.Module, name: str) -> None:
+    """Refuse a layer of one weight per output channel without ``scaling_factor``: the
+    scale derived from W (SPEC 1.4) divides by the unbiased deviation of the channel's
+    weights, which one value does not have (upstream gives NaN)."""
+    fan_in = layer.weight[0].numel()
+    if fan_in < 2:
+        raise ValueError(
+            f"{name}: one weight per output channel (fan-in {fan_in}); the "
+            "scale derived from W needs at least two (it is NaN otherwise): pass "
+            "scaling_factor=True, or keep the layer full precision"
+        )
+
+
 class BinaryLayer(nn.Module):
     """What every 1-bit layer of ovsw shares (:class:`OvSWConv2d`, :class:`OvSWLinear`):
     the binarizer options, the learnable scale and the SAD state.
@@ -64,6 +77,9 @@ class BinaryLayer(nn.Module):
         self._track_ones = False
         if not isinstance(scaling_factor, bool):
             raise TypeError(f"scaling_factor must be a bool, got {type(scaling_factor).__name__}")
+        # On the meta device the weight comes later (ovsw.binarize checks it itself).
+        if not scaling_factor and not self.weight.is_meta:
+            _check_fan_in(self, type(self).__name__)
         if scaling_factor:
             self.init_scaling_factor()
 
@@ -154,7 +170,9 @@ class OvSWConv2d(BinaryLayer, nn.Conv2d):
         act_a: activation binarizer: {act_a} (sign, Bi-Real backward).
         act_w: weight binarizer: {act_w} (SPEC 1.3).
         scaling_factor: own a learnable per-channel scale (Parameter ``scaling_factor``,
-            initialised to ``mean_o |W|``) instead of the scale derived from W.
+            initialised to ``mean_o |W|``) instead of the scale derived from W. Required
+            where an output channel has one weight (``in_channels / groups * kh * kw ==
+            1``), whose derived scale is undefined: a ``ValueError`` says so.
         forward_type: {forward_type} (the one type upstream has).
 
     In training mode each sample is normalised by its standard deviation before
@@ -234,7 +252,8 @@ class OvSWLinear(BinaryLayer, nn.Linear):
         act_a: activation binarizer: {act_a} (sign, Bi-Real backward).
         act_w: weight binarizer: {act_w} (SPEC 1.3, per output feature).
         scaling_factor: own a learnable per-feature scale (Parameter ``scaling_factor``,
-            initialised to ``mean_o |W|``) instead of the scale derived from W.
+            initialised to ``mean_o |W|``) instead of the scale derived from W. Required
+            with ``in_features == 1`` (a ``ValueError`` says so).
         forward_type: {forward_type}.
 
     ``y = (sign(x_hat) sign(W)^T + bias) * alpha``: the input ``[N, *, in_features]`` is
