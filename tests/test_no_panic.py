@@ -111,7 +111,10 @@ def test_fake_tensor_error_after_an_earlier_torch_warning():
     """torch re-raises C++ warnings when a call returns; one raised by the core while it
     refuses a FakeTensor turned the RuntimeError into a SystemError once the process
     had shown a warning before (as here)."""
-    conv = ovsw.OvSWConv2d(2, 4, 1, groups=2)  # one weight per channel: var() warns
+    # One weight per channel: var() warns. The constructor refuses that layer unless it
+    # is made on the meta device (then not checked).
+    conv = ovsw.OvSWConv2d(2, 4, 1, groups=2, device="meta").to_empty(device="cpu")
+    torch.nn.init.normal_(conv.weight)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         conv(torch.randn(2, 2, 4, 4))
