@@ -19,7 +19,7 @@ def _inductor_cache_per_isa() -> None:
     The folder name holds ATen's capability and a hash of the CPU's flags."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return
-    # Imported only now: importing torch._inductor sets the variable to the default.
+    # Imported only now: torch sets the variable to its default once it reads it.
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     try:

@@ -285,7 +285,7 @@ def test_a_layer_of_one_weight_per_channel_is_named():
         nn.Flatten(),
         nn.Linear(4, 3),
     )
-    with pytest.raises(ValueError, match="binarize: '1': one weight per output channel"):
+    with pytest.raises(ValueError, match=r"binarize: '1': 1 weight\(s\) per output channel"):
         ovsw.binarize(model)
     converted = ovsw.binarize(model, scaling_factor=True)
     assert isinstance(converted[1], ovsw.OvSWConv2d)

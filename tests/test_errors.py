@@ -71,16 +71,19 @@ def test_padding_mode():
 )
 def test_one_weight_per_channel_needs_a_learned_scale(make):
     # The derived scale divides by the unbiased deviation of one value: NaN.
-    with pytest.raises(ValueError, match="one weight per output channel.*scaling_factor=True"):
+    with pytest.raises(ValueError, match=r"1 weight\(s\) per output channel.*scaling_factor=True"):
         make()
     layer = make(scaling_factor=True)
     if isinstance(layer, ovsw.OvSWConv2d):
-        x = torch.randn(2, layer.in_channels, 3, 3)
+        x = torch.randn(2, layer.in_channels, 3, 3, requires_grad=True)
     else:
-        x = torch.randn(2, layer.in_features)
+        # [N, 1] would leave each sample one value, whose deviation (SPEC 1.1) is NaN.
+        x = torch.randn(2, 3, layer.in_features, requires_grad=True)
     y = layer(x)
     y.sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(layer.weight.grad).all()
+    assert (y != 0).any()
+    for t in (y, layer.weight.grad, x.grad):
+        assert torch.isfinite(t).all()
     # On the meta device the weight is not there yet: not refused.
     make(device="meta")
 

@@ -177,7 +177,8 @@ def binarize(
         ValueError: an unknown option or option value, a name that is not a module of
             the model (or holds no convertible layer, or is kept by ``keep_first``/
             ``keep_last``), a layer that cannot be binarized (``padding_mode`` other
-            than zeros), or nothing left to convert.
+            than zeros, or one weight per output channel without
+            ``scaling_factor=True``), or nothing left to convert.
         TypeError: ``model`` is not an ``nn.Module``.
     """
     if not isinstance(model, nn.Module):

@@ -42,10 +42,10 @@ def _check_fan_in(layer: nn.Module, name: str) -> None:
     """Refuse a layer of one weight per output channel without ``scaling_factor``: the
     scale derived from W (SPEC 1.4) divides by the unbiased deviation of the channel's
     weights, which one value does not have (upstream gives NaN)."""
-    fan_in = layer.weight[0].numel()
+    fan_in = layer.weight.shape[1:].numel()
     if fan_in < 2:
         raise ValueError(
-            f"{name}: one weight per output channel (fan-in {fan_in}); the "
+            f"{name}: {fan_in} weight(s) per output channel; the "
             "scale derived from W needs at least two (it is NaN otherwise): pass "
             "scaling_factor=True, or keep the layer full precision"
         )
@@ -253,7 +253,9 @@ class OvSWLinear(BinaryLayer, nn.Linear):
         act_w: weight binarizer: {act_w} (SPEC 1.3, per output feature).
         scaling_factor: own a learnable per-feature scale (Parameter ``scaling_factor``,
             initialised to ``mean_o |W|``) instead of the scale derived from W. Required
-            with ``in_features == 1`` (a ``ValueError`` says so).
+            with ``in_features == 1`` (a ``ValueError`` says so); such a layer also needs
+            more than one value per sample in training mode (``[N, L, 1]``, not
+            ``[N, 1]``), or the per-sample deviation is NaN.
         forward_type: {forward_type}.
 
     ``y = (sign(x_hat) sign(W)^T + bias) * alpha``: the input ``[N, *, in_features]`` is

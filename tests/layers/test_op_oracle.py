@@ -136,6 +136,7 @@ def _make_conv_pair(case):
         bias=case["bias"],
         dtype=dtype,
         act_w=case["act_w"],
+        scaling_factor=case["scaling_factor"],  # (re-initialised below from the weight)
     )
     with torch.no_grad():
         conv.weight.copy_(nonzero_randn(conv.weight.shape, gen, dtype) * case["w_scale"])

@@ -179,6 +179,45 @@ fn check_tiles(name: &str) {
             check_tile(kernel, runs, run_len, steps, blocks, pixels);
         }
     }
+    check_saturated_tiles(kernel);
+}
+
+/// Every bit differing and every mask bit set, so that each step adds the most a byte
+/// counter can take (8 per byte): a flush later than the kernels' (or none) overflows.
+/// Random words add about half as much and would not show it.
+fn check_saturated_tiles(kernel: Kernel) {
+    for steps in [31, 32, 62, 63, 64, 200] {
+        for blocks in [1, 2, 3, 4, 5, 9] {
+            let runs = [Run { a: 0, w: 0 }];
+            let checked = Runs::new(&runs, steps, steps);
+            let a = vec![0u64; steps + 4];
+            let ones = vec![u64::MAX; steps + 4];
+            let w = vec![u64::MAX; blocks * steps * LANES];
+            let pixels = 5;
+            for masked in [false, true] {
+                let (am, wm) = if masked {
+                    (Some(ones.as_slice()), Some(w.as_slice()))
+                } else {
+                    (None, None)
+                };
+                let tile = Tile::new(&a, am, (0, 1, pixels), &checked, &w, wm, blocks);
+                let mut acc = vec![i32::MIN; pixels * blocks * LANES];
+                kernel.run(TileJob {
+                    tile: &tile,
+                    acc: &mut acc,
+                });
+                // 64 differing bits per word: popcounts of 64, or masked dots of -64.
+                let want = if masked { -64 } else { 64 } * steps as i32;
+                assert!(
+                    acc.iter().all(|&v| v == want),
+                    "kernel {}, masked {masked}, {steps} steps, {blocks} blocks: {:?} \
+                     where all should be {want}",
+                    kernel.name(),
+                    &acc[..LANES]
+                );
+            }
+        }
+    }
 }
 
 struct PackTest<'a> {

@@ -4,14 +4,15 @@
 //! im2col would copy each input value `kh * kw / (sh * sw)` times (12x for ResNet-18's
 //! stem) into rows only `kh * kw * C` long, too short for a GEMM to amortise its
 //! packing. Here each output row reads a band of `kh` zero-padded input rows, and a
-//! register tile of [`PIXELS`] output pixels by [`BLOCK`] output channels sums over the
-//! taps `(ky, kx, c)` in that order, one multiply-add per tap, into one accumulator
-//! per output element starting from 0. The order is the same for every pixel and every
-//! tile, so an output does not depend on the batch or on how rows are shared between
-//! threads. With AVX2 and FMA (and AVX2 not hidden by `OVSW_DISABLE_CPU_FEATURES`) the
-//! multiply-add is one fused instruction, in AVX2 registers or, with AVX-512F, in
-//! AVX-512 registers over more pixels per tile (the same fused operations on each element,
-//! so both give the same bits); elsewhere it is a multiply then an add.
+//! register tile of a few output pixels by [`BLOCK`] output channels sums over the taps
+//! `(ky, kx, c)` in that order, one multiply-add per tap, into one accumulator per
+//! output element starting from 0. The order is the same for every pixel and every
+//! tile, so an output does not depend on the batch, on how rows are shared between
+//! threads, or on the tile's width. With AVX2 and FMA (and AVX2 not hidden by
+//! `OVSW_DISABLE_CPU_FEATURES`) the multiply-add is one fused instruction, in AVX2
+//! registers (tiles of 6 pixels) or, with AVX-512F, in AVX-512 registers (tiles of 8);
+//! both give the same bits. Elsewhere, and in a row's last pixels, tiles are of up to
+//! [`PIXELS`]; without FMA the multiply-add is a multiply then an add.
 
 use std::cell::RefCell;
 
@@ -20,10 +21,13 @@ use crate::geom::ConvGeom;
 /// Output pixels per register tile of the portable route, and of the fused routes at
 /// the row's end.
 pub const PIXELS: usize = 4;
-/// Output pixels per full AVX2 tile: 12 accumulators (two registers each), enough to
-/// cover the fused multiply-add's latency on two pipes, and 2 weight registers.
+/// Output pixels per full AVX2 tile: 6 pixels x 2 registers are 12 accumulators
+/// (enough to cover the fused multiply-add's latency on two pipes), with 2 weight
+/// registers and a broadcast within the 16.
+#[cfg(target_arch = "x86_64")]
 const WIDE_AVX2: usize = 6;
 /// Output pixels per full AVX-512 tile, one register each.
+#[cfg(target_arch = "x86_64")]
 const WIDE_AVX512: usize = 8;
 /// Output channels per register tile (two AVX registers).
 pub const BLOCK: usize = 16;

@@ -116,7 +116,7 @@ unsafe fn pack(ch: &[f32], out: &mut [u64]) -> bool {
 /// Bytes add at most 8 per step: flush them to 64-bit sums every 31 steps.
 const FLUSH: usize = 31;
 
-/// Adds the 64-bit lane sums of two byte-count registers and stores them as 8 u32.
+/// Stores the low 32 bits of the four 64-bit lanes of each register as 8 i32.
 #[inline(always)]
 unsafe fn store_sums(dst: *mut i32, sum0: __m256i, sum1: __m256i) {
     // Four 64-bit values per register, each within an i32: gather the low halves.
