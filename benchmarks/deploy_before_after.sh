@@ -9,6 +9,9 @@
 # alternated blocks per figure) and this tree's benchmarks/deploy_scaling.py --rounds 1.
 # KERNEL=avx2 measures that kernel; SIM=1 also hides AVX-512 from ovsw
 # (OVSW_DISABLE_CPU_FEATURES) and from torch (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA).
+# matrixmultiply (the float GEMM) picks its kernel itself: for SIM=1 build both trees with
+# its AVX-512 kernel left out, `matrixmultiply = { version = "0.3", default-features = false,
+# features = ["std"] }` in crates/ovsw-engine/Cargo.toml (a measurement build, not committed).
 set -euo pipefail
 BEFORE=$1 AFTER=$2 ROUNDS=${3:-5} OUT=${4:-before_after}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
