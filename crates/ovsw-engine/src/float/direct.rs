@@ -131,7 +131,7 @@ pub fn row(
                 for b in (0..g.cout).step_by(BLOCK) {
                     let mut acc = [[0.0f32; BLOCK]; WIDE_AVX2];
                     // SAFETY: `Fma::Avx2` is made only where AVX2 and FMA are detected.
-                    unsafe { x86::tile_wide(g, wt, &band, pw, ox, b, &mut acc) };
+                    unsafe { x86::tile_wide::<WIDE_AVX2>(g, wt, &band, pw, ox, b, &mut acc) };
                     store(dst, g.cout, ox, b, &acc);
                 }
                 ox += WIDE_AVX2;
@@ -204,7 +204,18 @@ mod x86 {
     use super::{BLOCK, PIXELS};
     use crate::geom::ConvGeom;
 
-    /// [`super::tile`] with fused multiply-adds in AVX2 registers.
+    /// Panics unless every index a tile of `p` pixels from column `ox`, channels
+    /// `b..b + BLOCK`, reads is in range: the band holds kh rows of pw pixels, and the
+    /// last pixel's window ends inside it (the output size rule).
+    fn check(g: &ConvGeom, wt: &[f32], band: &[f32], pw: usize, ox: usize, p: usize, b: usize) {
+        let (c, op) = (g.cin, g.cout.next_multiple_of(BLOCK));
+        assert!(p > 0 && wt.len() >= g.kh * g.kw * c * op && b + BLOCK <= op);
+        let last = (g.kh - 1) * pw + (ox + p - 1) * g.stride.1 + g.kw;
+        assert!(band.len() >= last * c);
+    }
+
+    /// [`super::tile`] for the first `p` (1 to [`PIXELS`]) pixels of `acc`, by
+    /// [`tile_wide`].
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
@@ -220,47 +231,19 @@ mod x86 {
         b: usize,
         acc: &mut [[f32; BLOCK]; PIXELS],
     ) {
-        let (c, op) = (g.cin, g.cout.next_multiple_of(BLOCK));
-        let taps = g.kh * g.kw * c;
-        // Every index below is in range: the band holds kh rows of pw pixels, and the
-        // last pixel's window ends inside it (the output size rule).
-        assert!(wt.len() >= taps * op && b + BLOCK <= op);
-        let last = (g.kh - 1) * pw + (ox + p - 1) * g.stride.1 + g.kw;
-        assert!(p <= PIXELS && band.len() >= last * c);
-        let mut r = [[_mm256_setzero_ps(); 2]; PIXELS];
-        let wp = wt.as_ptr().add(b);
-        let bp = band.as_ptr();
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                for ci in 0..c {
-                    let t = (ky * g.kw + kx) * c + ci;
-                    let w0 = _mm256_loadu_ps(wp.add(t * op));
-                    let w1 = _mm256_loadu_ps(wp.add(t * op + 8));
-                    let base = (ky * pw + ox * g.stride.1 + kx) * c + ci;
-                    if p == PIXELS {
-                        for (q, rq) in r.iter_mut().enumerate() {
-                            let xv = _mm256_broadcast_ss(&*bp.add(base + q * g.stride.1 * c));
-                            rq[0] = _mm256_fmadd_ps(xv, w0, rq[0]);
-                            rq[1] = _mm256_fmadd_ps(xv, w1, rq[1]);
-                        }
-                    } else {
-                        for (q, rq) in r.iter_mut().take(p).enumerate() {
-                            let xv = _mm256_broadcast_ss(&*bp.add(base + q * g.stride.1 * c));
-                            rq[0] = _mm256_fmadd_ps(xv, w0, rq[0]);
-                            rq[1] = _mm256_fmadd_ps(xv, w1, rq[1]);
-                        }
-                    }
-                }
+        match p {
+            1 => tile_wide::<1>(g, wt, band, pw, ox, b, acc),
+            2 => tile_wide::<2>(g, wt, band, pw, ox, b, acc),
+            3 => tile_wide::<3>(g, wt, band, pw, ox, b, acc),
+            _ => {
+                assert_eq!(p, PIXELS, "a tile of 1 to {PIXELS} pixels");
+                tile_wide::<PIXELS>(g, wt, band, pw, ox, b, acc)
             }
-        }
-        for (a, rq) in acc.iter_mut().zip(r) {
-            _mm256_storeu_ps(a.as_mut_ptr(), rq[0]);
-            _mm256_storeu_ps(a.as_mut_ptr().add(8), rq[1]);
         }
     }
 
-    /// [`tile`] for `P` pixels, all of them, two AVX2 registers of [`BLOCK`] channels
-    /// each.
+    /// [`super::tile`] for `P` pixels, all of them, two AVX2 registers of [`BLOCK`]
+    /// channels each, into the first `P` entries of `acc`.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
@@ -273,13 +256,11 @@ mod x86 {
         pw: usize,
         ox: usize,
         b: usize,
-        acc: &mut [[f32; BLOCK]; P],
+        acc: &mut [[f32; BLOCK]],
     ) {
+        check(g, wt, band, pw, ox, P, b);
+        assert!(acc.len() >= P);
         let (c, op) = (g.cin, g.cout.next_multiple_of(BLOCK));
-        let taps = g.kh * g.kw * c;
-        assert!(wt.len() >= taps * op && b + BLOCK <= op);
-        let last = (g.kh - 1) * pw + (ox + P - 1) * g.stride.1 + g.kw;
-        assert!(band.len() >= last * c);
         let mut r = [[_mm256_setzero_ps(); 2]; P];
         let wp = wt.as_ptr().add(b);
         let bp = band.as_ptr();
@@ -304,7 +285,7 @@ mod x86 {
         }
     }
 
-    /// [`tile`] for `P` pixels, all of them, one AVX-512 register of [`BLOCK`]
+    /// [`super::tile`] for `P` pixels, all of them, one AVX-512 register of [`BLOCK`]
     /// channels each.
     ///
     /// # Safety
@@ -319,11 +300,8 @@ mod x86 {
         b: usize,
         acc: &mut [[f32; BLOCK]; P],
     ) {
+        check(g, wt, band, pw, ox, P, b);
         let (c, op) = (g.cin, g.cout.next_multiple_of(BLOCK));
-        let taps = g.kh * g.kw * c;
-        assert!(wt.len() >= taps * op && b + BLOCK <= op);
-        let last = (g.kh - 1) * pw + (ox + P - 1) * g.stride.1 + g.kw;
-        assert!(band.len() >= last * c);
         let mut r = [_mm512_setzero_ps(); P];
         let wp = wt.as_ptr().add(b);
         let bp = band.as_ptr();
@@ -423,6 +401,8 @@ mod tests {
             (1, 20, 3, 1, 0, 6, 7),
             (4, 33, 5, 2, 2, 10, 13),
             (2, 8, 1, 1, 0, 5, 3),
+            // 8 wide: a full AVX2 tile of 6 and a tile of 2 after it.
+            (3, 16, 3, 1, 1, 4, 8),
         ];
         let mut routes = vec![Fma::Portable];
         match Fma::detect() {
