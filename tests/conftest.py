@@ -52,6 +52,12 @@ def tiny_net(num_classes: int = 4, **conv_options) -> nn.Module:
     )
 
 
+def engine_threads(n: int = 2) -> int:
+    """``n`` deploy-engine threads, or as many as this process may use where that is
+    fewer: the engine refuses more (``threads=2`` in a process pinned to one CPU)."""
+    return min(n, ovsw._core.deploy_threads())
+
+
 @pytest.fixture
 def net():
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from torch import nn
 
 import ovsw
 import ovsw.deploy as deploy
+from conftest import engine_threads
 from ovsw import OvSWConv2d, OvSWLinear
 from ovsw.testing import rel_err_per_sample, within
 
@@ -120,7 +121,7 @@ def test_converted_models_deploy(name, linear, size, tmp_path):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     path = deploy.export(model, tmp_path / "m.ovsw", input_size=size)
-    engine = deploy.load(path, threads=2)
+    engine = deploy.load(path, threads=engine_threads())
     ops = dict(engine._engine.ops)
     for n, _ in ovsw.binary_layers(model):
         assert ops[n] == "bconv2d", n
@@ -353,7 +354,9 @@ def test_deploy_runs_binary_linear_layers_exactly(tmp_path):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
     model.eval()
-    engine = deploy.load(deploy.export(model, tmp_path / "m.ovsw", input_size=6), threads=2)
+    engine = deploy.load(
+        deploy.export(model, tmp_path / "m.ovsw", input_size=6), threads=engine_threads()
+    )
     assert engine._engine.ops == [
         ("stem", "conv2d"),
         ("flatten", "flatten"),

@@ -18,6 +18,7 @@ from torch import nn
 
 import ovsw
 import ovsw.deploy as deploy
+from conftest import engine_threads
 from ovsw import _core, models, testing
 from ovsw.deploy._bench import calibrated
 from ovsw.testing import max_abs_err, rel_err_per_sample, within
@@ -128,7 +129,7 @@ def check_logits(engine, model: nn.Module, x: torch.Tensor, arch: str) -> None:
 
 def roundtrip(model, tmp_path, size, **load_kw):
     path = deploy.export(model.eval(), tmp_path / "m.ovsw", input_size=size)
-    return deploy.load(path, threads=2, **load_kw)
+    return deploy.load(path, threads=engine_threads(), **load_kw)
 
 
 # -- packing --------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_every_kernel_gives_bit_identical_logits(arch, size, tmp_path):
         conv.weight[0, :, 0, 0] = 0.0
     path = deploy.export(model, tmp_path / "m.ovsw", input_size=size)
     x = np.random.default_rng(0).standard_normal((3, 3, size, size), dtype=np.float32)
-    outs = {k: deploy.load(path, threads=2, kernel=k)(x) for k in deploy.kernels()}
+    outs = {k: deploy.load(path, threads=engine_threads(), kernel=k)(x) for k in deploy.kernels()}
     for k, y in outs.items():
         np.testing.assert_array_equal(y, outs["portable"], err_msg=f"{k} ({name} masked)")
     assert deploy.load(path).kernel == deploy.kernels()[0]
@@ -396,7 +397,7 @@ def test_binarized_mobilenet_v2_matches_eval(tmp_path):
     depthwise = [n for n, m in ovsw.binary_convs(model) if m.groups == m.in_channels > 1]
     assert len(depthwise) == 17
     path = deploy.export(model, tmp_path / "m.ovsw", input_size=32)
-    engine = deploy.load(path, threads=2)
+    engine = deploy.load(path, threads=engine_threads())
     ops = dict(engine._engine.ops)
     assert all(ops[n] == "bconv2d" for n in depthwise)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
@@ -417,8 +418,8 @@ def test_threads_do_not_change_results(tmp_path):
     x = np.random.default_rng(2).standard_normal((3, 3, 32, 32), dtype=np.float32)
     one = deploy.load(path, threads=1)
     y1 = one(x)
-    one.threads = 2
-    assert one.threads == 2
+    one.threads = engine_threads()
+    assert one.threads == engine_threads()
     np.testing.assert_array_equal(one(x), y1)
     with pytest.raises(ValueError, match="threads"):
         one.threads = 0
@@ -837,7 +838,7 @@ def test_export_a_training_run_and_score_it(tmp_path, capsys):
                      "--batch-size", "16", "--limit-batches", "4", "-p", "1",
                      "--scaling_factor", "True"]) == 0  # fmt: skip
     run_dir = logs / "w1a1-ovsw-resnet20-digits" / "default"
-    result = export_run(run_dir, threads=2)
+    result = export_run(run_dir, threads=engine_threads())
     out = capsys.readouterr().out
     assert (run_dir / "model_best.ovsw").is_file()
     assert result["samples"] == 359  # the digits validation split

@@ -373,8 +373,10 @@ def test_binary_convs_with_bias_match_their_layers(tmp_path):
     binary conv with a bias): each ``bconv2d`` op equals its layer, BatchNorm, residual
     and Hardtanh in PyTorch's eval mode."""
     arch = "cResNet20_1w1a"
+    from conftest import engine_threads  # here: this file also runs as a script
+
     raw = export_bytes(arch, tmp_path)
-    engine = deploy.load(tmp_path / f"{arch}.ovsw", threads=2)
+    engine = deploy.load(tmp_path / f"{arch}.ovsw", threads=engine_threads())
     model = build(arch)
     modules = dict(model.named_modules())
     gen = torch.Generator().manual_seed(3)
